@@ -1,0 +1,103 @@
+"""The `ema` command line: a stable contract that scripts and courses rely on.
+
+Every command exits non-zero on failure. With ``--json`` a command prints exactly one JSON
+document on stdout; progress bars and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EmaError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(args, payload, human) -> None:
+    """Print ``payload`` as JSON with --json, else the text ``human(payload)``."""
+    if getattr(args, "json", False):
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(human(payload))
+
+
+# --- ema models ---------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from . import models
+
+    if args.time_load:
+        name = args.time_load
+        _log(f"[ema] timing two loads of {name}; the first may de-quantize the GGUF")
+        if args.cold:
+            import shutil
+
+            shutil.rmtree(models.model_cache_path(name), ignore_errors=True)
+        first = models.timed_load(name)
+        second = models.timed_load(name)
+        payload = {"model": name, "first_load_s": round(first, 2), "second_load_s": round(second, 2),
+                   "speedup": round(first / second, 1)}
+        _emit(args, payload, lambda p: (f"{p['model']}: first load {p['first_load_s']} s, "
+                                        f"second load {p['second_load_s']} s ({p['speedup']}x faster)"))
+        return 0
+    rows = models.model_status()
+
+    def table(rows):
+        lines = [f"{'name':30} {'installed':10} {'cached':7} description"]
+        for r in rows:
+            lines.append(f"{r['name']:30} {str(r['installed']).lower():10} "
+                         f"{str(r['cached']).lower():7} {r['description']}")
+        lines.append(f"default: {models.DEFAULT_MODEL}; cache folder: {models.model_cache_path('')}")
+        return "\n".join(lines)
+
+    _emit(args, {"default": models.DEFAULT_MODEL, "models": rows}, lambda p: table(p["models"]))
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ema", description="Companion to 'From Narrow Unlearning to Emergent Misalignment in LLMs'.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="registry models: installed? cached?")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--time-load", metavar="MODEL",
+                   help="load MODEL twice and print both times (shows the cache's speed-up)")
+    p.add_argument("--cold", action="store_true", help="with --time-load: delete the cache first")
+    p.set_defaults(func=cmd_models)
+
+    # Other modules add their own subcommands (each has a register_cli(subparsers) function), so
+    # this file stays a table of contents rather than a place where logic accumulates.
+    import importlib
+
+    for module in CLI_MODULES:
+        importlib.import_module(f"ema_utils.{module}").register_cli(sub)
+    return parser
+
+
+CLI_MODULES: tuple[str, ...] = ()
+"""Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EmaError as exc:
+        print(f"ema {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ema {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
