@@ -1,0 +1,377 @@
+"""Run the chapter notebooks with papermill, cache their results, and build the book.
+
+A chapter run is keyed by (chapter, parameters, model digest, data digest). The executed
+notebook, its run record and its summary live in ``<build>/results/<chapter>/<key>/``; a run
+whose key already has a finished folder does no model work at all. A pointer file
+``<build>/results/<chapter>/<profile>.json`` names the key of the latest run per profile, which
+is how later chapters and ``ema results`` find an earlier chapter's artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from . import CHAPTERS
+from .cache import atomic_write_json, stable_hash
+from .errors import EmaError, ParameterError
+from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir
+
+PROFILES_FILE = Path(__file__).with_name("profiles.yml")
+INJECTED = ("results_dir", "profile")  # set by the orchestrator, not part of the run key
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "gguf", "pandas", "numpy", "scikit-learn",
+                     "scipy", "statsmodels", "seaborn", "matplotlib", "papermill", "jupyter-book",
+                     "myst-nb", "sphinx", "ipywidgets")
+
+
+# --- profiles and parameters --------------------------------------------------------------------
+
+def load_profiles() -> dict:
+    return yaml.safe_load(PROFILES_FILE.read_text())
+
+
+def profile_names() -> list[str]:
+    return list(load_profiles())
+
+
+def get_profile(profile: str) -> dict:
+    profiles = load_profiles()
+    if profile not in profiles:
+        raise ParameterError(
+            f"unknown profile '{profile}'; profiles (defined in {PROFILES_FILE}): "
+            + ", ".join(profiles))
+    return profiles[profile]
+
+
+def check_chapter(chapter: str) -> str:
+    if chapter not in CHAPTERS:
+        raise ParameterError(f"unknown chapter '{chapter}'; chapters: {', '.join(CHAPTERS)}")
+    return chapter
+
+
+def notebook_path(chapter: str) -> Path:
+    index = CHAPTERS.index(check_chapter(chapter)) + 1
+    return NOTEBOOK_DIR / f"{index:02d}_{chapter}.ipynb"
+
+
+def available_chapters() -> list[str]:
+    """Chapters whose notebook exists, in book order."""
+    return [c for c in CHAPTERS if notebook_path(c).is_file()]
+
+
+def notebook_parameters(chapter: str) -> dict:
+    """The parameters a chapter notebook takes, with their defaults (its `parameters` cell)."""
+    import papermill
+
+    path = notebook_path(chapter)
+    if not path.is_file():
+        raise EmaError(f"chapter '{chapter}' has no notebook yet ({path} does not exist)")
+    found = papermill.inspect_notebook(str(path))
+    return {name: _literal(info["default"]) for name, info in found.items()}
+
+
+def _literal(text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["lr=3e-5", "concepts=[cybersecurity, safety]"]`` -> dict; values are read as YAML."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"-p expects key=value, got '{item}' (e.g. -p max_new_tokens=32)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ParameterError(f"-p {item}: cannot read the value ({exc.problem})") from exc
+    return overrides
+
+
+def resolve_parameters(chapter: str, profile: str, model: str | None = None,
+                       overrides: dict | None = None) -> dict:
+    """Notebook defaults <- profile common <- profile chapter block <- --model <- -p overrides."""
+    spec = get_profile(profile)
+    defaults = notebook_parameters(chapter)
+    params = dict(defaults)
+    layers = [("profile '%s' (common)" % profile, spec.get("common", {})),
+              ("profile '%s' (%s)" % (profile, chapter), spec.get(chapter, {})),
+              ("--model", {"model": model} if model else {}),
+              ("-p", overrides or {})]
+    allowed = sorted(k for k in defaults if k not in INJECTED)
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key not in defaults or key in INJECTED:
+                raise ParameterError(
+                    f"{where}: chapter '{chapter}' takes no parameter '{key}'; it takes: "
+                    + ", ".join(allowed))
+            params[key] = value
+    for key in INJECTED:
+        params.pop(key, None)
+    return params
+
+
+def run_key(chapter: str, params: dict) -> str:
+    from .data import data_digest
+    from .models import model_digest
+
+    model = params.get("model")
+    return stable_hash({"chapter": chapter, "parameters": params,
+                        "model_digest": model_digest(model) if model else None,
+                        "data_digest": data_digest()}, length=12)
+
+
+# --- running a chapter --------------------------------------------------------------------------
+
+@dataclass
+class ChapterRun:
+    chapter: str
+    profile: str
+    key: str
+    folder: Path
+    reused: bool
+
+    @property
+    def notebook(self) -> Path:
+        return self.folder / notebook_path(self.chapter).name
+
+
+def results_root() -> Path:
+    return build_dir() / "results"
+
+
+def executed_dir(profile: str) -> Path:
+    return build_dir() / "executed" / profile
+
+
+def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
+                overrides: dict | None = None, force: bool = False, log=None) -> ChapterRun:
+    """Execute one chapter (or reuse its finished run) and publish it for the book."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    params = resolve_parameters(chapter, profile, model, overrides)
+    key = run_key(chapter, params)
+    folder = results_root() / chapter / key
+    run = ChapterRun(chapter, profile, key, folder, reused=False)
+    if not force and (folder / "run.json").is_file() and run.notebook.is_file():
+        log(f"[ema] {chapter}: reusing finished run {key} (same parameters, model and data)")
+        run.reused = True
+    else:
+        _execute(run, params, get_profile(profile).get("cell_timeout", 1800), log)
+    _publish(run)
+    return run
+
+
+def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
+    import papermill
+    from .data import data_digest
+    from .models import model_digest
+
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "run.json").unlink(missing_ok=True)  # not finished until written again
+    partial = run.folder / f".partial-{run.notebook.name}"
+    log(f"[ema] {run.chapter}: executing {notebook_path(run.chapter).name} "
+        f"(profile {run.profile}, key {run.key}); log follows")
+    started = time.time()
+    try:
+        papermill.execute_notebook(
+            str(notebook_path(run.chapter)), str(partial),
+            parameters={**params, "results_dir": str(run.folder), "profile": run.profile},
+            kernel_name="python3", execution_timeout=cell_timeout, log_output=True,
+            progress_bar=False, cwd=str(NOTEBOOK_DIR),
+        )
+    except papermill.PapermillExecutionError as exc:
+        failed = run.folder / f"failed-{run.notebook.name}"
+        if partial.exists():
+            os.replace(partial, failed)
+        raise EmaError(
+            f"chapter '{run.chapter}' failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"The executed notebook up to the error is at {failed}") from None
+    _fold_parameter_cells(partial)
+    os.replace(partial, run.notebook)
+    record = {
+        "chapter": run.chapter, "profile": run.profile, "key": run.key, "parameters": params,
+        "wall_s": round(time.time() - started, 1),
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "packages": package_versions(),
+        "machine": machine_info(), "model": params.get("model"),
+        "model_digest": model_digest(params["model"]) if params.get("model") else None,
+        "data_digest": data_digest(), "seed": params.get("seed"),
+    }
+    atomic_write_json(run.folder / "run.json", record)  # written last: marks the run finished
+    log(f"[ema] {run.chapter}: done in {record['wall_s']} s")
+
+
+def _fold_parameter_cells(path: Path) -> None:
+    """Tag the parameters and injected-parameters cells so the book shows them folded."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if ("parameters" in tags or "injected-parameters" in tags) and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+    nbformat.write(nb, str(path))
+
+
+def _publish(run: ChapterRun) -> None:
+    """Point the profile at this run and copy its notebook where the book build finds it."""
+    out = executed_dir(run.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dest in ((run.notebook, out / run.notebook.name),
+                      (run.folder / "run.json", out / f"{run.notebook.stem}.run.json")):
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    atomic_write_json(results_root() / run.chapter / f"{run.profile}.json",
+                      {"key": run.key, "folder": str(run.folder)})
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info() -> dict:
+    try:
+        import psutil
+
+        memory = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        memory = None
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.machine(), "memory_gib": memory}
+
+
+# --- reading finished chapters ------------------------------------------------------------------
+
+def chapter_results(chapter: str, profile: str) -> Path:
+    """The folder of the latest finished run of ``chapter`` under ``profile``."""
+    check_chapter(chapter)
+    pointer = results_root() / chapter / f"{profile}.json"
+    hint = f"run `ema run {chapter} --profile {profile}` first"
+    if not pointer.is_file():
+        raise EmaError(f"chapter '{chapter}' has no finished run for profile '{profile}': {hint}")
+    folder = Path(json.loads(pointer.read_text())["folder"])
+    if not (folder / "run.json").is_file():
+        raise EmaError(f"the run of chapter '{chapter}' at {folder} is unfinished: {hint}")
+    return folder
+
+
+def chapter_summary(chapter: str, profile: str) -> dict:
+    folder = chapter_results(chapter, profile)
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise EmaError(f"chapter '{chapter}' wrote no summary.json in {folder}")
+    return json.loads(path.read_text())
+
+
+def save_summary(results_dir, summary: dict) -> Path:
+    """Called by a notebook: the chapter's key numbers, for `ema results` and later chapters."""
+    return atomic_write_json(Path(results_dir) / "summary.json", summary)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from .cli import _emit
+
+    chapters = available_chapters() if args.chapter == "all" else [check_chapter(args.chapter)]
+    get_profile(args.profile)
+    overrides = parse_overrides(args.param)
+    per_chapter = {}
+    for chapter in chapters:
+        # With 'all', an override applies to the chapters that take it; with one chapter, an
+        # unknown key is an error. Either way every chapter is validated before any model loads.
+        per_chapter[chapter] = overrides if args.chapter != "all" else {
+            k: v for k, v in overrides.items() if k in notebook_parameters(chapter)}
+        resolve_parameters(chapter, args.profile, args.model, per_chapter[chapter])
+    if args.chapter == "all":
+        unused = set(overrides) - {k for ov in per_chapter.values() for k in ov}
+        if unused:
+            raise ParameterError(f"-p {', '.join(sorted(unused))}: no chapter takes this parameter")
+    runs = [run_chapter(c, args.profile, args.model, per_chapter[c], force=args.force)
+            for c in chapters]
+    payload = [{"chapter": r.chapter, "key": r.key, "reused": r.reused, "notebook": str(r.notebook)}
+               for r in runs]
+    _emit(args, payload, lambda p: "\n".join(
+        f"{r['chapter']}: {'reused' if r['reused'] else 'executed'} -> {r['notebook']}" for r in p))
+    return 0
+
+
+def cmd_book(args) -> int:
+    from .book import build_book
+
+    for chapter in available_chapters():
+        run_chapter(chapter, args.profile, args.model)
+    html = build_book(executed_dir(args.profile), build_dir() / "book" / args.profile, args.profile)
+    print(f"book built: {html / 'index.html'}")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from .cli import _emit
+
+    summary = chapter_summary(check_chapter(args.chapter), args.profile)
+    _emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
+    return 0
+
+
+def cmd_clean(args) -> int:
+    """Remove build products (executed notebooks, results, HTML); never sources or model cache."""
+    target = build_dir()
+    if target.resolve() in (PROJECT_ROOT.resolve(), Path.home().resolve(), Path("/")):
+        raise EmaError(f"refusing to delete {target}: EMA_BUILD_DIR points at a source folder")
+    if target.exists():
+        shutil.rmtree(target)
+    print(f"removed {target}")
+    if args.models:
+        from .paths import cache_dir
+
+        shutil.rmtree(cache_dir() / "models", ignore_errors=True)
+        print(f"removed {cache_dir() / 'models'}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("run", help="execute chapter notebooks with papermill (cached)")
+    p.add_argument("chapter", help="a chapter name or 'all': " + ", ".join(CHAPTERS))
+    p.add_argument("--profile", default="cpu", help="smoke, cpu, gpu or paper (ema_utils/profiles.yml)")
+    p.add_argument("--model", help="registry name, hub id or local folder (overrides the profile)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="override a notebook parameter (repeatable)")
+    p.add_argument("--force", action="store_true", help="re-execute even if a finished run exists")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("book", help="run what is missing and build the HTML book")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--model", help="registry name, hub id or local folder")
+    p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("results", help="a finished chapter's key numbers")
+    p.add_argument("chapter")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("clean", help="remove build products (never sources)")
+    p.add_argument("--models", action="store_true", help="also delete the de-quantized model cache")
+    p.set_defaults(func=cmd_clean)

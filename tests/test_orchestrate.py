@@ -1,0 +1,126 @@
+"""ema_utils.orchestrate: parameters, the chapter cache, and the run/results/clean commands.
+
+Uses a two-cell stand-in notebook on the tiny model, so no real chapter or model is needed.
+"""
+
+import json
+
+import nbformat
+import pytest
+
+from ema_utils import orchestrate
+from ema_utils.cli import main
+from ema_utils.errors import EmaError, ParameterError
+
+PROFILES = """
+smoke:
+  description: test profile
+  cell_timeout: 120
+  common: {model: tiny-random, seed: 0}
+  setup: {n: 2}
+other:
+  description: another
+  common: {model: tiny-random, seed: 1}
+"""
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A build folder, a profiles file and a stand-in setup notebook that counts its runs."""
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    profiles = tmp_path / "profiles.yml"
+    profiles.write_text(PROFILES)
+    monkeypatch.setattr(orchestrate, "PROFILES_FILE", profiles)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell(
+        "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None")
+    params.metadata["tags"] = ["parameters"]
+    counter = tmp_path / "executions.txt"
+    body = nbformat.v4.new_code_cell(
+        "from pathlib import Path\n"
+        "from ema_utils.orchestrate import save_summary\n"
+        f"with open({str(counter)!r}, 'a') as f: f.write('x')\n"
+        "save_summary(results_dir, {'n': n, 'seed': seed, 'model': model})")
+    nb.cells = [params, body]
+    path = tmp_path / "notebooks" / "01_setup.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, str(path))
+    monkeypatch.setattr(orchestrate, "notebook_path",
+                        lambda chapter: path if chapter == "setup" else tmp_path / "none.ipynb")
+    monkeypatch.setattr(orchestrate, "NOTEBOOK_DIR", path.parent)
+    return counter
+
+
+def test_parameters_layer_in_order(sandbox):
+    params = orchestrate.resolve_parameters("setup", "smoke", None, {"seed": 7})
+    assert params == {"model": "tiny-random", "seed": 7, "n": 2}
+    assert orchestrate.resolve_parameters("setup", "smoke", "other-model", {})["model"] == "other-model"
+
+
+def test_unknown_parameter_profile_and_chapter_are_named(sandbox):
+    with pytest.raises(ParameterError) as err:
+        orchestrate.resolve_parameters("setup", "smoke", None, {"learning_rate": 1})
+    assert "learning_rate" in str(err.value) and "n, seed" in str(err.value)
+    with pytest.raises(ParameterError, match="unknown profile 'fast'.*smoke, other"):
+        orchestrate.get_profile("fast")
+    with pytest.raises(ParameterError, match="unknown chapter 'intro'"):
+        orchestrate.check_chapter("intro")
+    with pytest.raises(ParameterError, match="key=value"):
+        orchestrate.parse_overrides(["seed"])
+    assert orchestrate.parse_overrides(["lr=3e-5", "c=[a, b]", "x=text"]) == {
+        "lr": 3e-5, "c": ["a", "b"], "x": "text"}
+
+
+def test_run_is_cached_and_changed_parameter_reruns(sandbox, capsys):
+    first = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    assert not first.reused and sandbox.read_text() == "x"
+    record = json.loads((first.folder / "run.json").read_text())
+    assert record["parameters"]["n"] == 2 and record["packages"]["torch"]
+    assert record["model_digest"] and record["data_digest"]
+    again = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    assert again.reused and again.key == first.key and sandbox.read_text() == "x", \
+        "unchanged parameters must not execute the notebook again"
+    changed = orchestrate.run_chapter("setup", "smoke", overrides={"n": 3}, log=lambda m: None)
+    assert not changed.reused and changed.key != first.key and sandbox.read_text() == "xx"
+    assert orchestrate.chapter_summary("setup", "smoke") == {"n": 3, "seed": 0, "model": "tiny-random"}
+    executed = orchestrate.executed_dir("smoke") / "01_setup.ipynb"
+    nb = nbformat.read(str(executed), as_version=4)
+    tagged = [c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"]
+    assert any("parameters" in t and "hide-input" in t for t in tagged), "parameters shown folded"
+
+
+def test_unfinished_run_is_not_trusted(sandbox):
+    run = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    (run.folder / "run.json").unlink()  # as if killed before the run record was written
+    again = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    assert not again.reused and sandbox.read_text() == "xx"
+
+
+def test_missing_prerequisite_names_the_command(sandbox):
+    with pytest.raises(EmaError, match="ema run setup --profile other"):
+        orchestrate.chapter_results("setup", "other")
+
+
+def test_cli_run_results_clean(sandbox, capsys, tmp_path):
+    assert main(["run", "setup", "--profile", "smoke", "-p", "n=5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["chapter"] == "setup" and out[0]["reused"] is False
+    assert main(["results", "setup", "--profile", "smoke", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    assert main(["run", "setup", "--profile", "smoke", "-p", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["clean"]) == 0
+    assert not (tmp_path / "build").exists()
+    assert (tmp_path / "notebooks" / "01_setup.ipynb").exists(), "clean never removes sources"
+
+
+def test_failing_notebook_reports_cell_and_keeps_no_finished_run(sandbox, tmp_path):
+    path = orchestrate.notebook_path("setup")
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('bad thing')"))
+    nbformat.write(nb, str(path))
+    with pytest.raises(EmaError, match="ValueError: bad thing"):
+        orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    with pytest.raises(EmaError):
+        orchestrate.chapter_results("setup", "smoke")
