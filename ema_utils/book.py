@@ -352,7 +352,13 @@ def _sync(files: dict[str, bytes | Path], stage: Path) -> None:
 
 
 def _data_card_files(root: Path) -> dict[str, Path]:
-    """data/README.md plus the files inside data/ that it links to with relative links."""
+    """data/README.md plus the files inside data/ that it links to with relative links.
+
+    The data card page (book/data_card.md) includes data/README.md, and MyST resolves the links
+    of an included file from the *including* page's folder, book/. data/ and book/ sit at the
+    same depth, so ``../x`` links work as they are; a linked file inside data/ is staged under
+    book/ as well, where the link then finds it (and the book offers it as a download).
+    """
     readme = root / DATA_CARD_SOURCE
     if not readme.is_file():
         raise EmaError(f"The table of contents lists the data card ({DATA_CARD_PAGE}), which "
@@ -367,6 +373,9 @@ def _data_card_files(root: Path) -> dict[str, Path]:
         data_dir = (root / "data").resolve()
         if path.is_file() and data_dir in path.parents:
             files[str(path.relative_to(root.resolve()))] = path
+            mirror = f"{BOOK_DIR}/{path.relative_to(data_dir).as_posix()}"
+            if not (root / mirror).exists():
+                files[mirror] = path
     return files
 
 
@@ -428,7 +437,9 @@ def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
             template, records, profile, built).encode()
 
     _sync(files, stage_dir)
-    return {"pages": pages, "chapters": chapters, "records": records}
+    listed = {Path(p).name for p in chapters}
+    unlisted = sorted(p.stem for p in executed_dir.glob("*.ipynb") if p.stem not in listed)
+    return {"pages": pages, "chapters": chapters, "records": records, "unlisted": unlisted}
 
 
 def _resolve_executed_dir(executed_dir: Path, profile: str) -> Path:
@@ -468,6 +479,9 @@ def build_book(executed_dir: Path, out_dir: Path, profile: str, *, root: Path = 
     out_dir = Path(out_dir).resolve()
     stage_dir = out_dir / "source"
     staged = stage_book(executed_dir, stage_dir, profile, root=root)
+    for name in staged["unlisted"]:
+        log(f"[ema] {name}.ipynb was executed but is not in {TOC_FILE}; to show it, add the line "
+            f"`- file: {NOTEBOOK_DIR}/{name}` under the Chapters part")
     command = build_command(stage_dir, out_dir)
     log_path = out_dir / "build.log"
     log(f"[ema] building the book ({len(staged['pages'])} pages, profile {profile}) -> {out_dir}")
@@ -480,11 +494,16 @@ def build_book(executed_dir: Path, out_dir: Path, profile: str, *, root: Path = 
             raise EmaError(f"jupyter-book build did not finish within {timeout:.0f} s; "
                            f"see {log_path}.\n{_tail(log_path)}") from None
     elapsed = time.perf_counter() - start
+    log_path.write_text("\n".join(_log_lines(log_path)) + "\n", encoding="utf-8")  # no colours
     if proc.returncode != 0:
+        problems = _problems(log_path)
         raise EmaError(
-            f"jupyter-book build failed (exit {proc.returncode}; warnings count as errors). "
-            f"Full log: {log_path}\nCommand: {' '.join(command)}\n--- last lines ---\n"
-            f"{_tail(log_path)}")
+            f"jupyter-book build failed (exit {proc.returncode}; warnings count as errors).\n"
+            + (f"--- warnings and errors ---\n{problems}\n" if problems else "")
+            + f"--- last lines of the log ---\n{_tail(log_path, 15)}\n"
+            f"Full log: {log_path}\nCommand: {' '.join(command)}\n"
+            f"Files under {stage_dir} are staged copies: fix the page under {Path(root) / BOOK_DIR} "
+            f"or re-run the chapter, not the copy.")
     html_dir = out_dir / "_build" / "html"
     check_html(html_dir, staged["pages"])
     check_offline(html_dir, staged["chapters"])
@@ -492,11 +511,26 @@ def build_book(executed_dir: Path, out_dir: Path, profile: str, *, root: Path = 
     return html_dir
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _log_lines(path: Path) -> list[str]:
     try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        return _ANSI.sub("", path.read_text(encoding="utf-8", errors="replace")).splitlines()
     except OSError:
-        return "(no log)"
+        return ["(no log)"]
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    return "\n".join(_log_lines(path)[-lines:])
+
+
+def _problems(path: Path, limit: int = 20) -> str:
+    """The WARNING / ERROR lines of a Sphinx log (they can be far above its tail)."""
+    found = [line for line in _log_lines(path)
+             if re.search(r"\b(WARNING|ERROR|CRITICAL|SEVERE)\b|Traceback|Exception", line)]
+    more = f"\n... and {len(found) - limit} more" if len(found) > limit else ""
+    return "\n".join(found[:limit]) + more
 
 
 def check_html(html_dir: Path, pages: list[str]) -> None:

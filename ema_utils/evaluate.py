@@ -86,12 +86,13 @@ def _judge_cached(responses: pd.DataFrame, judge: str | None, model_id: str, gen
     from .judges import DEFAULT_JUDGE, score_responses
 
     name = judge or DEFAULT_JUDGE
-    inputs = {**gen_key, "judge": name, "labels": _labels_digest()}
+    inputs = {**gen_key, "judge": name, "labels": labels_digest()}
     return cached("judged", inputs, kind="table",
                   compute=lambda: score_responses(responses, judge=name)[["id", "is_refusal"]])
 
 
-def _labels_digest() -> str:
+def labels_digest() -> str:
+    """Short sha256 of the judge labels file: judged results are keyed by it."""
     from .judges import LABELS_PATH
     from .paths import sha256_file
 

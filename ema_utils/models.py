@@ -236,6 +236,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):  # "float32", "bfloat16", ... as written in profiles
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelError(f"dtype '{dtype}' is not a torch dtype; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
     device = device or "cpu"
     if name == "tiny-random":

@@ -80,7 +80,15 @@ def notebook_parameters(chapter: str) -> dict:
     return {name: _literal(info["default"]) for name, info in found.items()}
 
 
-def _literal(text):
+def _literal(text: str):
+    """A parameter's value from its source text: a Python literal (None, 3e-5, ["a"]) if it is
+    one, else YAML (so `-p concepts=[a, b]` and `-p name=text` work without quotes)."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -94,10 +102,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ParameterError(f"-p expects key=value, got '{item}' (e.g. -p max_new_tokens=32)")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ParameterError(f"-p {item}: cannot read the value ({exc.problem})") from exc
+        overrides[key.strip()] = _literal(value.strip()) if value.strip() else ""
     return overrides
 
 
@@ -128,8 +133,12 @@ def run_key(chapter: str, params: dict) -> str:
     from .data import data_digest
     from .models import model_digest
 
+    from .paths import sha256_file
+
     model = params.get("model")
-    return stable_hash({"chapter": chapter, "parameters": params,
+    # The notebook's own text is part of the key: an edited chapter is re-executed.
+    return stable_hash({"chapter": chapter, "notebook": sha256_file(notebook_path(chapter)),
+                        "parameters": params,
                         "model_digest": model_digest(model) if model else None,
                         "data_digest": data_digest()}, length=12)
 

@@ -261,6 +261,22 @@ def test_stage_folds_parameters_and_renders_records(tmp_path):
     assert (stage / "book" / "intro.md").stat().st_mtime_ns == mtime
 
 
+def test_files_linked_from_the_data_card_are_staged_where_the_links_resolve(tmp_path):
+    root = make_root(tmp_path / "root")
+    (root / "data" / "README.md").write_text(
+        "# Data\n\nThe [schema](schema.csv), the [intro](../book/intro.md), [a site](https://x.org).\n")
+    (root / "data" / "schema.csv").write_text("a,b\n")
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    for page in book.toc_chapters(root):
+        make_source_notebook(executed / f"{Path(page).name}.ipynb", "x")
+        (executed / f"{Path(page).name}.run.json").write_text(json.dumps(fake_record(page)))
+    book.stage_book(executed, tmp_path / "stage", PROFILE, root=root)
+    # The data card includes data/README.md from book/, so its links resolve from book/.
+    assert (tmp_path / "stage" / "data" / "schema.csv").is_file()
+    assert (tmp_path / "stage" / "book" / "schema.csv").is_file()
+
+
 def test_package_versions_that_differ_between_chapters_are_shown_per_chapter():
     a = fake_record("notebooks/01_setup")
     b = fake_record("notebooks/02_unlearning") | {"packages": {"torch": "2.14.0"}}
@@ -324,3 +340,32 @@ def test_the_download_button_offers_the_notebook(fake_book):
     assert (fake_book["html"] / "_sources" / "notebooks" / "01_setup.ipynb").is_file()
     for launcher in ("mybinder", "colab.research", "thebe-launch"):
         assert launcher not in text
+
+
+@pytest.mark.slow
+def test_rebuilding_is_incremental_and_still_complete(fake_book):
+    start = time.perf_counter()
+    html = book.build_book(fake_book["executed"], fake_book["out"], PROFILE, root=fake_book["root"])
+    rebuild_s = time.perf_counter() - start
+    assert html == fake_book["html"]
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (fake_book["out"] / "build.log").read_text())
+    # At most the reproducibility page (its build time may have changed) is read again.
+    assert re.search(r"updating environment: 0 added, [01] changed, 0 removed", log), log[-2000:]
+    print(f"first build {fake_book['build_s']:.1f} s, rebuild {rebuild_s:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_warning_fails_the_build_and_shows_the_log_tail(tmp_path):
+    root = make_root(tmp_path / "root")
+    with open(root / "book" / "intro.md", "a") as f:
+        f.write("\nA citation that does not exist {cite:p}`no_such_key_2099`.\n")
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    for page in book.toc_chapters(root):
+        make_source_notebook(executed / f"{Path(page).name}.ipynb", "Unexecuted")
+        (executed / f"{Path(page).name}.run.json").write_text(json.dumps(fake_record(page)))
+    with pytest.raises(EmaError) as info:
+        book.build_book(executed, tmp_path / "out", PROFILE, root=root)
+    message = str(info.value)
+    assert "jupyter-book build failed" in message and "no_such_key_2099" in message
+    assert (tmp_path / "out" / "build.log").is_file()

@@ -124,3 +124,13 @@ def test_failing_notebook_reports_cell_and_keeps_no_finished_run(sandbox, tmp_pa
         orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
     with pytest.raises(EmaError):
         orchestrate.chapter_results("setup", "smoke")
+
+
+def test_edited_notebook_is_executed_again(sandbox):
+    first = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    path = orchestrate.notebook_path("setup")
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A new paragraph."))
+    nbformat.write(nb, str(path))
+    again = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    assert not again.reused and again.key != first.key

@@ -1,0 +1,36 @@
+"""What every chapter notebook does first: seeds, a results folder, a plotting style."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch, and ask PyTorch for deterministic kernels where it can."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def start_chapter(chapter: str, results_dir: str | None, seed: int) -> Path:
+    """Seed everything, apply the book's figure style and return the chapter's results folder.
+
+    ``results_dir`` is injected by ``ema run``; a notebook opened by hand gets a scratch folder.
+    """
+    import matplotlib
+    import seaborn as sns
+
+    set_seed(seed)
+    sns.set_theme(context="notebook", style="whitegrid")
+    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (8, 4)})
+    if results_dir is None:
+        results_dir = tempfile.mkdtemp(prefix=f"ema-{chapter}-")
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
