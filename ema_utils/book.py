@@ -21,9 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -215,6 +213,8 @@ def format_seconds(seconds) -> str:
 
 def _pinned_sha256(model: str) -> str:
     """The pinned sha256 of a registry model's weights file, or how it is verified."""
+    if model == "none":
+        return "no model"
     try:
         from .models import REGISTRY
     except Exception:  # pragma: no cover - the page must render even without torch installed
@@ -245,7 +245,7 @@ def render_run_records(records: dict[str, dict], profile: str, built: str | None
     for page, r in records.items():
         chapter = r.get("chapter") or chapter_name(page)
         command = run_command(chapter, profile)
-        if r.get("model"):
+        if r.get("model"):  # the profile's model may change later: pin it
             command += f" --model {r['model']}"
         out.append(f"| {_text(Path(page).name)} | {_text(r.get('started', 'not recorded'))} "
                    f"| {format_seconds(r.get('wall_s'))} | {_md(r.get('model', '?'))} "
@@ -258,7 +258,7 @@ def render_run_records(records: dict[str, dict], profile: str, built: str | None
             "| chapter | model | model digest | pinned sha256 of the weights | data digest |",
             "|---|---|---|---|---|"]
     for page, r in records.items():
-        model = r.get("model", "?")
+        model = r.get("model") or "none"
         out.append(f"| {_text(Path(page).name)} | {_md(model)} | {_md(r.get('model_digest', '?'))} "
                    f"| {_pinned_sha256(model)} | {_md(r.get('data_digest', '?'))} |")
     out.append("")
@@ -289,7 +289,8 @@ def render_run_records(records: dict[str, dict], profile: str, built: str | None
     versions: dict[str, dict[str, list[str]]] = {}
     for page, r in records.items():
         for name, version in (r.get("packages") or {}).items():
-            versions.setdefault(name, {}).setdefault(str(version), []).append(chapter_name(page))
+            version = "not installed" if version is None else str(version)
+            versions.setdefault(name, {}).setdefault(version, []).append(chapter_name(page))
     out += ["## Package versions", ""]
     if versions:
         out += ["| package | version |", "|---|---|"]
@@ -567,13 +568,3 @@ def check_offline(html_dir: Path, chapters: list[str]) -> None:
                        "sphinx.config.nb_ipywidgets_js, html_extra_path and mathjax_path in "
                        f"{CONFIG_FILE} and the files under book/_extra/_static.")
 
-
-def machine_summary() -> dict:
-    """The machine fields of a run record (a helper for the orchestration's run records)."""
-    memory = None
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        memory = round(pages * size / 2**30, 1)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not on every platform
-        pass
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "memory_gib": memory}
