@@ -64,7 +64,7 @@ def embed(texts, batch_size: int = 32, max_length: int = MAX_LENGTH, progress: b
     the input order. A tqdm progress bar goes to stderr when ``progress`` is true.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     texts = [str(t) for t in texts]
     out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)

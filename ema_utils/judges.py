@@ -452,7 +452,7 @@ def first_token_logits(model, tokenizer, prompts: Sequence[str], batch_size: int
     logits whatever it is batched with. Batches are sorted by length.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .generation import left_pad, length_sorted_batches
 
@@ -850,7 +850,7 @@ class EndpointJudge(Judge):
         return parse_verdict(content, self.url)
 
     def judge_detailed(self, prompts, responses) -> list[dict]:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         prompts, responses = self._check(prompts, responses)
         return [self.ask(p, r) for p, r in tqdm(list(zip(prompts, responses)), desc="endpoint judge",

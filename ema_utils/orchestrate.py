@@ -208,7 +208,6 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
         raise EmaError(
             f"chapter '{run.chapter}' failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"The executed notebook up to the error is at {failed}") from None
-    _fold_parameter_cells(partial)
     os.replace(partial, run.notebook)
     record = {
         "chapter": run.chapter, "profile": run.profile, "key": run.key, "parameters": params,
@@ -221,18 +220,6 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
     }
     atomic_write_json(run.folder / "run.json", record)  # written last: marks the run finished
     log(f"[ema] {run.chapter}: done in {record['wall_s']} s")
-
-
-def _fold_parameter_cells(path: Path) -> None:
-    """Tag the parameters and injected-parameters cells so the book shows them folded."""
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    for cell in nb.cells:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if ("parameters" in tags or "injected-parameters" in tags) and "hide-input" not in tags:
-            cell.metadata["tags"] = [*tags, "hide-input"]
-    nbformat.write(nb, str(path))
 
 
 def _publish(run: ChapterRun) -> None:

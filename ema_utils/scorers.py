@@ -221,7 +221,7 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     its token ids (:func:`option_token_ids`), from a log-softmax over the whole vocabulary.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .generation import left_pad, length_sorted_batches
 

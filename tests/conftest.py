@@ -21,3 +21,21 @@ def isolated_cache(tmp_path, monkeypatch):
     """A private model cache folder, so tests never touch the user's cache."""
     monkeypatch.setenv("EMA_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """`ema book --profile smoke` run once, as a user would, in a private build folder.
+
+    Uses the real default model on a handful of prompts (a few minutes on 2 cores).
+    """
+    import subprocess
+    import sys
+
+    build = tmp_path_factory.mktemp("smoke-build")
+    env = {**os.environ, "EMA_BUILD_DIR": str(build)}
+    proc = subprocess.run([sys.executable, "-m", "ema_utils.cli", "book", "--profile", "smoke"],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"ema book --profile smoke failed:\n{proc.stderr[-4000:]}"
+    return {"build": build, "env": env, "html": build / "book" / "smoke" / "_build" / "html",
+            "log": proc.stderr}

@@ -38,9 +38,13 @@ def _console_errors(drv) -> list[str]:
             if e["level"] == "SEVERE" and not any(n in e["message"] for n in KNOWN_CONSOLE_NOISE)]
 
 
-@pytest.fixture(scope="module")
-def book_html(tmp_path_factory):
-    """``(html folder, folder with its _toc.yml)``: $EMA_BOOK_HTML, or the fake book."""
+@pytest.fixture(scope="module", params=["fake", pytest.param("smoke", marks=pytest.mark.integration)])
+def book_html(request, tmp_path_factory):
+    """``(html folder, folder with its _toc.yml)``: $EMA_BOOK_HTML, the fake book, or the real
+    smoke-profile book that `ema book --profile smoke` builds (conftest's smoke_book)."""
+    if request.param == "smoke":
+        html = request.getfixturevalue("smoke_book")["html"]
+        return html, html.parent.parent / "source"
     env = os.environ.get("EMA_BOOK_HTML")
     if env:
         html = Path(env).expanduser().resolve()
@@ -197,12 +201,13 @@ def test_narrative_pages_render_with_math(book_html, server, driver, artifacts):
     assert not failures, f"requests that failed (missing files): {failures}"
 
 
-def test_fake_widgets_respond_and_load_their_icon_font_offline(book_html, server, driver, artifacts):
+def test_fake_widgets_respond_and_load_their_icon_font_offline(request, book_html, server, driver,
+                                                              artifacts):
     """Client-side links work without a kernel, over http and over file://."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    if os.environ.get("EMA_BOOK_HTML"):
+    if os.environ.get("EMA_BOOK_HTML") or request.node.callspec.params["book_html"] != "fake":
         pytest.skip("checks the fake chapter's own widgets")
     html, _ = book_html
     base, failures = server
