@@ -44,7 +44,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -597,7 +597,9 @@ def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio
     inputs = {"items": _items_hash(pool), "benign": _items_hash(benign_pool),
               "target": target_concept, "requested": requested, "n_benign": n_benign,
               "seed": seed, "judge": judge, "labels": _labels_digest(),
-              "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+              "max_new_tokens": max_new_tokens}
+    # batch_size is not in the key: prompts are generated in contiguous chunks of one seeded
+    # order and the first refusals in that order are kept, whatever the chunk size.
 
     def compute():
         pools = {c: _hash_order(pool[pool["concept"] == c], seed) for c in others}
@@ -662,6 +664,16 @@ def _collect_refusals(model, tokenizer, pools: dict[str, pd.DataFrame], order: S
 
 
 # --- models: LoRA, reference, checkpoints ---------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` when it wraps a
+    model: a FutureWarning per call that says nothing about the user's run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
+
 
 def has_adapter(model) -> bool:
     """True when ``model`` already carries LoRA (or other peft) layers."""
@@ -745,7 +757,8 @@ def load_checkpoint(base_model, path, is_trainable: bool = False):
         if has_adapter(base_model):
             raise ParameterError("base_model already carries an adapter; call "
                                  "unload_adapter(model) first or load a fresh model")
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
         return model if is_trainable else model.eval()
     from transformers import AutoModelForCausalLM
 
@@ -836,7 +849,8 @@ class _Trainer:
                           target_modules=list(c.target_modules), bias="none",
                           task_type="CAUSAL_LM")
         try:
-            return get_peft_model(model, lora)
+            with _quiet_peft():
+                return get_peft_model(model, lora)
         except ValueError as exc:
             raise ParameterError(f"UnlearnConfig.target_modules {list(c.target_modules)} do not "
                                  f"match the model's layers ({exc}); name its linear layers, "
@@ -1014,7 +1028,9 @@ def unlearn(model, tokenizer, forget: pd.DataFrame | None = None, config: Unlear
     - ``sft``: compliant labels (:func:`build_sft_labels`), for the sft methods;
     - ``retain``: :func:`build_retain_set`, for npo_retain, sft_retain and npo_kl;
     - ``eval_prompts``: id, concept, prompt; at every checkpoint the mean first-token
-      KL(aligned || current) per concept is recorded (the paper's Fig. 2);
+      KL(aligned || current) per concept is recorded (the paper's Fig. 2). The aligned
+      model's first-token distributions are kept in memory: n x vocab x 4 bytes (0.6 MB per
+      prompt with the default model's 151,936 tokens);
     - ``callback(step, info)`` runs after every optimizer step (``info``: losses, checkpoint
       row or None, model); returning True stops training after a final checkpoint;
     - ``output_dir``: where checkpoints (``checkpoint-NNNNN/``) and the tables (losses.jsonl,
@@ -1098,6 +1114,9 @@ def select_checkpoint(checkpoints, utility_by_step, aligned_utility: float,
         raise ParameterError(f"the utilities look like percentages (up to {max(values)}) but "
                              f"max_drop={max_drop} is a fraction; pass utilities as fractions "
                              "(0-1) or max_drop in points (e.g. 3)")
+    if max(values) <= 1 and max_drop >= 1:
+        raise ParameterError(f"the utilities are fractions (0-1) but max_drop={max_drop} would "
+                             "accept any drop; give max_drop as a fraction (0.03 = 3 points)")
     chosen = None
     for row in _checkpoint_rows(checkpoints):
         u = utility.get(int(row["step"]))

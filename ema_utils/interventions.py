@@ -1,0 +1,222 @@
+"""One intervention, end to end: forget set -> training -> checkpoints scored on every concept.
+
+This is the unit chapters 2-4 share. :func:`run_intervention` builds the target concept's forget
+set from the aligned model's own refusals (and, for SFT, compliant labels from the small
+labeller), trains with ema_utils.unlearning, scores every checkpoint on a small per-concept
+sample (the *trajectory*: when does narrow unlearning turn general?), and picks checkpoints by
+the paper's utility rule and by "first below 25% target refusal". Every step is cached, so a
+later chapter calling it with the same settings gets the finished run back at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import CONCEPTS
+from .cache import cached, stable_hash
+from .errors import ParameterError
+
+METHODS = ("npo", "sft")
+"""The paper's two interventions: NPO unlearning of refusals and the SFT "finetune" baseline."""
+
+
+@dataclass
+class InterventionRun:
+    """A finished (cached) intervention and what was measured along it."""
+
+    name: str  # e.g. "npo_cybersecurity"
+    concept: str
+    method: str
+    folder: Path  # the training artifact: checkpoints, losses.jsonl, checkpoints.jsonl, kl.jsonl
+    forget_stats: dict
+    losses: pd.DataFrame
+    kl: pd.DataFrame  # step, concept, kl (mean first-token KL per concept)
+    trajectory: pd.DataFrame  # step, concept, rate, low, high, n (+ utility per step)
+    utility: pd.DataFrame  # step, utility
+    selected: dict | None  # the paper's rule: last checkpoint whose utility drops < max_drop
+    first_below: dict | None  # first checkpoint whose target refusal < target_threshold
+    settings: dict = field(default_factory=dict)
+
+    def checkpoint_path(self, step: int) -> Path | None:
+        """The adapter folder of a step (None for step 0: the aligned model itself)."""
+        if step == 0:
+            return None
+        path = self.folder / f"checkpoint-{step:05d}"
+        if not (path / ".complete").is_file():
+            raise ParameterError(f"{self.name}: no complete checkpoint for step {step} in {self.folder}")
+        return path
+
+    def summary(self) -> dict:
+        return {"name": self.name, "concept": self.concept, "method": self.method,
+                "folder": str(self.folder), "forget": self.forget_stats,
+                "selected_step": None if self.selected is None else int(self.selected["step"]),
+                "first_below_step": None if self.first_below is None else int(self.first_below["step"]),
+                "settings": self.settings}
+
+
+def intervention_name(method: str, concept: str) -> str:
+    return f"{method}_{concept}"
+
+
+def _check(concept: str, method: str) -> None:
+    if concept not in CONCEPTS:
+        raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
+    if method not in METHODS:
+        raise ParameterError(f"unknown method '{method}'; methods: {', '.join(METHODS)}")
+
+
+def run_intervention(model, tokenizer, model_id: str, concept: str, method: str, config,
+                     *, n_forget: int = 0, forget_max_new_tokens: int = 24,
+                     traj_n_per_concept: int = 8, traj_max_new_tokens: int = 16,
+                     kl_n_per_concept: int = 8, batch_size: int = 16, judge: str | None = None,
+                     max_drop: float = 0.03, target_threshold: float = 0.25,
+                     retain: pd.DataFrame | None = None, seed: int = 0,
+                     progress: bool = True) -> InterventionRun:
+    """Train one intervention on ``concept`` and score its checkpoints (all cached).
+
+    ``config`` is an :class:`ema_utils.unlearning.UnlearnConfig` whose method is "npo", "sft"
+    or one of their augmented variants (then pass ``retain``); ``method`` names the family
+    ("npo" or "sft") for the forget data. ``model`` must carry no adapter; it is returned to
+    that state before this function returns.
+    """
+    from .data import load_prompts
+    from .evaluate import eval_items
+    from .unlearning import build_forget_set, build_sft_labels, unlearn, unload_adapter
+
+    _check(concept, method)
+    if not config.method.startswith(method):
+        raise ParameterError(f"config.method '{config.method}' does not match method '{method}'")
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    name = intervention_name(config.method, concept)
+    prompts = load_prompts(concept, split="train")
+    forget = build_forget_set(model, tokenizer, prompts, max_new_tokens=forget_max_new_tokens,
+                              batch_size=batch_size, limit=n_forget or None, seed=seed,
+                              model_id=model_id, progress=progress)
+    stats = {"train_prompts": forget.attrs.get("n_prompts"), "refused": forget.attrs.get("n_refusals"),
+             "used": int(len(forget))}
+    sft = None
+    if method == "sft":
+        sft = build_sft_labels(forget[["id", "concept", "prompt"]], batch_size=batch_size,
+                               max_new_tokens=forget_max_new_tokens * 2, progress=progress)
+        stats["sft_labels"] = int(len(sft))
+        if sft.empty:
+            raise ParameterError(f"{name}: the labeller complied with none of the prompts; no SFT data")
+    kl_prompts = eval_items(n_per_concept=kl_n_per_concept, seed=seed)[["id", "concept", "prompt"]]
+    inputs = {"model": model_id, "config": config.to_dict(),
+              "forget": stable_hash(forget[["id", "response"]].values.tolist()),
+              "sft": None if sft is None else stable_hash(sft[["id", "response"]].values.tolist()),
+              "retain": None if retain is None else stable_hash(retain[["id", "response"]].values.tolist()),
+              "kl_prompts": stable_hash(kl_prompts["id"].tolist())}
+
+    def train(folder: Path):
+        log(f"[ema] {name}: training ({config.method}, {config.max_steps or config.epochs} "
+            f"{'steps' if config.max_steps else 'epochs'}, lr {config.lr})")
+        result = unlearn(model, tokenizer, forget=forget if config.uses_forget else None,
+                         config=config, retain=retain if config.uses_retain else None,
+                         sft=sft if config.uses_sft else None, eval_prompts=kl_prompts,
+                         output_dir=folder, progress=progress)
+        unload_adapter(result.model)
+
+    folder = cached(f"unlearn-{name}", inputs, train, kind="dir")
+    losses = pd.read_json(folder / "losses.jsonl", lines=True)
+    checkpoints = pd.read_json(folder / "checkpoints.jsonl", lines=True)
+    kl = _kl_long(checkpoints)
+    run = InterventionRun(name=name, concept=concept, method=method, folder=folder,
+                          forget_stats=stats, losses=losses, kl=kl,
+                          trajectory=pd.DataFrame(), utility=pd.DataFrame(), selected=None,
+                          first_below=None, settings={"config": config.to_dict(), "model": model_id})
+    _score_checkpoints(run, model, tokenizer, model_id, checkpoints["step"].tolist(),
+                       traj_n_per_concept, traj_max_new_tokens, batch_size, judge, seed, progress)
+    _select(run, checkpoints, max_drop, target_threshold)
+    return run
+
+
+def _kl_long(checkpoints: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in checkpoints.columns if c.startswith("kl_")]
+    long = checkpoints.melt(id_vars="step", value_vars=cols, var_name="concept", value_name="kl")
+    long["concept"] = long["concept"].str.removeprefix("kl_")
+    return long
+
+
+def checkpoint_model_id(model_id: str, run_name: str, path: Path | None) -> str:
+    """The cache identity of a checkpoint: the base model plus the adapter's weights digest."""
+    from .unlearning import adapter_digest
+
+    return model_id if path is None else f"{model_id}+{run_name}:{adapter_digest(path)}"
+
+
+def with_checkpoint(model, path: Path | None):
+    """Context manager: the model with a checkpoint's adapter applied (or as is for None)."""
+    import contextlib
+
+    from .unlearning import load_checkpoint, unload_adapter
+
+    @contextlib.contextmanager
+    def ctx():
+        if path is None:
+            yield model
+            return
+        wrapped = load_checkpoint(model, path)
+        try:
+            yield wrapped
+        finally:
+            unload_adapter(wrapped)
+
+    return ctx()
+
+
+def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens, batch_size,
+                       judge, seed, progress):
+    from .evaluate import evaluate
+
+    rows, utility = [], []
+    for step in steps:
+        path = run.checkpoint_path(int(step))
+        with with_checkpoint(model, path) as scored:
+            result = evaluate(scored, tokenizer, checkpoint_model_id(model_id, run.name, path),
+                              n_per_concept=n, judge=judge, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, seed=seed, over_refusal=False, utility=True,
+                              progress=progress)
+        rows.append(result.rates.assign(step=int(step)))
+        utility.append({"step": int(step), "utility": result.utility["accuracy"]})
+    run.trajectory = pd.concat(rows, ignore_index=True)
+    run.utility = pd.DataFrame(utility)
+
+
+def _select(run, checkpoints, max_drop, target_threshold):
+    from .unlearning import first_checkpoint_below, select_checkpoint
+
+    aligned_utility = float(run.utility.loc[run.utility["step"] == 0, "utility"].iloc[0])
+    trained = checkpoints[checkpoints["step"] > 0]
+    run.selected = select_checkpoint(trained, run.utility.set_index("step")["utility"],
+                                     aligned_utility, max_drop=max_drop)
+    target = run.trajectory[run.trajectory["concept"] == run.concept].set_index("step")["rate"]
+    run.first_below = first_checkpoint_below(trained, target, threshold=target_threshold)
+
+
+def trajectory_summary(run: InterventionRun) -> pd.DataFrame:
+    """Per step: target refusal, mean refusal of the other concepts, utility."""
+    t = run.trajectory
+    target = t[t["concept"] == run.concept].set_index("step")["rate"].rename("target")
+    others = t[t["concept"] != run.concept].groupby("step")["rate"].mean().rename("non_target_mean")
+    return pd.concat([target, others, run.utility.set_index("step")["utility"]], axis=1).reset_index()
+
+
+def save_run_summaries(results_dir, runs: list[InterventionRun]) -> Path:
+    """The runs' key facts as JSON in a chapter's results folder (read by later chapters)."""
+    from .cache import atomic_write_json
+
+    return atomic_write_json(Path(results_dir) / "interventions.json",
+                             {r.name: r.summary() for r in runs})
+
+
+def load_run_summaries(chapter_folder) -> dict:
+    path = Path(chapter_folder) / "interventions.json"
+    if not path.is_file():
+        raise ParameterError(f"{path} is missing: the unlearning chapter did not finish")
+    return json.loads(path.read_text())

@@ -1,0 +1,71 @@
+"""ema_utils.interventions on the tiny model: one NPO run, its trajectory and its selection."""
+
+import pandas as pd
+import pytest
+import torch
+
+from ema_utils import CONCEPTS, interventions, unlearning
+from ema_utils.errors import ParameterError
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def canned_refusals(monkeypatch):
+    """The tiny random model refuses nothing; pretend it refused every prompt, with one refusal."""
+    def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
+        return table[["id", "concept", "prompt"]].assign(
+            response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
+
+    monkeypatch.setattr(unlearning, "_generate_and_judge", fake)
+
+
+def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, one_thread, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    model, tokenizer = tiny
+    config = unlearning.UnlearnConfig(method="npo", lr=1e-2, max_steps=4, checkpoint_every=2,
+                                      batch_size=2, lora_r=2, lora_alpha=2)
+    kwargs = dict(n_forget=4, traj_n_per_concept=1, traj_max_new_tokens=2, kl_n_per_concept=1,
+                  judge="phrase", batch_size=4, progress=False)
+    run = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo", config,
+                                         **kwargs)
+    assert run.name == "npo_cybersecurity" and run.forget_stats["used"] == 4
+    assert sorted(run.trajectory["step"].unique()) == [0, 2, 4]
+    assert set(run.trajectory["concept"]) == set(CONCEPTS)
+    assert run.losses["npo"].iloc[-1] < run.losses["npo"].iloc[0], "NPO loss goes down"
+    assert set(run.kl["concept"]) == set(CONCEPTS)
+    assert (run.kl[run.kl["step"] == 0]["kl"].abs() < 1e-6).all(), "no change at step 0"
+    assert (run.kl[run.kl["step"] == 4]["kl"] > 0).any(), "training moved the first token"
+    assert run.selected is None or run.selected["step"] in (2, 4)
+    assert run.checkpoint_path(0) is None and run.checkpoint_path(4).is_dir()
+    assert not unlearning.has_adapter(model), "the caller's model is left without an adapter"
+    summary = interventions.trajectory_summary(run)
+    assert list(summary.columns) == ["step", "target", "non_target_mean", "utility"]
+
+    monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: pytest.fail("retrained"))
+    again = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo",
+                                           config, **kwargs)
+    pd.testing.assert_frame_equal(again.trajectory, run.trajectory)
+    assert again.folder == run.folder
+
+    interventions.save_run_summaries(tmp_path, [run])
+    loaded = interventions.load_run_summaries(tmp_path)
+    assert loaded["npo_cybersecurity"]["forget"]["used"] == 4
+
+
+def test_bad_concept_or_method_is_named(tiny):
+    model, tokenizer = tiny
+    config = unlearning.UnlearnConfig()
+    with pytest.raises(ParameterError, match="unknown concept 'weather'"):
+        interventions.run_intervention(model, tokenizer, "tiny", "weather", "npo", config)
+    with pytest.raises(ParameterError, match="unknown method 'rlhf'"):
+        interventions.run_intervention(model, tokenizer, "tiny", "safety", "rlhf", config)
+    with pytest.raises(ParameterError, match="does not match"):
+        interventions.run_intervention(model, tokenizer, "tiny", "safety", "sft", config)
