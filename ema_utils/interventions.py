@@ -71,7 +71,8 @@ def _check(concept: str, method: str) -> None:
 
 
 def run_intervention(model, tokenizer, model_id: str, concept: str, method: str, config,
-                     *, n_forget: int = 0, forget_max_new_tokens: int = 24,
+                     *, n_forget: int = 0, forget_candidates: int = 0,
+                     forget_max_new_tokens: int = 24,
                      traj_n_per_concept: int = 8, traj_max_new_tokens: int = 16,
                      kl_n_per_concept: int = 8, batch_size: int = 16, judge: str | None = None,
                      max_drop: float = 0.03, target_threshold: float = 0.25,
@@ -82,10 +83,12 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     ``config`` is an :class:`ema_utils.unlearning.UnlearnConfig` whose method is "npo", "sft"
     or one of their augmented variants (then pass ``retain``); ``method`` names the family
     ("npo" or "sft") for the forget data. ``model`` must carry no adapter; it is returned to
-    that state before this function returns.
+    that state before this function returns. ``forget_candidates`` limits how many train
+    prompts are tried for the forget set (0: all; a seeded, nested sample), ``n_forget`` how
+    many refused ones are used (0: all).
     """
     from .data import load_prompts
-    from .evaluate import eval_items
+    from .evaluate import eval_items, sample_items
     from .unlearning import build_forget_set, build_sft_labels, unlearn, unload_adapter
 
     _check(concept, method)
@@ -94,6 +97,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     name = intervention_name(config.method, concept)
     prompts = load_prompts(concept, split="train")
+    prompts = sample_items(prompts[prompts["scorer"] == "refusal"], forget_candidates, seed)
     forget = build_forget_set(model, tokenizer, prompts, max_new_tokens=forget_max_new_tokens,
                               batch_size=batch_size, limit=n_forget or None, seed=seed,
                               model_id=model_id, progress=progress)
@@ -220,3 +224,53 @@ def load_run_summaries(chapter_folder) -> dict:
     if not path.is_file():
         raise ParameterError(f"{path} is missing: the unlearning chapter did not finish")
     return json.loads(path.read_text())
+
+
+def compare_responses(model, tokenizer, run: InterventionRun, step: int, prompts: pd.DataFrame,
+                      max_new_tokens: int = 32, batch_size: int = 8) -> pd.DataFrame:
+    """Greedy responses of the aligned model and of ``run`` at ``step`` to the same prompts,
+    judged by the phrase judge, with compliant answers redacted for display."""
+    from .generation import generate_responses
+    from .judges import get_judge
+    from .widgets import display_response
+
+    judge = get_judge("phrase")
+    out = prompts[["id", "concept", "prompt"]].reset_index(drop=True)
+    for column, path in (("aligned", None), (f"step {step}", run.checkpoint_path(step))):
+        with with_checkpoint(model, path) as scored:
+            gen = generate_responses(scored, tokenizer, out, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=False)
+        flags = judge.judge(gen["prompt"].tolist(), gen["response"].tolist())
+        out[column] = [display_response({"response": r, "is_refusal": f, "concept": c})
+                       for r, f, c in zip(gen["response"], flags, gen["concept"])]
+    return out.drop(columns="id")
+
+
+CHECKPOINT_RULES = ("utility", "first_below", "last")
+
+
+def chosen_step(summary: dict, rule: str = "utility") -> int | None:
+    """The step a chapter scores for a run: the paper's utility rule, the first checkpoint below
+    the target threshold, or the last one; falls back to the last when a rule found none."""
+    if rule not in CHECKPOINT_RULES:
+        raise ParameterError(f"checkpoint rule '{rule}' unknown; rules: {', '.join(CHECKPOINT_RULES)}")
+    last = max(int(p.name.split("-")[1]) for p in Path(summary["folder"]).glob("checkpoint-*"))
+    step = {"utility": summary.get("selected_step"), "first_below": summary.get("first_below_step"),
+            "last": last}[rule]
+    return last if step is None else int(step)
+
+
+def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = "utility",
+                  **evaluate_kwargs) -> dict:
+    """Score the aligned model and each run's chosen checkpoint: ``{condition: Evaluation}``."""
+    from .evaluate import evaluate
+
+    results = {"aligned": evaluate(model, tokenizer, model_id, **evaluate_kwargs)}
+    for name, summary in summaries.items():
+        step = chosen_step(summary, rule)
+        path = Path(summary["folder"]) / f"checkpoint-{step:05d}"
+        with with_checkpoint(model, path) as scored:
+            results[name] = evaluate(scored, tokenizer, checkpoint_model_id(model_id, name, path),
+                                     **evaluate_kwargs)
+        results[name].settings["step"] = step
+    return results

@@ -25,7 +25,7 @@ import yaml
 from . import CHAPTERS
 from .cache import atomic_write_json, stable_hash
 from .errors import EmaError, ParameterError
-from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir
+from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir, notebook_dir, writable_dir  # noqa: F401
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yml")
 INJECTED = ("results_dir", "profile")  # set by the orchestrator, not part of the run key
@@ -61,7 +61,7 @@ def check_chapter(chapter: str) -> str:
 
 def notebook_path(chapter: str) -> Path:
     index = CHAPTERS.index(check_chapter(chapter)) + 1
-    return NOTEBOOK_DIR / f"{index:02d}_{chapter}.ipynb"
+    return notebook_dir() / f"{index:02d}_{chapter}.ipynb"
 
 
 def available_chapters() -> list[str]:
@@ -199,7 +199,7 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
             str(notebook_path(run.chapter)), str(partial),
             parameters={**params, "results_dir": str(run.folder), "profile": run.profile},
             kernel_name="python3", execution_timeout=cell_timeout, log_output=True,
-            progress_bar=False, cwd=str(NOTEBOOK_DIR),
+            progress_bar=False, cwd=str(notebook_path(run.chapter).parent),
         )
     except papermill.PapermillExecutionError as exc:
         failed = run.folder / f"failed-{run.notebook.name}"

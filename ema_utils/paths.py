@@ -2,7 +2,10 @@
 
 The model cache defaults to ~/.cache/ema-companion so that a fresh clone reuses de-quantized
 models; set EMA_CACHE_DIR to move it. Build products (executed notebooks, results, HTML) live
-in the project under _build/ unless EMA_BUILD_DIR says otherwise.
+in the project under _build/ unless EMA_BUILD_DIR says otherwise. The chapter notebooks are
+read from notebooks/ unless EMA_NOTEBOOK_DIR names another folder (with the same
+NN_<chapter>.ipynb names: for edited copies of the chapters, and for the tests, which run
+stand-in notebooks in a subprocess).
 """
 
 from __future__ import annotations
@@ -26,6 +29,38 @@ def build_dir() -> Path:
     """Build products: executed notebooks, the results cache and the HTML (EMA_BUILD_DIR)."""
     env = os.environ.get("EMA_BUILD_DIR")
     return Path(env).expanduser() if env else PROJECT_ROOT / "_build"
+
+
+def notebook_dir() -> Path:
+    """The folder of the chapter notebooks (EMA_NOTEBOOK_DIR, default notebooks/)."""
+    env = os.environ.get("EMA_NOTEBOOK_DIR")
+    return Path(env).expanduser() if env else NOTEBOOK_DIR
+
+
+def writable_dir(folder: Path, env_var: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Raises EmaError naming the folder and the environment variable that moves it, so a run
+    stops before any work instead of failing at its first write.
+    """
+    import tempfile
+
+    from .errors import EmaError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ema-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EmaError(
+            f"cannot write to the folder {folder} ({reason}). Point {env_var} at a writable "
+            f"folder, e.g. `export {env_var}=$HOME/ema-{env_var.split('_')[1].lower()}`, or "
+            "free the path / fix its permissions"
+        ) from None
+    return folder
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,0 +1,89 @@
+"""ema_utils.report: outcome tables, the paper's rows, the EMA matrix and the R1 claims."""
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from ema_utils import CONCEPTS, report
+from ema_utils.evaluate import Evaluation
+from ema_utils.metrics import wilson_interval
+
+matplotlib.use("Agg")
+
+
+def fake_eval(rates: dict, n: int = 40, utility: float = 0.5) -> Evaluation:
+    rows = []
+    for concept in CONCEPTS:
+        k = round(rates.get(concept, 0.8) * n)
+        low, high = wilson_interval(k, n)
+        rows.append({"concept": concept, "rate": k / n, "low": low, "high": high, "n": n, "k": k})
+    return Evaluation(model="m", items=pd.DataFrame(), rates=pd.DataFrame(rows),
+                      over_refusal={"rate": 0.3, "low": 0.2, "high": 0.4, "n": 40},
+                      utility={"accuracy": utility, "n": 50})
+
+
+@pytest.fixture
+def evaluations():
+    return {
+        "aligned": fake_eval({}),
+        "npo_cybersecurity": fake_eval({"cybersecurity": 0.1, "safety": 0.4}, utility=0.49),
+        "sft_cybersecurity": fake_eval({"cybersecurity": 0.2}, utility=0.40),
+        "npo_safety": fake_eval({"safety": 0.05, "cybersecurity": 0.2, "bias": 0.3}, utility=0.5),
+    }
+
+
+def test_condition_parts():
+    assert report.condition_parts("npo_medical_legal") == ("npo", "medical_legal")
+    assert report.condition_parts("npo_retain_safety") == ("npo_retain", "safety")
+    assert report.condition_parts("aligned") == ("aligned", None)
+
+
+def test_outcome_table_in_percent(evaluations):
+    table = report.outcome_table(evaluations)
+    assert table.loc["npo_cybersecurity", "cybersecurity"] == pytest.approx(10)
+    assert table.loc["aligned", "utility"] == pytest.approx(50)
+    assert list(table.columns)[:7] == list(CONCEPTS)
+
+
+def test_paper_rows_match_the_paper():
+    rows = report.paper_rows("safety")
+    assert rows.loc["paper: npo_safety", "safety"] == pytest.approx(18.27)
+    assert rows.loc["paper: aligned", "cybersecurity"] == pytest.approx(93)
+    assert report.paper_rows("cybersecurity").loc["paper: sft_cybersecurity", "utility"] == pytest.approx(71.3)
+
+
+def test_ema_matrix_flags_only_real_non_target_drops(evaluations):
+    m = report.ema_matrix(evaluations)
+    row = m[(m.condition == "npo_cybersecurity") & (m.concept == "safety")].iloc[0]
+    assert row.flagged and row.delta_points == pytest.approx(-40)
+    target = m[(m.condition == "npo_cybersecurity") & (m.concept == "cybersecurity")].iloc[0]
+    assert target.is_target and not target.flagged
+    assert not m[(m.condition == "sft_cybersecurity") & (m.concept != "cybersecurity")].flagged.any()
+
+
+def test_r1_claims_report_numbers_and_verdicts(evaluations):
+    traj = {"npo_safety": pd.DataFrame({"step": [0, 5], "target": [0.8, 0.1],
+                                        "non_target_mean": [0.8, 0.5]}),
+            "npo_cybersecurity": pd.DataFrame({"step": [0, 5], "target": [0.8, 0.2],
+                                               "non_target_mean": [0.8, 0.7]})}
+    claims = report.r1_claims(evaluations, traj).set_index("claim")
+    assert claims.iloc[0]["reproduces"] == "yes"
+    spread = claims.loc["Safety unlearning spreads further than Cybersecurity unlearning"]
+    assert spread["reproduces"] == "yes" and "equal steps" in spread["this run"]
+    util = claims.loc["Unlearning keeps utility better than SFT"]
+    assert util["reproduces"] == "yes" and "-10.0" in util["this run"]
+
+
+def test_refusal_summary_shape(evaluations):
+    s = report.refusal_summary(evaluations)
+    assert s["refusal"]["npo_safety"]["safety"] == pytest.approx(0.05)
+    assert set(s) == {"refusal", "over_refusal", "utility"}
+
+
+def test_ema_heatmap_marks_flags(evaluations):
+    from ema_utils import plots
+
+    fig = plots.ema_heatmap(report.ema_matrix(evaluations))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "-40*" in texts and any(t.startswith("(") for t in texts)
+    assert fig.axes[0].get_xlabel() == "concept"
