@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .errors import EmaError
+from .errors import EmaError, ParameterError
 
 
 def _log(msg: str) -> None:
@@ -82,14 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "orchestrate")
+CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "orchestrate")
 """Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
+
+
+SHARED_OPTIONS = {"model": "model", "time_load": "model", "concepts": "concepts",
+                  "concept": "concept", "n": "n", "max_new_tokens": "max_new_tokens",
+                  "batch_size": "batch_size", "judge": "judge", "method": "method",
+                  "retain_ratio": "retain_ratio", "retain_loss": "retain_loss", "seed": "seed"}
+"""Option (argparse dest) -> the parameter rule it is checked by (orchestrate.check_parameter)."""
+
+
+def check_args(args) -> None:
+    """Check the options commands share (--model, --concepts, --n, --profile, ...) before a
+    command runs, so a wrong value fails before any model is loaded, naming the option and
+    what it accepts."""
+    from .orchestrate import check_parameter, get_profile
+
+    for dest, rule in SHARED_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        wanted = check_parameter(rule, value)
+        if wanted is not None:
+            raise ParameterError(f"--{dest.replace('_', '-')} must be {wanted}; got {value!r}")
+    if getattr(args, "profile", None) is not None:
+        get_profile(args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         return int(args.func(args) or 0)
     except EmaError as exc:
         print(f"ema {args.command}: error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AssetMissingError, ChecksumError, ModelError
-from .paths import PROJECT_ROOT, cache_dir, sha256_file
+from .paths import PROJECT_ROOT, cache_dir, sha256_file, writable_dir
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 ASSET_REQUIREMENTS = "requirements-assets.txt"
@@ -208,6 +208,9 @@ def ensure_cached(name: str, log=print) -> Path:
     folder = model_cache_path(name)
     if _manifest_ok(folder):
         return folder
+    # Building the cache writes about 2 GB: say now, not after a minute of de-quantizing, when
+    # the cache folder cannot be written.
+    writable_dir(folder.parent, "EMA_CACHE_DIR")
     if folder.exists():
         log(f"[ema] cache of {name} at {folder} is incomplete or corrupt; rebuilding it")
         shutil.rmtree(folder)

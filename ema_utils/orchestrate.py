@@ -129,6 +129,216 @@ def resolve_parameters(chapter: str, profile: str, model: str | None = None,
     return params
 
 
+# --- checking parameter values -------------------------------------------------------------------
+# A chapter's parameters are checked by name before papermill starts (so before any model is
+# loaded): a wrong value fails in a second with a message naming the parameter and what it
+# accepts, instead of minutes later inside a notebook cell. Names without a rule are checked
+# against the type of the notebook's default (an int parameter takes an int, and so on).
+
+DEVICES = ("cpu", "cuda", "cuda:N", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+RETAIN_LOSSES = ("ce", "kl")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _as_list(v):
+    if isinstance(v, str):
+        return [v]
+    return list(v) if isinstance(v, (list, tuple)) else None
+
+
+def _check_model(v):
+    from .models import MODEL_NAMES, _looks_like_hub_id
+
+    if isinstance(v, str) and (v in MODEL_NAMES or Path(v).expanduser().is_dir()
+                               or _looks_like_hub_id(v)):
+        return None
+    return (f"a registry model ({', '.join(MODEL_NAMES)}), an existing local folder with "
+            "config.json, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+
+
+def _check_concepts(v):
+    from . import CONCEPTS
+
+    items = _as_list(v)
+    if items and all(isinstance(c, str) and c in CONCEPTS for c in items):
+        return None
+    unknown = [c for c in items or [] if c not in CONCEPTS]
+    return ("a non-empty list of concept keys from: " + ", ".join(CONCEPTS)
+            + (f" (unknown concept(s): {', '.join(map(str, unknown))})" if unknown else ""))
+
+
+def _check_concept(v):
+    from . import CONCEPTS
+
+    if isinstance(v, str) and v in CONCEPTS:
+        return None
+    return f"one of {', '.join(CONCEPTS)} (unknown concept {v!r})"
+
+
+def _method_names() -> tuple[str, ...]:
+    from . import interventions, unlearning
+
+    return tuple(dict.fromkeys(getattr(interventions, "METHODS", ()) + unlearning.METHODS))
+
+
+def _check_methods(v):
+    names = _method_names()
+    items = _as_list(v)
+    if items and all(isinstance(m, str) and m in names for m in items):
+        return None
+    return "a non-empty list of methods from: " + ", ".join(names)
+
+
+def _check_method(v):
+    names = _method_names()
+    return None if isinstance(v, str) and v in names else "one of " + ", ".join(names)
+
+
+def _check_judge(v):
+    from .judges import JUDGES
+
+    return None if v is None or v in JUDGES else "None (the default judge) or one of " + ", ".join(JUDGES)
+
+
+def _check_checkpoint_rule(v):
+    from . import interventions
+
+    rules = getattr(interventions, "CHECKPOINT_RULES", None)
+    return None if rules is None or v in rules else "one of " + ", ".join(rules)
+
+
+def _check_ratio(v):
+    from .unlearning import parse_ratio
+
+    try:
+        parse_ratio(v)
+    except ParameterError:
+        return "a positive number of retain examples per forget example, or 'forget:retain' such as '1:2'"
+    return None
+
+
+def _choice(options):
+    return lambda v: None if v in options else "one of " + ", ".join(options)
+
+
+def _int_at_least(minimum, what):
+    return lambda v: None if _is_int(v) and v >= minimum else what
+
+
+def _positive_number(v):
+    return None if _is_number(v) and v > 0 else "a positive number"
+
+
+def _non_negative_number(v):
+    return None if _is_number(v) and v >= 0 else "a number >= 0"
+
+
+def _fraction(v):
+    return None if _is_number(v) and 0 <= v <= 1 else "a number between 0 and 1"
+
+
+def _device(v):
+    import re
+
+    ok = isinstance(v, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", v)
+    return None if ok else "one of " + ", ".join(DEVICES)
+
+
+_COUNT = _int_at_least(0, "an integer >= 0 (0: all)")
+_POSITIVE_INT = _int_at_least(1, "an integer >= 1")
+
+
+def _rule_for(name: str):
+    """The check of a parameter, chosen by its name (None: only the type of its default)."""
+    exact = {
+        "model": _check_model, "seed": _int_at_least(0, "an integer >= 0"),
+        "concepts": _check_concepts, "concept": _check_concept,
+        "target_concept": _check_concept, "methods": _check_methods, "method": _check_method,
+        "judge": _check_judge, "checkpoint_rule": _check_checkpoint_rule,
+        "device": _device, "dtype": _choice(DTYPES), "retain_loss": _choice(RETAIN_LOSSES),
+        "retain_ratio": _check_ratio, "ratio": _check_ratio,
+        "epochs": _POSITIVE_INT, "lora_r": _POSITIVE_INT, "checkpoint_every": _POSITIVE_INT,
+        "grad_accum": _POSITIVE_INT, "steps": _POSITIVE_INT,
+        "max_steps": lambda v: None if v is None else _POSITIVE_INT(v) and "an integer >= 1, or "
+                                                                          "None (epochs decide)",
+        "beta": _positive_number, "lora_alpha": _positive_number,
+        "max_drop": _fraction, "target_threshold": _fraction,
+        "kl_lambda": _non_negative_number, "weight_decay": _non_negative_number,
+    }
+    if name in exact:
+        return exact[name]
+    if name == "lr" or name.endswith("_lr") or name == "learning_rate":
+        return _positive_number
+    if name.endswith("_steps"):
+        return _POSITIVE_INT
+    if name.endswith(("batch_size", "max_new_tokens")):
+        return _POSITIVE_INT
+    if name == "n" or name.startswith("n_") or "_n_" in name or name.endswith("_candidates"):
+        return _COUNT
+    if name.endswith("_concepts"):
+        return _check_concepts
+    if name.startswith("w_"):
+        return _non_negative_number
+    return None
+
+
+def _type_of_default(default, v):
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "True or False"
+    if isinstance(default, int):
+        return None if _is_int(v) else "an integer"
+    if isinstance(default, float):
+        return None if _is_number(v) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "text (quote it: -p name='...')"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(v, (list, tuple)) else "a list, e.g. -p name=[a, b]"
+    return None
+
+
+def check_parameter(name: str, value, default=None) -> str | None:
+    """What ``value`` should be for parameter ``name`` if it is not allowed, else None."""
+    if value is None and default is None:
+        return None  # a None default means "not set" (e.g. judge=None: the default judge)
+    rule = _rule_for(name)
+    if rule is not None:
+        return rule(value)
+    return _type_of_default(default, value)
+
+
+def validate_parameters(chapter: str, params: dict, defaults: dict | None = None) -> dict:
+    """Check every parameter's value by name before any work; raise ParameterError listing each
+    wrong one, what it accepts and what it got. Returns ``params`` with integral floats of int
+    parameters made ints (``-p max_steps=1e2`` -> 100)."""
+    if defaults is None:
+        defaults = notebook_parameters(chapter)
+    params = dict(params)
+    problems = []
+    for name, value in params.items():
+        default = defaults.get(name)
+        if isinstance(value, float) and value.is_integer() and _is_int(default):
+            value = params[name] = int(value)
+        wanted = check_parameter(name, value, default)
+        if wanted is not None:
+            problems.append(f"  parameter '{name}' must be {wanted}; got {value!r}")
+    if problems:
+        raise ParameterError(f"chapter '{chapter}' got {len(problems)} invalid parameter value(s) "
+                             "(from its profile, --model or -p):\n" + "\n".join(problems))
+    return params
+
+
 def run_key(chapter: str, params: dict) -> str:
     from .data import data_digest
     from .models import model_digest
@@ -136,14 +346,27 @@ def run_key(chapter: str, params: dict) -> str:
     from .paths import sha256_file
 
     model = params.get("model")
-    # The notebook's own text is part of the key: an edited chapter is re-executed.
+    # The notebook's text and the library's code are part of the key: an edited chapter or
+    # library re-executes the chapter (whose inner steps still reuse their own cached artifacts).
     return stable_hash({"chapter": chapter, "notebook": sha256_file(notebook_path(chapter)),
+                        "code": code_digest(),
                         "parameters": params,
                         "model_digest": model_digest(model) if model else None,
                         "data_digest": data_digest()}, length=12)
 
 
 # --- running a chapter --------------------------------------------------------------------------
+
+def code_digest() -> str:
+    """sha256 over the library's source files and the profiles."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")) + [PROFILES_FILE]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
 
 @dataclass
 class ChapterRun:
@@ -170,7 +393,8 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
                 overrides: dict | None = None, force: bool = False, log=None) -> ChapterRun:
     """Execute one chapter (or reuse its finished run) and publish it for the book."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    params = resolve_parameters(chapter, profile, model, overrides)
+    params = validate_parameters(chapter, resolve_parameters(chapter, profile, model, overrides))
+    writable_dir(results_root(), "EMA_BUILD_DIR")  # fail now, not at the first artifact
     key = run_key(chapter, params)
     folder = results_root() / chapter / key
     run = ChapterRun(chapter, profile, key, folder, reused=False)
@@ -298,7 +522,8 @@ def cmd_run(args) -> int:
         # unknown key is an error. Either way every chapter is validated before any model loads.
         per_chapter[chapter] = overrides if args.chapter != "all" else {
             k: v for k, v in overrides.items() if k in notebook_parameters(chapter)}
-        resolve_parameters(chapter, args.profile, args.model, per_chapter[chapter])
+        validate_parameters(chapter, resolve_parameters(chapter, args.profile, args.model,
+                                                        per_chapter[chapter]))
     if args.chapter == "all":
         unused = set(overrides) - {k for ov in per_chapter.values() for k in ov}
         if unused:
@@ -325,6 +550,7 @@ def cmd_book(args) -> int:
 def cmd_results(args) -> int:
     from .cli import _emit
 
+    get_profile(args.profile)  # an unknown profile names the known ones
     summary = chapter_summary(check_chapter(args.chapter), args.profile)
     _emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
     return 0

@@ -69,3 +69,36 @@ def test_bad_concept_or_method_is_named(tiny):
         interventions.run_intervention(model, tokenizer, "tiny", "safety", "rlhf", config)
     with pytest.raises(ParameterError, match="does not match"):
         interventions.run_intervention(model, tokenizer, "tiny", "safety", "sft", config)
+
+
+def test_ema_unlearn_validates_before_loading(monkeypatch, capsys):
+    from ema_utils import models
+    from ema_utils.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["unlearn", "--concept", "weather", "--method", "npo"]) == 2
+    err = capsys.readouterr().err
+    assert "'weather'" in err and "cybersecurity, safety" in err
+    assert main(["unlearn", "--concept", "safety", "--method", "npo", "-p", "lr=-1"]) == 2
+    assert "lr must be a positive number" in capsys.readouterr().err
+    assert main(["unlearn", "--concept", "safety", "--method", "npo", "--retain-ratio", "1:x"]) == 2
+    assert "'1:x'" in capsys.readouterr().err
+    assert main(["unlearn", "--concept", "safety", "--method", "npo", "-p", "max_steps=0"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+
+
+def test_ema_unlearn_runs_on_the_tiny_model(tiny, canned_refusals, one_thread, tmp_path,
+                                            monkeypatch, capsys):
+    import json
+
+    from ema_utils.cli import main
+
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    assert main(["unlearn", "--concept", "safety", "--method", "npo", "--model", "tiny-random",
+                 "-p", "max_steps=2", "-p", "checkpoint_every=1", "-p", "lr=1e-2",
+                 "-p", "lora_r=2", "-p", "n_forget=3", "-p", "traj_n_per_concept=1",
+                 "-p", "traj_max_new_tokens=2", "-p", "kl_n_per_concept=1", "-p", "judge=phrase",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["name"] == "npo_safety" and [r["step"] for r in out["trajectory"]] == [0, 1, 2]
+    assert (tmp_path / "build").exists() and out["losses"]
