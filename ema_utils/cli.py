@@ -86,7 +86,7 @@ CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "
 """Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
 
 
-SHARED_OPTIONS = {"model": "model", "time_load": "model", "concepts": "concepts",
+SHARED_OPTIONS = {"model": "model", "time_load": "model", "adapter": "adapter", "concepts": "concepts",
                   "concept": "concept", "n": "n", "max_new_tokens": "max_new_tokens",
                   "batch_size": "batch_size", "judge": "judge", "method": "method",
                   "retain_ratio": "retain_ratio", "retain_loss": "retain_loss", "seed": "seed"}

@@ -806,6 +806,9 @@ def cmd_data_check(args) -> int:
     from .cli import _emit
 
     data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ParameterError(f"--data-dir {data_dir}: not a folder. Give the folder that holds "
+                             f"prompts/ and sets/ (default: {DATA_DIR})")
     payload = check_data(data_dir)
     digest = data_digest(data_dir)
     _emit(args, payload, lambda p: _human_check(p, digest))

@@ -204,6 +204,13 @@ def _check_method(v):
     return None if isinstance(v, str) and v in names else "one of " + ", ".join(names)
 
 
+def _check_adapter(v):
+    folder = Path(str(v)).expanduser()
+    if folder.is_dir() and any(folder.glob("adapter_model.*")):
+        return None
+    return "an existing adapter folder holding adapter_model.safetensors (a peft LoRA adapter)"
+
+
 def _check_judge(v):
     from .judges import JUDGES
 
@@ -264,7 +271,7 @@ def _rule_for(name: str):
         "model": _check_model, "seed": _int_at_least(0, "an integer >= 0"),
         "concepts": _check_concepts, "concept": _check_concept,
         "target_concept": _check_concept, "methods": _check_methods, "method": _check_method,
-        "judge": _check_judge, "checkpoint_rule": _check_checkpoint_rule,
+        "judge": _check_judge, "checkpoint_rule": _check_checkpoint_rule, "adapter": _check_adapter,
         "device": _device, "dtype": _choice(DTYPES), "retain_loss": _choice(RETAIN_LOSSES),
         "retain_ratio": _check_ratio, "ratio": _check_ratio,
         "epochs": _POSITIVE_INT, "lora_r": _POSITIVE_INT, "checkpoint_every": _POSITIVE_INT,
@@ -321,7 +328,7 @@ def check_parameter(name: str, value, default=None) -> str | None:
 def validate_parameters(chapter: str, params: dict, defaults: dict | None = None) -> dict:
     """Check every parameter's value by name before any work; raise ParameterError listing each
     wrong one, what it accepts and what it got. Returns ``params`` with integral floats of int
-    parameters made ints (``-p max_steps=1e2`` -> 100)."""
+    parameters made ints (``-p max_steps=1e2`` -> 100) and a local model folder made absolute."""
     if defaults is None:
         defaults = notebook_parameters(chapter)
     params = dict(params)
@@ -330,6 +337,9 @@ def validate_parameters(chapter: str, params: dict, defaults: dict | None = None
         default = defaults.get(name)
         if isinstance(value, float) and value.is_integer() and _is_int(default):
             value = params[name] = int(value)
+        if name == "model" and isinstance(value, str) and Path(value).expanduser().is_dir():
+            # The notebook runs in its own folder: a relative path must not change meaning.
+            value = params[name] = str(Path(value).expanduser().resolve())
         wanted = check_parameter(name, value, default)
         if wanted is not None:
             problems.append(f"  parameter '{name}' must be {wanted}; got {value!r}")
@@ -394,7 +404,7 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
     """Execute one chapter (or reuse its finished run) and publish it for the book."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     params = validate_parameters(chapter, resolve_parameters(chapter, profile, model, overrides))
-    writable_dir(results_root(), "EMA_BUILD_DIR")  # fail now, not at the first artifact
+    writable_dir(build_dir(), "EMA_BUILD_DIR")  # fail now, not at the first artifact
     key = run_key(chapter, params)
     folder = results_root() / chapter / key
     run = ChapterRun(chapter, profile, key, folder, reused=False)

@@ -157,3 +157,107 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
     ax.set_title(title + "\n(target in parentheses; * = EMA: drop > 15 points, intervals apart)")
     fig.tight_layout()
     return fig
+
+
+# --- chapter 4: retain-loss mitigation -----------------------------------------------------------
+
+_METHOD_STYLE = {"npo_retain": ("o", "#4C72B0"), "sft_retain": ("s", "#DD8452"),
+                 "npo_kl": ("^", "#55A868")}
+
+
+def recovery_by_concept(per_concept: pd.DataFrame, title: str = "", ax=None):
+    """Per concept, the recovered fraction of each augmented model with its 95% bootstrap
+    interval: 0 = as low as the plain unlearned model, 1 = back to the aligned model.
+
+    ``per_concept``: ema_utils.mitigation.recovery(...).per_concept (one target). Skipped
+    concepts (aligned and unlearned too close to measure a recovery) are shaded and say so.
+    """
+    from .mitigation import condition_label
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 4.5))
+    concepts = ordered_concepts(per_concept["concept"])
+    conditions = list(dict.fromkeys(per_concept["condition"]))
+    width = 0.8 / max(len(conditions), 1)
+    targets = set(per_concept.loc[per_concept["is_target"].astype(bool), "concept"])
+    skipped = per_concept.groupby("concept")["skipped"].all()
+    for i, concept in enumerate(concepts):
+        if skipped.get(concept, False):
+            ax.axvspan(i - 0.45, i + 0.45, color="0.92", zorder=0)
+            ax.text(i, 0.5, "skipped:\nnothing lost", ha="center", va="center", fontsize=8,
+                    color="0.4")
+    palette = plt.get_cmap("tab10")
+    for j, condition in enumerate(conditions):
+        rows = per_concept[per_concept["condition"] == condition].set_index("concept")
+        rows = rows.reindex(concepts)
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(concepts))]
+        y = rows["recovery"].astype(float)
+        err = [(y - rows["low"].astype(float)).clip(lower=0).fillna(0),
+               (rows["high"].astype(float) - y).clip(lower=0).fillna(0)]
+        ax.errorbar(xs, y, yerr=err, fmt="o", capsize=3, color=palette(j % 10),
+                    label=condition_label(condition))
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
+    ax.axhline(1, color="black", linewidth=1, linestyle=":")
+    ax.set_xticks(range(len(concepts)),
+                  [label(c) + (" (target)" if c in targets else "") for c in concepts],
+                  rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(concepts) - 0.4)
+    ax.set_xlabel("concept")
+    ax.set_ylabel("recovered fraction (0 = unlearned, 1 = aligned)")
+    ax.set_title(title or "Recovered refusal per concept (95% paired bootstrap intervals)")
+    ax.legend(fontsize=8, loc="best")
+    plt.tight_layout()
+    return ax
+
+
+def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
+    """The mitigation trade-off, one point per augmented model (method and ratio or lambda):
+    target refusal (x, should stay low; 95% Wilson interval) against the mean recovered
+    fraction of the non-target concepts (y, should be high; 95% bootstrap interval). The
+    aligned model (star, recovery 1) and the plain unlearned models (crosses, recovery 0)
+    mark the two ends.
+
+    ``summary``: ema_utils.mitigation.recovery(...).summary (one target).
+    """
+    from .mitigation import METHOD_LABELS, condition_label
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5.5))
+    shown = set()
+    for r in summary.itertuples():
+        marker, color = _METHOD_STYLE.get(r.method, ("D", "#8172B3"))
+        x, y = 100 * r.target_rate, r.mean_recovery
+        xerr = [[max(x - 100 * r.target_low, 0)], [max(100 * r.target_high - x, 0)]]
+        yerr = None if pd.isna(r.low) or pd.isna(y) else [[max(y - r.low, 0)], [max(r.high - y, 0)]]
+        name = METHOD_LABELS.get(r.method, r.method)
+        ax.errorbar([x], [y if not pd.isna(y) else float("nan")], xerr=xerr, yerr=yerr,
+                    fmt=marker, color=color, capsize=3, markersize=8,
+                    label=None if name in shown else name)
+        shown.add(name)
+        if not pd.isna(y):
+            ax.annotate(condition_label(r.condition).replace(name, "").strip() or name, (x, y),
+                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if len(summary):
+        aligned = summary["aligned_target"].dropna()
+        if len(aligned):
+            ax.plot([100 * aligned.iloc[0]], [1], marker="*", markersize=14, color="black",
+                    linestyle="none", label="aligned model")
+        for base, rows in summary.groupby("base", sort=False):
+            ax.plot([100 * rows["unlearned_target"].iloc[0]], [0], marker="X", markersize=10,
+                    linestyle="none", color="grey")
+            ax.annotate(f"{base} (unlearned)", (100 * rows["unlearned_target"].iloc[0], 0),
+                        textcoords="offset points", xytext=(6, -12), fontsize=8, color="grey")
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
+    ax.axhline(1, color="black", linewidth=1, linestyle=":")
+    if summary["mean_recovery"].isna().all() if len(summary) else True:
+        ax.text(0.5, 0.5, "no non-target concept lost refusal:\nno recovery to measure",
+                transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_xlim(-3, 103)
+    ax.set_xlabel("target concept refusal (% of items), should stay low")
+    ax.set_ylabel("mean recovered fraction, non-target concepts\n(0 = unlearned, 1 = aligned)")
+    ax.set_title(title or "Mitigation trade-off: target stays low, others recover")
+    ax.text(0.02, 0.98, "goal: top left", transform=ax.transAxes, ha="left", va="top",
+            fontsize=8, color="0.3")
+    ax.legend(fontsize=8, loc="lower right")
+    plt.tight_layout()
+    return ax

@@ -6,6 +6,8 @@ the paper. A condition is "aligned" or an intervention's name such as "npo_cyber
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from . import CONCEPTS
@@ -14,6 +16,9 @@ from .metrics import EMA_THRESHOLD, ema_delta
 PAPER_METHOD = {"aligned": "aligned", "npo": "unlearn_npo", "sft": "finetune_sft",
                 "npo_retain": "augmented_unlearn_npo", "sft_retain": "augmented_finetune_sft"}
 PAPER_TABLE = {"cybersecurity": 2, "safety": 3}
+PAPER_AUGMENTED_TABLE = {"safety": 4}
+"""The paper's containment runs (Table 4: retain-augmented NPO and SFT) exist for Safety only."""
+AUGMENTED_METHODS = ("npo_retain", "sft_retain")
 
 
 def condition_parts(condition: str) -> tuple[str, str | None]:
@@ -24,6 +29,26 @@ def condition_parts(condition: str) -> tuple[str, str | None]:
         if condition.endswith("_" + concept):
             return condition[: -len(concept) - 1], concept
     return condition, None
+
+
+_METHOD_PART = re.compile(r"^(?P<method>npo_retain|sft_retain|npo_kl|npo|sft)"
+                          r"(?:_1to(?P<ratio>[0-9.eE+-]+))?(?:_lambda(?P<kl_lambda>[0-9.eE+-]+))?$")
+
+
+def condition_details(condition: str) -> dict:
+    """A condition name taken apart: ``{"method", "ratio", "kl_lambda", "target"}``.
+
+    "npo_retain_1to2_safety" -> npo_retain, 2.0, None, safety; "npo_kl_1to1_lambda10_safety"
+    -> npo_kl, 1.0, 10.0, safety; "npo_safety" -> npo, None, None, safety; "aligned" -> aligned.
+    A name that follows no known pattern keeps its method part as is (ratio and lambda None).
+    """
+    method, target = condition_parts(condition)
+    match = _METHOD_PART.match(method)
+    if not match:
+        return {"method": method, "ratio": None, "kl_lambda": None, "target": target}
+    number = lambda v: None if v is None else float(v)  # noqa: E731
+    return {"method": match["method"], "ratio": number(match["ratio"]),
+            "kl_lambda": number(match["kl_lambda"]), "target": target}
 
 
 def outcome_table(evaluations: dict) -> pd.DataFrame:
@@ -43,22 +68,32 @@ def outcome_table(evaluations: dict) -> pd.DataFrame:
 def paper_rows(target: str, paper_model: str = "qwen2.5-7b-instruct",
                methods=("aligned", "npo", "sft")) -> pd.DataFrame:
     """The paper's rows for an intervention on ``target`` (Table 2 for cybersecurity, 3 for
-    safety), shaped like :func:`outcome_table`, indexed "paper: <method>_<target>"."""
+    safety), shaped like :func:`outcome_table`, indexed "paper: <method>_<target>".
+
+    The augmented methods "npo_retain" and "sft_retain" come from Table 4 (the paper ran them
+    for Safety only, at its best forget:retain ratio); a method the paper did not run for
+    ``target`` is left out, and an empty table is returned when none is left.
+    """
     from .data import paper_tables_long
 
     long = paper_tables_long()
-    long = long[(long["table"] == PAPER_TABLE[target]) & (long["model"] == paper_model)]
+    long = long[long["model"] == paper_model]
     rows = []
     for method in methods:
-        part = long[long["method"] == PAPER_METHOD[method]]
-        if part.empty:
+        table = (PAPER_AUGMENTED_TABLE.get(target) if method in AUGMENTED_METHODS
+                 else PAPER_TABLE.get(target))
+        part = long[(long["table"] == table) & (long["method"] == PAPER_METHOD.get(method, method))]
+        if table is None or part.empty:
             continue
         row = {"condition": f"paper: {method if method == 'aligned' else f'{method}_{target}'}"}
         for r in part.itertuples():
             row[r.concept if r.metric == "refusal" else r.metric] = r.value
         rows.append(row)
+    columns = [*CONCEPTS, "over_refusal", "utility"]
+    if not rows:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="condition"), dtype=float)
     table = pd.DataFrame(rows).set_index("condition")
-    return table[[c for c in [*CONCEPTS, "over_refusal", "utility"] if c in table.columns]]
+    return table[[c for c in columns if c in table.columns]]
 
 
 def ema_matrix(evaluations: dict, reference: str = "aligned",

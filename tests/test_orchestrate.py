@@ -134,3 +134,12 @@ def test_edited_notebook_is_executed_again(sandbox):
     nbformat.write(nb, str(path))
     again = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
     assert not again.reused and again.key != first.key
+
+
+def test_every_profile_is_valid_for_every_chapter():
+    """The real profiles file: each block names only parameters its chapter's notebook takes."""
+    assert orchestrate.available_chapters()[:3] == ["setup", "unlearning", "cross_domain"]
+    for profile in orchestrate.profile_names():
+        for chapter in orchestrate.available_chapters():
+            params = orchestrate.resolve_parameters(chapter, profile)
+            assert params["seed"] == 0 and params["model"]
