@@ -97,15 +97,24 @@ def check_args(args) -> None:
     """Check the options commands share (--model, --concepts, --n, --profile, ...) before a
     command runs, so a wrong value fails before any model is loaded, naming the option and
     what it accepts."""
-    from .orchestrate import check_parameter, get_profile
+    from .orchestrate import check_parameter, get_profile, parse_overrides
 
+    problems = []
     for dest, rule in SHARED_OPTIONS.items():
         value = getattr(args, dest, None)
-        if value is None:
-            continue
-        wanted = check_parameter(rule, value)
+        wanted = None if value is None else check_parameter(rule, value)
         if wanted is not None:
-            raise ParameterError(f"--{dest.replace('_', '-')} must be {wanted}; got {value!r}")
+            problems.append(f"--{dest.replace('_', '-')} must be {wanted}; got {value!r}")
+    # -p key=value: values of known names (lr, max_steps, concepts, ...) are checked here;
+    # which keys a command takes is its own business (e.g. a chapter's parameters cell).
+    for key, value in parse_overrides(getattr(args, "param", None)).items():
+        wanted = check_parameter(key, value)
+        if wanted is not None:
+            problems.append(f"-p {key} must be {wanted}; got {value!r}")
+    if len(problems) == 1:
+        raise ParameterError(problems[0])
+    if problems:
+        raise ParameterError(f"{len(problems)} invalid values:\n  " + "\n  ".join(problems))
     if getattr(args, "profile", None) is not None:
         get_profile(args.profile)
 

@@ -89,6 +89,18 @@ def paper_layer(n_layers: int, fraction: float = PAPER_LAYER_FRACTION) -> int:
     return int(min(n_layers, max(1, round(fraction * n_layers))))
 
 
+def choose_layer(n_layers: int, layer: int | None = None,
+                 fraction: float = PAPER_LAYER_FRACTION) -> int:
+    """``layer`` when given (checked: 1..n_layers), else :func:`paper_layer`."""
+    if layer is None:
+        return paper_layer(n_layers, fraction)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+            or not 1 <= layer <= n_layers:
+        raise ParameterError(f"layer must be None or an integer from 1 to {n_layers} (this model's "
+                             f"number of layers; 0 is the token embedding), got {layer!r}")
+    return int(layer)
+
+
 def concept_prompts(concepts: Iterable[str] = CONCEPTS, n_per_concept: int = 200, seed: int = 0,
                     split: str = "train", benign: bool = True, data_dir=None) -> pd.DataFrame:
     """Up to ``n_per_concept`` prompts per concept (0: all) from ``split``: the items chapter 3
@@ -437,13 +449,15 @@ def similarity_table(hs: HiddenStates, vectors: ConceptVectors, targets: Iterabl
 def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *,
                          method: str = "pca", center: str = "concept",
                          similarity: str = "states", n_boot: int = 200, seed: int = 0,
-                         progress: bool = True) -> tuple[np.ndarray, list[str]]:
+                         progress: bool = True, resample: bool = True
+                         ) -> tuple[np.ndarray, list[str]]:
     """Similarities to ``target`` recomputed on ``n_boot`` resamples of the prompts.
 
     Each resample draws, within every concept (and the benign prompts), as many prompts as it
     has, with replacement; the global mean, the vectors and the similarities are recomputed from
     it, the same resample at every layer. Returns ``(array (len(layers), n_boot, n_others),
-    other concepts)``.
+    other concepts)``. ``resample=False`` uses every prompt once in each "resample" (each then
+    reproduces the observed similarities: a check of this code against :func:`target_similarity`).
     """
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
@@ -460,8 +474,8 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
     groups = concepts + ([BENIGN] if BENIGN in set(labels) else [])
     where = {g: np.flatnonzero(labels == g) for g in groups}
     rng = np.random.default_rng(seed)
-    draws = [{g: rng.choice(idx, size=len(idx), replace=True) for g, idx in where.items()}
-             for _ in range(n_boot)]
+    draws = [{g: rng.choice(idx, size=len(idx), replace=True) if resample else idx
+              for g, idx in where.items()} for _ in range(n_boot)]
     layers = list(layers)
     out = np.full((len(layers), n_boot, len(others)), np.nan)
     bar = tqdm(total=len(layers) * n_boot, desc=f"bootstrap ({target})", unit="resample",
@@ -581,7 +595,7 @@ def correlation_by_layer(observed: pd.DataFrame, boot: np.ndarray | None, ema: p
             if len(rhos):
                 low, high = np.quantile(rhos, [(1 - ci) / 2, 1 - (1 - ci) / 2])
         rows.append({"layer": int(layer), "rho": rho, "low": float(low), "high": float(high),
-                     "p": p, "n_concepts": int((~ema.isna()).sum())})
+                     "p": p, "n_concepts": int((~ema.isna()).sum()), "alternative": alternative})
     table = pd.DataFrame(rows)
     table["p_holm"] = holm(table["p"].to_numpy())
     return table
@@ -726,6 +740,18 @@ def same_model(notes: Sequence[str]) -> bool:
 
 # --- the whole test -----------------------------------------------------------------------------
 
+def vector_agreement(a: ConceptVectors, b: ConceptVectors) -> pd.DataFrame:
+    """Per concept and layer, the cosine between two kinds of concept vector (e.g. PCA and
+    difference of means): concept, layer, cosine."""
+    rows = []
+    for layer in sorted(set(a.layers) & set(b.layers)):
+        for concept in a.concepts:
+            if concept in b.concepts:
+                rows.append({"concept": concept, "layer": layer, "cosine": float(
+                    cosine(a.get(concept, layer), b.get(concept, layer))[0])})
+    return pd.DataFrame(rows)
+
+
 def correlation_table(hs: HiddenStates, ema: Mapping[str, pd.DataFrame],
                       methods: Iterable[str] = ("pca",), center: str = "concept",
                       similarity: str = "states", layers: Iterable[int] | None = None,
@@ -763,7 +789,7 @@ def correlation_table(hs: HiddenStates, ema: Mapping[str, pd.DataFrame],
                     continue
                 result = correlation_by_layer(observed, boot, values[measure], alternative, ci)
                 parts.append(result.assign(run=run, target=target, method=method,
-                                           measure=measure, alternative=alternative))
+                                           measure=measure))
     if not parts:
         return pd.DataFrame(columns=["run", "target", "method", "measure", "layer", "rho", "low",
                                      "high", "p", "p_holm", "n_concepts", "alternative"])

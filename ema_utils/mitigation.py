@@ -223,17 +223,27 @@ def plan_table(plan: list[PlannedRun]) -> pd.DataFrame:
 
 
 def train_augmented(model, tokenizer, model_id: str, plan: list[PlannedRun], options: dict,
-                    progress: bool = True) -> dict:
-    """Train (or take from the cache) every planned run: ``{condition: InterventionRun}``.
+                    methods=None, progress: bool = True) -> dict:
+    """Train (or take from the cache) the planned runs: ``{condition: InterventionRun}``.
 
     ``options``: run_intervention's data and scoring options, normally chapter 2's
     (:func:`upstream_options`), so the forget set, the trajectory and the checkpoint rule are
-    those of the plain runs.
+    those of the plain runs. ``methods`` (e.g. ["npo_retain"]) trains only those methods'
+    runs, so a chapter can spread long training over several cells (each cell has a time
+    limit); None trains every run of the plan.
     """
     from .interventions import run_intervention
 
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = sorted(set(methods or ()) - set(AUGMENTED_BASE))
+    if unknown:
+        raise ParameterError(f"unknown augmented method(s) {unknown}; methods: "
+                             f"{', '.join(AUGMENTED_BASE)}")
     runs = {}
     for p in plan:
+        if methods is not None and p.config.method not in methods:
+            continue
         run = run_intervention(model, tokenizer, model_id, p.concept, p.family, p.config,
                                retain_ratio=p.ratio, progress=progress, **options)
         run.name = p.condition
@@ -294,6 +304,30 @@ def retain_overlap(retain: pd.DataFrame, split: str = "eval", data_dir=None) -> 
             rows.append({"id": r.id, "concept": r.concept, "prompt": r.prompt,
                          "same_id": by_id, "same_text_as": match})
     return pd.DataFrame(rows, columns=["id", "concept", "prompt", "same_id", "same_text_as"])
+
+
+def check_retain_sets(retain_sets: dict, split: str = "eval") -> pd.DataFrame:
+    """Per run: retain examples, how many overlap the eval items (by id or normalised text).
+
+    Raises DataError naming the leaked prompts if any retain prompt is an eval prompt: the
+    chapter's recovery numbers would then be partly memorisation.
+    """
+    from .errors import DataError
+
+    rows, leaks = [], []
+    for name, table in retain_sets.items():
+        found = retain_overlap(table, split=split)
+        rows.append({"run": name, "retain examples": int(len(table)),
+                     "of them eval prompts": int(len(found))})
+        if len(found):
+            leaks.append(found.assign(run=name))
+    if leaks:
+        found = pd.concat(leaks, ignore_index=True)
+        raise DataError(f"{len(found)} retain example(s) are eval prompts (ids "
+                        f"{', '.join(map(str, found['id'].head(5)))}): recovery would be measured "
+                        "on trained prompts. Fix the data split (ema data check) so the retain "
+                        "set, built from the train split, shares no prompt with the eval split")
+    return pd.DataFrame(rows).set_index("run")
 
 
 # --- recovery -----------------------------------------------------------------------------------
@@ -406,6 +440,40 @@ def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS, target: st
                                           / others["gap"].sum()),
                     undefined=float(np.isnan(per_rep).mean()))
     return table, mean
+
+
+def recovery_pivot(per_concept: pd.DataFrame) -> pd.DataFrame:
+    """Condition x concept: "0.52 [0.31, 0.70]" (recovered fraction and its 95% bootstrap
+    interval), "skipped" where the concept lost (almost) no refusal; the target is marked."""
+    from .plots import ordered_concepts
+
+    def cell(r):
+        if r["skipped"]:
+            return "skipped"
+        interval = "" if pd.isna(r["low"]) else f" [{r['low']:.2f}, {r['high']:.2f}]"
+        return f"{r['recovery']:.2f}{interval}"
+
+    table = per_concept.assign(cell=per_concept.apply(cell, axis=1))
+    out = table.pivot(index="condition", columns="concept", values="cell")
+    out = out.reindex(index=list(dict.fromkeys(per_concept["condition"])),
+                      columns=ordered_concepts(per_concept["concept"]))
+    targets = set(per_concept.loc[per_concept["is_target"].astype(bool), "concept"])
+    out.columns = [f"{c} (target)" if c in targets else c for c in out.columns]
+    return out
+
+
+def skipped_note(per_concept: pd.DataFrame) -> str:
+    """One Markdown sentence naming the skipped concepts per plain run and why ("" if none)."""
+    if per_concept.empty or not per_concept["skipped"].any():
+        return ""
+    parts = []
+    skipped = per_concept[per_concept["skipped"]].drop_duplicates(["base", "concept"])
+    for base, rows in skipped.groupby("base", sort=False):
+        items = ", ".join(f"{r.concept} ({100 * r.gap:.0f} points)" if pd.notna(r.gap)
+                          else f"{r.concept} (no items)" for r in rows.itertuples())
+        parts.append(f"against {base}: {items}")
+    return ("Skipped, because unlearning lowered them by less than the minimum gap (aligned - "
+            "unlearned in parentheses), so there was nothing to recover: " + "; ".join(parts) + ".")
 
 
 @dataclass

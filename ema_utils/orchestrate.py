@@ -234,6 +234,13 @@ def _check_ratio(v):
     return None
 
 
+def _list_of(check, what):
+    def rule(v):
+        items = _as_list(v) if not isinstance(v, str) else None
+        return None if items and all(check(x) is None for x in items) else what
+    return rule
+
+
 def _choice(options):
     return lambda v: None if v in options else "one of " + ", ".join(options)
 
@@ -294,7 +301,14 @@ def _rule_for(name: str):
         return _COUNT
     if name.endswith("_concepts"):
         return _check_concepts
-    if name.startswith("w_"):
+    if name.endswith("_ratio"):
+        return _check_ratio
+    if name.endswith("ratios"):
+        return _list_of(_check_ratio, "a non-empty list of ratios (retain examples per forget "
+                                      "example: numbers > 0 or 'forget:retain' such as '1:2')")
+    if name.endswith("lambdas"):
+        return _list_of(_non_negative_number, "a non-empty list of numbers >= 0")
+    if name.startswith("w_") or (name[:1] == "w" and name[1:].isdigit()):
         return _non_negative_number
     return None
 
@@ -419,6 +433,8 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
 
 def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
     import papermill
+    from nbclient.exceptions import CellTimeoutError
+
     from .data import data_digest
     from .models import model_digest
 
@@ -442,6 +458,15 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
         raise EmaError(
             f"chapter '{run.chapter}' failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"The executed notebook up to the error is at {failed}") from None
+    except CellTimeoutError:
+        failed = run.folder / f"failed-{run.notebook.name}"
+        if partial.exists():
+            os.replace(partial, failed)
+        raise EmaError(
+            f"chapter '{run.chapter}': a cell ran longer than the profile's cell_timeout of "
+            f"{cell_timeout} s (profile '{run.profile}' in {PROFILES_FILE}). On a slower or busy "
+            f"machine raise cell_timeout there, or make the run smaller with -p overrides. "
+            f"The notebook up to that cell is at {failed}") from None
     os.replace(partial, run.notebook)
     record = {
         "chapter": run.chapter, "profile": run.profile, "key": run.key, "parameters": params,

@@ -42,3 +42,46 @@ def response_browser(items: pd.DataFrame, max_rows: int = 12):
     for i, concept in enumerate(concepts):
         tabs.set_title(i, label(concept))
     return tabs
+
+
+def layer_browser(images: dict, description: str = "layer"):
+    """A slider over precomputed PNG images, one per layer (``{layer: png bytes}``).
+
+    The slider's ``index`` is jslinked to a Stack's ``selected_index``: both live in the
+    browser, so it works in the static book without a kernel (a Python callback would not).
+    """
+    import ipywidgets as widgets
+
+    layers = sorted(images)
+    if not layers:
+        raise ValueError("layer_browser needs at least one image")
+    pages = [widgets.Image(value=images[layer], format="png",
+                           layout=widgets.Layout(max_width="640px")) for layer in layers]
+    stack = widgets.Stack(children=pages, selected_index=0)
+    slider = widgets.SelectionSlider(options=[str(layer) for layer in layers], value=str(layers[0]),
+                                     description=description, continuous_update=True,
+                                     layout=widgets.Layout(width="520px"))
+    widgets.jslink((slider, "index"), (stack, "selected_index"))
+    return widgets.VBox([slider, stack])
+
+
+def similarity_browser(matrices_by_method: dict, titles: dict | None = None):
+    """Concept-similarity heatmaps for every layer: a Tab per kind of concept vector, each with a
+    layer slider (:func:`layer_browser`). ``matrices_by_method``: {method: {layer: matrix}}."""
+    import ipywidgets as widgets
+
+    from .plots import figure_png, similarity_heatmap
+
+    titles = titles or {}
+    children, names = [], []
+    for method, matrices in matrices_by_method.items():
+        images = {}
+        for layer, matrix in matrices.items():
+            ax = similarity_heatmap(matrix, layer, title=f"{titles.get(method, method)}, layer {layer}")
+            images[layer] = figure_png(ax.figure)
+        children.append(layer_browser(images))
+        names.append(titles.get(method, method))
+    tabs = widgets.Tab(children=children)
+    for i, name in enumerate(names):
+        tabs.set_title(i, name)
+    return tabs

@@ -401,7 +401,13 @@ def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, one_thread, tm
     options = {**mitigation.RUN_OPTIONS, "n_forget": 3, "traj_n_per_concept": 1,
                "traj_max_new_tokens": 2, "kl_n_per_concept": 1, "judge": "phrase",
                "batch_size": 4, "forget_max_new_tokens": 4}
-    runs = mitigation.train_augmented(model, tokenizer, "tiny", plan, options, progress=False)
+    with pytest.raises(ParameterError, match="unknown augmented method"):
+        mitigation.train_augmented(model, tokenizer, "tiny", plan, options, methods=["npo"])
+    runs = mitigation.train_augmented(model, tokenizer, "tiny", plan, options,
+                                      methods=["npo_retain"], progress=False)
+    assert list(runs) == ["npo_retain_1to2_safety"]
+    runs.update(mitigation.train_augmented(model, tokenizer, "tiny", plan, options,
+                                           methods="npo_kl", progress=False))
     assert list(runs) == ["npo_retain_1to2_safety", "npo_kl_1to1_lambda1_safety",
                           "npo_kl_1to1_lambda100_safety"]
     kl1, kl100 = runs["npo_kl_1to1_lambda1_safety"], runs["npo_kl_1to1_lambda100_safety"]
@@ -414,3 +420,32 @@ def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, one_thread, tm
     comp = mitigation.retain_composition({run.name: retain})
     assert comp.loc[run.name, "total"] == 6 and "safety" not in comp.columns
     assert not unlearning.has_adapter(model)
+
+
+def test_recovery_pivot_and_retain_check(canned_refusals):
+    from ema_utils.errors import DataError
+    from ema_utils.evaluate import eval_items
+
+    evs = {"aligned": fake_eval({}), "npo_safety": fake_eval({"safety": 2, "cybersecurity": 4}),
+           "npo_retain_1to1_safety": fake_eval({"safety": 2, "cybersecurity": 12})}
+    pivot = mitigation.recovery_pivot(mitigation.recovery(evs, "safety", n_boot=100).per_concept)
+    assert pivot.loc["npo_retain_1to1_safety", "cybersecurity"].startswith("0.50 [")
+    assert pivot.loc["npo_retain_1to1_safety", "bias"] == "skipped"
+    assert "safety (target)" in pivot.columns
+
+    retain = unlearning.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
+    assert mitigation.check_retain_sets({"r": retain}).loc["r", "of them eval prompts"] == 0
+    leaked = eval_items(["privacy"], n_per_concept=1)[["id", "concept", "prompt"]]
+    with pytest.raises(DataError, match="eval prompts"):
+        mitigation.check_retain_sets({"r": pd.concat([retain, leaked], ignore_index=True)})
+
+
+def test_skipped_note_names_concepts_per_plain_run():
+    evs = {"aligned": fake_eval({}), "npo_safety": fake_eval({"safety": 2, "cybersecurity": 4}),
+           "sft_safety": fake_eval({"safety": 0, "bias": 0}),
+           "npo_retain_1to1_safety": fake_eval({"safety": 2, "cybersecurity": 12}),
+           "sft_retain_1to1_safety": fake_eval({"safety": 2, "bias": 12})}
+    note = mitigation.skipped_note(mitigation.recovery(evs, "safety", n_boot=50).per_concept)
+    assert "against npo_safety: toxicity (0 points), bias (0 points)" in note
+    assert "against sft_safety: cybersecurity (0 points)" in note
+    assert mitigation.skipped_note(pd.DataFrame(columns=["skipped"])) == ""

@@ -50,6 +50,10 @@ smoke:
 other:
   description: another
   common: {model: tiny-random, seed: 1}
+broken:
+  description: a profile with wrong values (caught before papermill, like -p values)
+  common: {model: tiny-random, seed: 0}
+  setup: {steps: 0, concepts: [weather]}
 """
 
 STANDIN_PARAMETERS = """\
@@ -124,26 +128,29 @@ def nothing_loads(monkeypatch):
 
 RUN_CASES = {
     "unknown concept": (["setup", "--profile", "smoke", "-p", "concepts=[cybersecurity, weather]"],
-                        ["'concepts'", "weather", "cybersecurity, safety", "privacy"]),
+                        ["-p concepts must be", "weather", "cybersecurity, safety", "privacy"]),
     "unknown model": (["setup", "--profile", "smoke", "--model", "no-such-model"],
                       ["model must be", "'no-such-model'", "tiny-random", "local folder", "hub id"]),
     "missing model folder": (["setup", "--profile", "smoke", "--model", "/no/such/folder"],
                              ["model must be", "'/no/such/folder'", "local folder"]),
     "ratio 1:x": (["setup", "--profile", "smoke", "-p", "retain_ratio=1:x"],
-                  ["'retain_ratio'", "'1:x'", "'1:2'"]),
+                  ["-p retain_ratio must be", "'1:x'", "'1:2'"]),
     "negative learning rate": (["setup", "--profile", "smoke", "-p", "lr=-1e-4"],
-                               ["'lr'", "positive number", "-0.0001"]),
-    "zero steps": (["setup", "--profile", "smoke", "-p", "steps=0"], ["'steps'", "integer >= 1"]),
-    "negative n": (["setup", "--profile", "smoke", "-p", "n=-1"], ["'n'", "integer >= 0"]),
+                               ["-p lr must be", "positive number", "-0.0001"]),
+    "zero steps": (["setup", "--profile", "smoke", "-p", "steps=0"], ["-p steps must be", "integer >= 1"]),
+    "negative n": (["setup", "--profile", "smoke", "-p", "n=-1"], ["-p n must be", "integer >= 0"]),
     "seed not a number": (["setup", "--profile", "smoke", "-p", "seed=abc"],
-                          ["'seed'", "integer >= 0", "'abc'"]),
+                          ["-p seed must be", "integer >= 0", "'abc'"]),
     "unknown judge": (["setup", "--profile", "smoke", "-p", "judge=gpt-4"],
-                      ["'judge'", "phrase, learned"]),
+                      ["-p judge must be", "phrase, learned"]),
     "unknown profile": (["setup", "--profile", "fast"], ["unknown profile 'fast'", "smoke, other"]),
     "parameter the notebook does not take": (
         ["setup", "--profile", "smoke", "-p", "learning_rate=1e-4"],
         ["'learning_rate'", "takes: concepts, judge, lr, model, n, retain_ratio, seed, steps"]),
     "unknown chapter": (["intro", "--profile", "smoke"], ["unknown chapter 'intro'", "setup, unlearning"]),
+    "wrong values in a profile": (["setup", "--profile", "broken"],
+                                  ["2 invalid parameter value(s)", "parameter 'steps' must be",
+                                   "parameter 'concepts' must be", "weather"]),
     "-p without =": (["setup", "--profile", "smoke", "-p", "steps"], ["key=value", "'steps'"]),
 }
 
@@ -161,8 +168,8 @@ def test_ema_run_refuses_bad_parameters_before_any_model(case, sandbox, nothing_
 def test_all_problems_are_reported_at_once(sandbox, nothing_loads, capsys):
     code, _, err = cli(["run", "setup", "--profile", "smoke", "-p", "lr=0", "-p", "steps=-2",
                         "-p", "concepts=[]"], capsys)
-    assert code == 2 and "3 invalid parameter value(s)" in err
-    assert "'lr'" in err and "'steps'" in err and "'concepts'" in err
+    assert code == 2 and "3 invalid values" in err
+    assert "-p lr must be" in err and "-p steps must be" in err and "-p concepts must be" in err
 
 
 EVAL_CASES = {
@@ -252,6 +259,8 @@ def test_run_chapter_refuses_bad_overrides_before_papermill(case, sandbox, nothi
     if "=" not in argv[-1]:
         pytest.skip("-p syntax is a command-line matter")
     overrides = orchestrate.parse_overrides([argv[-1]])
+    # run_chapter names the parameter as the chapter sees it: "parameter 'lr' must be ..."
+    words = [f"parameter '{w.split()[1]}' must be" if w.startswith("-p ") else w for w in words]
     with pytest.raises(ParameterError) as err:
         orchestrate.run_chapter("setup", "smoke", overrides=overrides, log=lambda m: None)
     for word in words:
