@@ -365,15 +365,19 @@ def concept_vectors(hs: HiddenStates, method: str = "pca", center: str = "concep
     sign-fixed towards the concept's mean (see the module notes for ``center``).
     ``method="diff_means"``: the concept's mean state minus the benign prompts' mean state.
     """
+    from threadpoolctl import threadpool_limits
+
     _check_method(method, center)
     layers = hs.layers() if layers is None else sorted(int(l) for l in layers)
     concepts, labels = hs.concepts, hs.labels
     out = np.zeros((len(concepts), hs.n_layers + 1, hs.states.shape[2]))
-    for layer in layers:
-        x = hs.states[:, layer, :].astype(np.float64)
-        _, mean = mean_normalise(x, labels, concepts)
-        for i, concept in enumerate(concepts):
-            out[i, layer] = _vector(x, labels, concept, mean, method, center)
+    # Many small SVDs: BLAS threads cost more than they save (and the cores may be shared).
+    with threadpool_limits(limits=1):
+        for layer in layers:
+            x = hs.states[:, layer, :].astype(np.float64)
+            _, mean = mean_normalise(x, labels, concepts)
+            for i, concept in enumerate(concepts):
+                out[i, layer] = _vector(x, labels, concept, mean, method, center)
     return ConceptVectors(method=method, concepts=concepts, layers=layers, vectors=out,
                           center=center)
 

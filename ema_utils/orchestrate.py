@@ -5,6 +5,10 @@ notebook, its run record and its summary live in ``<build>/results/<chapter>/<ke
 whose key already has a finished folder does no model work at all. A pointer file
 ``<build>/results/<chapter>/<profile>.json`` names the key of the latest run per profile, which
 is how later chapters and ``ema results`` find an earlier chapter's artifacts.
+
+Before papermill starts, every parameter value is checked by name (:func:`validate_parameters`)
+and the build folder is checked for writing, so a mistake fails in a second, not inside a
+notebook. Notebooks are read from notebooks/ or from EMA_NOTEBOOK_DIR (see ema_utils.paths).
 """
 
 from __future__ import annotations
@@ -84,7 +88,10 @@ def _literal(text: str):
     """A parameter's value from its source text: a Python literal (None, 3e-5, ["a"]) if it is
     one, else YAML (so `-p concepts=[a, b]` and `-p name=text` work without quotes)."""
     import ast
+    import re
 
+    if re.fullmatch(r"\s*\d+(\s*:\s*\d+)+\s*", text):
+        return text.strip()  # "1:2" is a ratio, not YAML 1.1's base-60 integer 62
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -272,6 +279,10 @@ _COUNT = _int_at_least(0, "an integer >= 0 (0: all)")
 _POSITIVE_INT = _int_at_least(1, "an integer >= 1")
 
 
+def _steps_or_none(v):
+    return None if v is None or _POSITIVE_INT(v) is None else "an integer >= 1, or None (epochs decide)"
+
+
 def _rule_for(name: str):
     """The check of a parameter, chosen by its name (None: only the type of its default)."""
     exact = {
@@ -283,8 +294,7 @@ def _rule_for(name: str):
         "retain_ratio": _check_ratio, "ratio": _check_ratio,
         "epochs": _POSITIVE_INT, "lora_r": _POSITIVE_INT, "checkpoint_every": _POSITIVE_INT,
         "grad_accum": _POSITIVE_INT, "steps": _POSITIVE_INT,
-        "max_steps": lambda v: None if v is None else _POSITIVE_INT(v) and "an integer >= 1, or "
-                                                                          "None (epochs decide)",
+        "max_steps": _steps_or_none,
         "beta": _positive_number, "lora_alpha": _positive_number,
         "max_drop": _fraction, "target_threshold": _fraction,
         "kl_lambda": _non_negative_number, "weight_decay": _non_negative_number,
