@@ -112,10 +112,17 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     """
     from .metrics import rate_table, refusal_rate
 
+    from .judges import JUDGES
+
     if max_new_tokens < 1:
         raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if judge is not None and judge not in JUDGES:
+        raise ParameterError(f"unknown judge {judge!r}; judges: {', '.join(JUDGES)} (None: the default)")
+    # Read and check every input before the first generation: bad data fails fast.
     table = eval_items(concepts, split, n_per_concept, seed) if items is None else items.assign(
         scorer=items.get("scorer", "refusal"))
+    safe = _over_refusal_items(split, n_per_concept, seed) if over_refusal and items is None else None
+    util_items = _utility_items(split) if utility and items is None else None
     parts = []
     prompts = table[table["scorer"] == "refusal"]
     if len(prompts):
@@ -135,14 +142,13 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     result = Evaluation(model=model_id, items=scored, rates=rates, settings={
         "split": split, "n_per_concept": n_per_concept, "judge": judge, "seed": seed,
         "max_new_tokens": max_new_tokens})
-    if over_refusal and items is None:
-        safe = _over_refusal_items(split, n_per_concept, seed)
+    if safe is not None:
         judged = _refusal_part(model, tokenizer, model_id, safe, judge, max_new_tokens, batch_size,
                                progress)
         result.over_refusal = refusal_rate(judged["is_refusal"])
         result.items = pd.concat([result.items, judged], ignore_index=True)
-    if utility and items is None:
-        result.utility = _utility(model, tokenizer, model_id, split, batch_size)
+    if util_items is not None:
+        result.utility = _utility(model, tokenizer, model_id, util_items, batch_size)
     return result
 
 
@@ -186,11 +192,15 @@ def _over_refusal_items(split, n, seed):
     return sample_items(safe, n, seed)
 
 
-def _utility(model, tokenizer, model_id, split, batch_size):
+def _utility_items(split):
     from .data import load_set
+
+    return load_set("utility", split=split)
+
+
+def _utility(model, tokenizer, model_id, items, batch_size):
     from .scorers import score_utility
 
-    items = load_set("utility", split=split)
     inputs = {"model": model_id, "items": stable_hash(items["id"].tolist())}
     return cached("utility", inputs, lambda: score_utility(model, tokenizer, items,
                                                            batch_size=batch_size))

@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
@@ -252,12 +251,11 @@ def test_ema_unlearn_refuses_bad_parameters_before_any_model(case, sandbox, noth
         assert word in err, f"{case}: {word!r} missing from {err!r}"
 
 
-@pytest.mark.parametrize("case", [c for c in RUN_CASES if "-p" in RUN_CASES[c][0]])
+@pytest.mark.parametrize("case", [c for c, (argv, _) in RUN_CASES.items()
+                                  if "-p" in argv and "=" in argv[-1]])
 def test_run_chapter_refuses_bad_overrides_before_papermill(case, sandbox, nothing_loads):
     """The Python API and papermill's parameters: the same refusals through run_chapter."""
     argv, words = RUN_CASES[case]
-    if "=" not in argv[-1]:
-        pytest.skip("-p syntax is a command-line matter")
     overrides = orchestrate.parse_overrides([argv[-1]])
     # run_chapter names the parameter as the chapter sees it: "parameter 'lr' must be ..."
     words = [f"parameter '{w.split()[1]}' must be" if w.startswith("-p ") else w for w in words]
@@ -311,8 +309,7 @@ class Untouchable:
     ({"n_per_concept": -1}, ["n_per_concept", "positive"]),
     ({"max_new_tokens": 0}, ["max_new_tokens", "at least 1"]),
     ({"batch_size": 0}, ["batch_size", "at least 1"]),
-    pytest.param({"judge": "claude"}, ["claude", "phrase"], marks=pytest.mark.xfail(
-        strict=True, reason="evaluate() generates before it looks the judge up (evaluate.py)")),
+    ({"judge": "claude"}, ["claude", "phrase"]),
 ])
 def test_evaluate_refuses_bad_parameters_before_generating(kwargs, words, sandbox):
     from ema_utils.evaluate import evaluate
@@ -371,10 +368,8 @@ def broken_data(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("rel", [
     data.PROMPT_FILES["privacy"],
-    pytest.param(data.SET_FILES["over_refusal"], marks=pytest.mark.xfail(
-        strict=True, reason="evaluate() reads the over-refusal set after generating (evaluate.py)")),
-    pytest.param(data.SET_FILES["utility"], marks=pytest.mark.xfail(
-        strict=True, reason="evaluate() reads the utility set after generating (evaluate.py)")),
+    data.SET_FILES["over_refusal"],
+    data.SET_FILES["utility"],
 ])
 def test_evaluate_on_malformed_data_fails_before_generating(rel, broken_data, sandbox, tiny,
                                                             monkeypatch):
