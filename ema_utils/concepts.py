@@ -1,6 +1,6 @@
 """Concept entanglement (the paper's R3): concept vectors per layer and whether they predict EMA.
 
-The paper {mushtaq2026} reads the hidden state at the last prompt token of 200 prompts per
+The paper (Mushtaq et al. 2026) reads the hidden state at the last prompt token of 200 prompts per
 concept, at every layer; mean-normalises them; takes the first principal component of each
 concept's states as its *concept vector* (RepE-style); and shows, for one layer (5 of 32) of one
 model, histograms of the cosine between the Safety (or Cybersecurity) vector and every concept's
@@ -802,6 +802,21 @@ def correlation_table(hs: HiddenStates, ema: Mapping[str, pd.DataFrame],
     return pd.concat(parts, ignore_index=True)[cols]
 
 
+def json_records(table: pd.DataFrame, digits: int = 4) -> list[dict]:
+    """A table as JSON-safe records for a chapter summary: rounded, NaN as None, inf as "inf"."""
+    out = []
+    for record in table.round(digits).to_dict("records"):
+        for key, value in record.items():
+            if isinstance(value, float) and math.isnan(value):
+                record[key] = None
+            elif isinstance(value, float) and math.isinf(value):
+                record[key] = "inf" if value > 0 else "-inf"
+            elif isinstance(value, np.generic):
+                record[key] = value.item()
+        out.append(record)
+    return out
+
+
 def _fmt(x, digits=2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -869,8 +884,9 @@ def verdict_text(correlations: pd.DataFrame, layer: int, n_layers: int, model: s
     """One plain sentence (markdown): does early-layer similarity predict EMA on this model?"""
     part = correlations[(correlations["method"] == "pca") & (correlations["layer"] == layer)]
     if part.empty or part["p"].isna().all():
-        return (f"**Not testable here:** no EMA measurement with enough variation across "
-                f"concepts was available for `{model}` (see the notes above).")
+        return (f"**Not testable here:** for `{model}` there is no EMA measurement from chapters "
+                "2-3 for this profile, or it does not vary across the concepts (see the notes "
+                "above).")
     bits, yes = [], 0
     for r in part.itertuples():
         if math.isnan(r.p):

@@ -268,14 +268,25 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
 
 # --- chapter 5: concept entanglement -----------------------------------------------------------
 
-def figure_png(fig, dpi: int = 100) -> bytes:
-    """A figure as PNG bytes (closed afterwards, so a notebook does not also show it)."""
+def figure_png(fig, dpi: int = 100, palette: bool = False) -> bytes:
+    """A figure as PNG bytes (closed afterwards, so a notebook does not also show it).
+
+    ``palette``: store 256 colours (about a quarter of the size; plenty for a heatmap), for
+    widgets that embed many images in the page."""
     import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return buffer.getvalue()
+    if not palette:
+        return buffer.getvalue()
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    out = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG",
+                                                                       optimize=True)
+    return out.getvalue()
 
 
 def cosine_histograms(table: pd.DataFrame, targets=None, bins: int = 30, title: str = "",
@@ -509,7 +520,7 @@ def similarity_vs_ema(similarities: pd.DataFrame, ema: dict, correlations: pd.Da
                     r = row.iloc[0]
                     stat = f"\nrho = {r['rho']:+.2f}, one-sided p = {r['p']:.3f}" \
                         if not math.isnan(r["p"]) else "\nrho not defined (too few values)"
-            ax.set_xlabel(f"mean cosine with the {label(target)} vector (unitless)")
+            ax.set_xlabel(f"similarity to the {label(target)} vector (cosine, unitless)")
             ax.set_ylabel(_MEASURE_AXES[measure])
             ax.set_title(f"{run}{stat}", fontsize=10)
     fig.suptitle(title or f"Similarity to the target vs measured EMA, layer {layer} "

@@ -78,7 +78,7 @@ def similarity_browser(matrices_by_method: dict, titles: dict | None = None):
         images = {}
         for layer, matrix in matrices.items():
             ax = similarity_heatmap(matrix, layer, title=f"{titles.get(method, method)}, layer {layer}")
-            images[layer] = figure_png(ax.figure)
+            images[layer] = figure_png(ax.figure, dpi=80, palette=True)
         children.append(layer_browser(images))
         names.append(titles.get(method, method))
     tabs = widgets.Tab(children=children)

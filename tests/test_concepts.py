@@ -410,3 +410,13 @@ def test_similarity_browser_widget_builds():
 
     links = [w for w in _instances.values() if isinstance(w, Link) and w.source[0] is slider]
     assert links and links[0].source[1] == "index" and links[0].target == (stack, "selected_index")
+
+
+def test_json_records_are_strict_json():
+    import json
+
+    table = pd.DataFrame({"a": [1.234567, np.nan, np.inf], "b": ["x", "y", "z"],
+                          "n": np.array([1, 2, 3])})
+    records = C.json_records(table)
+    assert records[0]["a"] == 1.2346 and records[1]["a"] is None and records[2]["a"] == "inf"
+    json.dumps(records, allow_nan=False)
