@@ -20,6 +20,10 @@ from .cache import cached, stable_hash
 from .errors import ParameterError
 
 
+OVER_REFUSAL_JUDGE = "phrase"
+"""The default judge of the over-refusal (safe prompt) set; see :func:`evaluate`."""
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate` returns: per-item records and the per-concept rates."""
@@ -83,20 +87,14 @@ def _generate_cached(model, tokenizer, model_id, table, max_new_tokens, batch_si
 
 
 def _judge_cached(responses: pd.DataFrame, judge: str | None, model_id: str, gen_key: dict):
-    from .judges import DEFAULT_JUDGE, score_responses
+    from .judges import DEFAULT_JUDGE, judge_fingerprint, score_responses
 
     name = judge or DEFAULT_JUDGE
-    inputs = {**gen_key, "judge": name, "labels": labels_digest()}
+    # The fingerprint changes with the judge's patterns, labels and settings: cached verdicts
+    # are never reused after the judge itself changed.
+    inputs = {**gen_key, "judge": name, "fingerprint": judge_fingerprint(name)}
     return cached("judged", inputs, kind="table",
                   compute=lambda: score_responses(responses, judge=name)[["id", "is_refusal"]])
-
-
-def labels_digest() -> str:
-    """Short sha256 of the judge labels file: judged results are keyed by it."""
-    from .judges import LABELS_PATH
-    from .paths import sha256_file
-
-    return sha256_file(LABELS_PATH)[:16] if LABELS_PATH.is_file() else "none"
 
 
 def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str = "eval",
@@ -143,8 +141,11 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
         "split": split, "n_per_concept": n_per_concept, "judge": judge, "seed": seed,
         "max_new_tokens": max_new_tokens})
     if safe is not None:
-        judged = _refusal_part(model, tokenizer, model_id, safe, judge, max_new_tokens, batch_size,
-                               progress)
+        # Safe prompts are judged by the phrase judge unless a judge is named: the learned judge
+        # calls some ordinary (e.g. code) answers refusals, which would inflate over-refusal;
+        # the phrase judge flagged none of the labelled benign answers.
+        judged = _refusal_part(model, tokenizer, model_id, safe, judge or OVER_REFUSAL_JUDGE,
+                               max_new_tokens, batch_size, progress)
         result.over_refusal = refusal_rate(judged["is_refusal"])
         result.items = pd.concat([result.items, judged], ignore_index=True)
     if util_items is not None:

@@ -987,6 +987,30 @@ def get_judge(name: str | None = None, **kwargs) -> Judge:
     raise ParameterError(f"unknown judge {name!r}; judges: {', '.join(JUDGES)}")
 
 
+def judge_fingerprint(name: str | None = None, labels_path=None) -> str:
+    """A short digest of what a judge's verdicts depend on, for results-cache keys.
+
+    phrase: the pattern lists; learned: those plus the labels file and the model settings;
+    first_token / endpoint: the scoring code's version (their model or server is keyed by the
+    caller). Changes whenever a verdict could change, so cached judgements are not reused.
+    """
+    name = name or DEFAULT_JUDGE
+    if name not in JUDGES:
+        raise ParameterError(f"unknown judge {name!r}; judges: {', '.join(JUDGES)}")
+    parts = [name, _CACHE_VERSION]
+    if name in ("phrase", "learned"):
+        parts.append(_patterns_digest())
+    if name == "learned":
+        path = Path(labels_path) if labels_path else LABELS_PATH
+        parts += [sha256_file(path) if path.is_file() else "no-labels", LEARNED_TEXT,
+                  str(LEARNED_PCA), str(LEARNED_CS)]
+    if name == "first_token":
+        parts.append(",".join(REFUSAL_OPENINGS))
+    if name == "endpoint":
+        parts.append(hashlib.sha256(RUBRIC.encode()).hexdigest())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 # --- data: labelled set and responses to score ---------------------------------------------------
 
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:

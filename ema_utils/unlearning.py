@@ -410,10 +410,10 @@ def _items_hash(table: pd.DataFrame) -> str:
     return stable_hash(table["id"].astype(str).tolist() + table["prompt"].tolist())
 
 
-def _labels_digest() -> str:
-    from .evaluate import labels_digest
+def _judge_digest(judge: str) -> str:
+    from .judges import judge_fingerprint
 
-    return labels_digest()
+    return judge_fingerprint(judge)
 
 
 def _generate_and_judge(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
@@ -459,7 +459,7 @@ def build_forget_set(model, tokenizer, prompts_table: pd.DataFrame, judge: str =
     ``n_refusals`` (before ``limit``) for the chapter's statistics.
     """
     table = _prompt_table(prompts_table, "prompts_table")
-    inputs = {"items": _items_hash(table), "judge": judge, "labels": _labels_digest(),
+    inputs = {"items": _items_hash(table), "judge": judge, "fingerprint": _judge_digest(judge),
               "max_new_tokens": max_new_tokens}
     judged = _maybe_cached("forget_set", model_id, inputs, lambda: _generate_and_judge(
         model, tokenizer, table, judge, max_new_tokens, batch_size, progress))
@@ -511,7 +511,7 @@ def build_sft_labels(prompts, labeller="smollm2-135m-instruct", judge: str = "ph
             lm, lt = labeller
         return _generate_and_judge(lm, lt, table, judge, max_new_tokens, batch_size, progress)
 
-    inputs = {"items": _items_hash(table), "judge": judge, "labels": _labels_digest(),
+    inputs = {"items": _items_hash(table), "judge": judge, "fingerprint": _judge_digest(judge),
               "max_new_tokens": max_new_tokens}
     judged = _maybe_cached("sft_labels", key, inputs, compute)
     keep = ~judged["is_refusal"].astype(bool) & (judged["response"].fillna("").str.strip() != "")
@@ -596,7 +596,7 @@ def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio
 
     inputs = {"items": _items_hash(pool), "benign": _items_hash(benign_pool),
               "target": target_concept, "requested": requested, "n_benign": n_benign,
-              "seed": seed, "judge": judge, "labels": _labels_digest(),
+              "seed": seed, "judge": judge, "fingerprint": _judge_digest(judge),
               "max_new_tokens": max_new_tokens}
     # batch_size is not in the key: prompts are generated in contiguous chunks of one seeded
     # order and the first refusals in that order are kept, whatever the chunk size.

@@ -120,6 +120,14 @@ def test_judge_checks_lengths():
         judges.get_judge("first_token")
 
 
+def test_judge_fingerprint():
+    fp = {name: judges.judge_fingerprint(name) for name in judges.JUDGES}
+    assert len(set(fp.values())) == len(judges.JUDGES) and all(len(v) == 16 for v in fp.values())
+    assert judges.judge_fingerprint() == fp[judges.DEFAULT_JUDGE]
+    with pytest.raises(ParameterError):
+        judges.judge_fingerprint("claude")
+
+
 def test_score_responses_adds_a_bool_column():
     table = pd.DataFrame({"id": [1, 2], "concept": ["safety", "safety"], "prompt": ["p", "q"],
                           "response": [REFUSALS[0], COMPLIANCE[0]]})
