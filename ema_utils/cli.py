@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "orchestrate")
+CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "orchestrate", "bench")
 """Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
 
 

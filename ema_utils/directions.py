@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +45,7 @@ __all__ = [
     "direction_digest", "ablation_model_id", "separation_by_layer", "choose_direction_layer",
     "direction_prompts", "RefusalDirection", "fit_refusal_direction", "concept_cosines",
     "ablation_study", "ablation_rates", "pooled_refusal", "ablation_claim", "ablation_verdict",
+    "ablation_layers_spec", "direction_summary",
 ]
 
 MAX_DIRECTION_FRACTION = 0.8
@@ -625,7 +625,8 @@ def ablation_claim(evaluations: dict, layer: int, layers_label: str,
         numbers = (f"pooled refusal {100 * a['rate']:.0f}% [{100 * a['low']:.0f}, "
                    f"{100 * a['high']:.0f}] aligned -> {100 * r['rate']:.0f}% "
                    f"[{100 * r['low']:.0f}, {100 * r['high']:.0f}] with the layer-{layer} refusal "
-                   f"direction projected out ({layers_label}); random direction of equal norm: "
+                   f"direction projected out of {layers_label}; a random direction of equal "
+                   f"norm: "
                    f"{100 * c['rate']:.0f}% [{100 * c['low']:.0f}, {100 * c['high']:.0f}] "
                    f"(n = {int(a['n'])} items each)")
     return pd.DataFrame([{
@@ -644,3 +645,40 @@ def ablation_verdict(evaluations: dict, layer: int, layers_label: str, model: st
             "no": "does not lower refusal beyond the random control",
             "not testable": "could not be tested"}[claim["reproduces"]]
     return f"**On `{model}`, projecting out the refusal direction {lead}:** {claim['this run']}."
+
+
+ABLATION_LAYERS = ("all", "one")
+
+
+def ablation_layers_spec(ablation_layers: str, layer: int) -> tuple[list[int] | None, str]:
+    """``(layers for ablate_direction, words for the book)`` of the chapter parameter
+    ``ablation_layers``: "all" (the embedding and every decoder layer, as Arditi et al.) or
+    "one" (only ``layer``, the layer the direction was read at)."""
+    if ablation_layers == "all":
+        return None, "every layer (the embedding and all decoder layers' outputs)"
+    if ablation_layers == "one":
+        return [int(layer)], f"layer {int(layer)} only"
+    raise ParameterError(f"ablation_layers must be one of {', '.join(ABLATION_LAYERS)}, got "
+                         f"{ablation_layers!r}")
+
+
+def direction_summary(refusal: RefusalDirection, cosines: pd.DataFrame, evaluations: dict,
+                      layer: int, where: str, digits: int = 4) -> dict:
+    """The refusal-direction section's key numbers for a chapter summary (JSON-safe)."""
+    from .concepts import json_records
+
+    at = cosines[cosines["layer"] == layer]
+    claim = ablation_claim(evaluations, layer, where)
+    return {
+        "layer": int(layer), "ablated_at": where, "settings": refusal.settings,
+        "counts": {c: {k: int(v) for k, v in row.items()}
+                   for c, row in refusal.counts().to_dict("index").items()},
+        "by_layer": json_records(refusal.by_layer(), digits),
+        "cosine_at_layer": {m: {r["concept"]: r["cosine"] for r in json_records(
+                                part[["concept", "cosine"]], digits)}
+                            for m, part in at.groupby("method", sort=False)},
+        "rates": json_records(ablation_rates(evaluations), digits),
+        "pooled": json_records(pooled_refusal(evaluations), digits),
+        "models": {c: ev.model for c, ev in evaluations.items()},
+        "claim": claim.to_dict("records")[0],
+    }

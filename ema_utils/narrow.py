@@ -693,6 +693,18 @@ def measure_solution(model, tokenizer, solution: Solution, forget: pd.DataFrame,
             "stability": stab.assign(solution=solution.role) if len(stab) else stab}
 
 
+def adapter_norms(model, solutions: Sequence[Solution]) -> dict:
+    """``{role: total adapter norm}`` of each solution (its adapter loaded onto ``model``, the
+    aligned model, and removed again)."""
+    from .interventions import with_checkpoint
+
+    out = {}
+    for s in solutions:
+        with with_checkpoint(model, s.path) as peft:
+            out[s.role] = adapter_norm(peft)
+    return out
+
+
 def common_norms(norms: dict, target_norms=None) -> list[float]:
     """The total norms both solutions are scaled to: ``target_norms`` when given, else each
     solution's own norm and their mean (so each is measured at the other's size)."""
@@ -705,13 +717,13 @@ def common_norms(norms: dict, target_norms=None) -> list[float]:
 # --- directions ---------------------------------------------------------------------------------
 
 def direction_prompts(n_prompts: int = 140, seed: int = 0, split: str = "train") -> pd.DataFrame:
-    """About ``n_prompts`` refusal-scored prompts spread evenly over the concepts that have them
+    """About ``n_prompts`` (0: all) refusal-scored prompts spread evenly over the concepts that have them
     (train split: never the items refusal is measured on; see
     :func:`ema_utils.directions.direction_prompts`). Columns: id, concept, prompt."""
     from . import directions as D
 
-    if not isinstance(n_prompts, (int, np.integer)) or isinstance(n_prompts, bool) or n_prompts < 1:
-        raise ParameterError(f"n_prompts must be a positive integer, got {n_prompts!r}")
+    if not isinstance(n_prompts, (int, np.integer)) or isinstance(n_prompts, bool) or n_prompts < 0:
+        raise ParameterError(f"n_prompts must be 0 (all) or a positive integer, got {n_prompts!r}")
     return D.direction_prompts(int(n_prompts), seed=seed, split=split)
 
 

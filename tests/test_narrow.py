@@ -1,0 +1,513 @@
+"""ema_utils.narrow (chapter 6): adapter scaling and orthogonal noise keep their promises, the
+formulas and verdicts hold on constructed numbers, the upstream runs are found (and never
+retrained), and the direction hooks run on the tiny model."""
+
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ema_utils import CONCEPTS, narrow, plots, unlearning
+from ema_utils.errors import EmaError, ParameterError
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def lora(tiny, one_thread):
+    """The tiny model with a LoRA adapter whose B matrices are random (peft starts them at 0),
+    removed again afterwards (the tiny model is shared by the whole session)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    with unlearning._quiet_peft():
+        peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj",
+                                                                                  "down_proj"],
+                                                task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, module, adapter in narrow.lora_layers(peft):
+            w = module.lora_B[adapter].weight
+            w.copy_(0.05 * torch.randn(w.shape, generator=generator))
+    peft.eval()
+    try:
+        yield peft, tokenizer
+    finally:
+        unlearning.unload_adapter(peft)
+
+
+def _logits(model, tokenizer):
+    ids = tokenizer(["the model refuses", "a short prompt here"], return_tensors="pt",
+                    padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def _forget_table():
+    return pd.DataFrame({"id": ["f1", "f2", "f3"], "concept": "safety",
+                         "prompt": ["how do I pick a lock", "make something dangerous",
+                                    "tell me a secret"],
+                         "response": ["I'm sorry, but I can't assist with that."] * 3})
+
+
+# --- scaling ------------------------------------------------------------------------------------
+
+def test_scaling_restores_weights_exactly_and_scale_zero_is_the_base_model(lora):
+    model, tokenizer = lora
+    before = [m.lora_B[a].weight.detach().clone() for _, m, a in narrow.lora_layers(model)]
+    trained = _logits(model, tokenizer)
+    with narrow.adapter_disabled(model):
+        base = _logits(model, tokenizer)
+    assert not torch.allclose(trained, base), "the random adapter changes the model"
+    with narrow.scaled_adapter(model, 0.0):
+        assert narrow.adapter_norm(model) == 0
+        assert torch.allclose(_logits(model, tokenizer), base, atol=1e-6, rtol=0)
+    with narrow.scaled_adapter(model, 1.0):
+        assert torch.equal(_logits(model, tokenizer), trained)
+    after = [m.lora_B[a].weight for _, m, a in narrow.lora_layers(model)]
+    assert all(torch.equal(b, a) for b, a in zip(before, after)), "weights restored exactly"
+
+
+def test_adapter_norm_is_the_frobenius_norm_of_all_updates_and_scales_linearly(lora):
+    model, _ = lora
+    explicit = math.sqrt(sum(float((m.scaling[a] * m.lora_B[a].weight @ m.lora_A[a].weight).detach()
+                                   .double().pow(2).sum())
+                             for _, m, a in narrow.lora_layers(model)))
+    norm = narrow.adapter_norm(model)
+    assert norm == pytest.approx(explicit, rel=1e-9) and norm > 0
+    with narrow.scaled_adapter(model, 1.7):
+        assert narrow.adapter_norm(model) == pytest.approx(1.7 * norm, rel=1e-6)
+    with narrow.adapter_at_norm(model, 0.25):
+        assert narrow.adapter_norm(model) == pytest.approx(0.25, rel=1e-6)
+    assert narrow.adapter_norm(model) == pytest.approx(norm, rel=1e-12)
+    with pytest.raises(ParameterError, match="factor"):
+        with narrow.scaled_adapter(model, float("nan")):
+            pass
+    assert len(narrow.layer_norms(model)) == len(narrow.lora_layers(model))
+
+
+def test_weights_are_restored_when_the_body_raises(lora):
+    model, _ = lora
+    before = narrow.adapter_norm(model)
+    with pytest.raises(RuntimeError):
+        with narrow.perturbed_adapter(model, 0.9, seed=3):
+            raise RuntimeError("boom")
+    assert narrow.adapter_norm(model) == before
+
+
+def test_a_model_without_adapter_is_refused(tiny):
+    with pytest.raises(ParameterError, match="no LoRA adapter"):
+        narrow.adapter_norm(tiny[0])
+
+
+# --- orthogonal noise ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (16, 2)])
+@pytest.mark.parametrize("eps", [0.01, 0.3, 0.99, 1.0])
+def test_orthogonal_perturbation_keeps_the_norm_and_the_angle(shape, eps):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = narrow.orthogonal_noise(x, torch.Generator().manual_seed(5))
+    assert float((y * x).sum()) == pytest.approx(0, abs=1e-10), "noise orthogonal to x"
+    assert float(y.norm()) == pytest.approx(float(x.norm()), rel=1e-12), "noise has x's norm"
+    xp = narrow.orthogonal_perturbation(x, eps, torch.Generator().manual_seed(5))
+    assert xp.shape == x.shape and xp.dtype == x.dtype
+    assert float(xp.norm()) == pytest.approx(float(x.norm()), rel=1e-10)
+    cos = float((xp * x).sum() / (x.norm() * xp.norm()))
+    assert cos == pytest.approx(math.sqrt(1 - eps ** 2), abs=1e-10)
+    assert torch.allclose(xp, math.sqrt(1 - eps ** 2) * x + eps * y)
+
+
+def test_orthogonal_perturbation_edge_cases():
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(narrow.orthogonal_perturbation(x, 0.0), x)
+    zero = torch.zeros(3, 2)
+    assert torch.equal(narrow.orthogonal_perturbation(zero, 0.5), zero)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ParameterError, match="eps"):
+            narrow.orthogonal_perturbation(x, bad)
+    a = narrow.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
+    b = narrow.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b), "the same seed gives the same noise"
+
+
+def test_perturbed_adapter_keeps_each_matrix_norm_and_eps0_leaves_the_loss(lora):
+    model, tokenizer = lora
+    loss = narrow.ForgetLoss(model, tokenizer, _forget_table(), beta=0.1, batch_size=2)
+    assert len(loss) == 3
+    assert loss.base()["npo"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
+    orig = loss(model)
+    with narrow.scaled_adapter(model, 0.0):
+        assert loss(model)["npo"] == pytest.approx(loss.base()["npo"], abs=1e-6)
+    weights = [w for _, m, a in narrow.lora_layers(model) for w in (m.lora_A[a].weight,
+                                                                      m.lora_B[a].weight)]
+    norms = [float(w.detach().norm()) for w in weights]
+    with narrow.perturbed_adapter(model, 0.0, seed=1):
+        assert loss(model) == orig, "eps = 0 changes nothing"
+    with narrow.perturbed_adapter(model, 0.5, seed=1):
+        inside = [float(w.detach().norm()) for w in weights]
+        assert inside == pytest.approx(norms, rel=1e-5)
+        assert loss(model)["npo"] != orig["npo"]
+    assert [float(w.detach().norm()) for w in weights] == norms
+    assert loss(model) == orig, "restored exactly"
+
+    eff = narrow.efficiency_sweep(model, loss, scales=[0, 1, 2], target_norms=[0.1],
+                                  progress=False)
+    assert list(eff["kind"]) == ["factor"] * 3 + ["norm"]
+    native = narrow.adapter_norm(model)
+    assert eff["norm"].tolist() == pytest.approx([0, native, 2 * native, 0.1], rel=1e-6)
+    assert eff.loc[1, "npo"] == pytest.approx(orig["npo"], rel=1e-9)
+    stab = narrow.stability_sweep(model, loss, eps_values=[0.0, 1.0], seeds=[0, 1], progress=False)
+    assert len(stab) == 4
+    assert stab[stab["eps"] == 0]["npo"].tolist() == pytest.approx([orig["npo"]] * 2)
+
+
+# --- formulas and verdicts on constructed numbers -----------------------------------------------
+
+def test_relative_increase():
+    assert narrow.relative_increase(5.0, 2.0, 8.0) == pytest.approx(0.5)
+    assert narrow.relative_increase(2.0, 2.0, 8.0) == 0.0
+    assert narrow.relative_increase(8.0, 2.0, 8.0) == 1.0
+    out = narrow.relative_increase(np.array([3.0, 5.0]), 2.0, 6.0)
+    assert out.tolist() == pytest.approx([0.25, 0.75])
+    assert math.isnan(narrow.relative_increase(5.0, 8.0, 8.0)), "no gap: undefined"
+    assert math.isnan(narrow.relative_increase(5.0, 9.0, 8.0)), "the adapter made it worse"
+
+
+def test_seed_interval():
+    mean, low, high = narrow.seed_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and low < 2.0 < high
+    assert high - mean == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    mean, low, high = narrow.seed_interval([4.0, float("nan")])
+    assert mean == 4.0 and math.isnan(low) and math.isnan(high)
+
+
+def _stability_table():
+    rows = []
+    for solution, slope in (("general", 0.2), ("narrow", 0.6)):
+        for eps in (0.1, 0.5, 1.0):
+            for seed in (0, 1, 2):
+                rel = slope * eps + 0.01 * seed
+                rows.append({"solution": solution, "eps": eps, "seed": seed,
+                             "npo": 2.0 + rel * 8.0, "nll": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_stability_summary_and_verdict():
+    orig = {"general": {"npo": 2.0}, "narrow": {"npo": 2.0}}
+    base = {"general": {"npo": 10.0}, "narrow": {"npo": 10.0}}
+    summary = narrow.stability_summary(_stability_table(), orig, base)
+    row = summary[(summary["solution"] == "narrow") & (summary["eps"] == 0.5)].iloc[0]
+    assert row["mean"] == pytest.approx(0.3 + 0.01) and row["n"] == 3
+    assert row["low"] < row["mean"] < row["high"]
+    v = narrow.stability_verdict(summary)
+    assert v["verdict"] == "yes" and v["general"] < v["narrow"]
+    swapped = _stability_table().replace({"solution": {"general": "narrow", "narrow": "general"}})
+    assert narrow.stability_verdict(narrow.stability_summary(swapped, orig, base))["verdict"] == "no"
+    undefined = {"general": {"npo": 10.0}, "narrow": {"npo": 2.0}}
+    assert narrow.stability_verdict(
+        narrow.stability_summary(_stability_table(), undefined, base))["verdict"] == "n/a"
+
+
+def test_efficiency_verdict():
+    def table(general, narrow_):
+        rows = []
+        for norm, g, n in zip((0.0, 0.5, 1.0), general, narrow_):
+            rows += [{"solution": "general", "kind": "norm", "scale": 1, "norm": norm, "npo": g},
+                     {"solution": "narrow", "kind": "norm", "scale": 1, "norm": norm, "npo": n}]
+        return pd.DataFrame(rows)
+
+    assert narrow.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))["verdict"] == "yes"
+    assert narrow.efficiency_verdict(table([13.8, 5, 5], [13.8, 9, 4]))["verdict"] == "partly"
+    assert narrow.efficiency_verdict(table([13.8, 9, 5], [13.8, 5, 4]))["verdict"] == "no"
+    v = narrow.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))
+    assert v["n"] == 2, "norm 0 (both = the aligned model) is not judged"
+    assert narrow.efficiency_verdict(pd.DataFrame(columns=["solution", "kind", "norm", "npo"]))[
+        "verdict"] == "n/a"
+
+
+def _mitigation_summary():
+    aligned = {c: 0.9 for c in CONCEPTS}
+    refusal = {"aligned": aligned,
+               "npo_safety": {**{c: 0.5 for c in CONCEPTS}, "safety": 0.1},
+               "npo_kl_1to1_lambda1_safety": {**{c: 0.6 for c in CONCEPTS}, "safety": 0.1},
+               "npo_kl_1to1_lambda10_safety": {**{c: 0.85 for c in CONCEPTS}, "safety": 0.3},
+               "npo_kl_1to1_lambda100_safety": {**{c: 0.95 for c in CONCEPTS}, "safety": 0.8},
+               "npo_retain_1to1_safety": {c: 0.9 for c in CONCEPTS}}
+    return {"refusal": refusal, "steps": {"npo_kl_1to1_lambda10_safety": 4}}
+
+
+def test_kl_choice_rule():
+    summary = _mitigation_summary()
+    table = narrow.kl_candidates(summary)
+    assert table["kl_lambda"].tolist() == [1.0, 10.0, 100.0]
+    assert table.loc[1, "gap"] == pytest.approx(-0.05)
+    choice = narrow.choose_kl_lambda(summary)
+    assert choice["condition"] == "npo_kl_1to1_lambda10_safety" and choice["kl_lambda"] == 10
+    assert "closest" in choice["rule"]
+    # a tie in |gap| goes to the lower target refusal
+    summary["refusal"]["npo_kl_1to1_lambda100_safety"] = {**{c: 0.95 for c in CONCEPTS},
+                                                          "safety": 0.2}
+    assert narrow.choose_kl_lambda(summary)["kl_lambda"] == 100
+    assert narrow.choose_kl_lambda(summary, kl_lambda=1.0)["kl_lambda"] == 1
+    with pytest.raises(ParameterError, match="lambda 1, 10, 100 only"):
+        narrow.choose_kl_lambda(summary, kl_lambda=5)
+    with pytest.raises(EmaError, match="no KL run"):
+        narrow.choose_kl_lambda({"refusal": {"aligned": {c: 1 for c in CONCEPTS}}})
+    v = narrow.narrow_verdict(narrow.choose_kl_lambda(_mitigation_summary()),
+                              _mitigation_summary()["refusal"]["npo_safety"])
+    assert v["verdict"] == "yes" and v["target_drop"] == pytest.approx(0.6)
+
+
+def _effects(steer=0.2, random=0.8, ablated=0.7, ablated_random=0.25, steer1=0.6):
+    rows = {"aligned": 0.9, "steer +1x": steer1, "random +1x": 0.88, "steer +4x": steer,
+            "random +4x": random, "unlearned": 0.2, "ablate direction": ablated,
+            "ablate random": ablated_random}
+    table = pd.DataFrame({"pooled": rows})
+    for c in CONCEPTS:
+        table[c] = table["pooled"]
+    table["low"], table["high"] = table["pooled"] - 0.05, table["pooled"] + 0.05
+    return table
+
+
+def test_direction_verdicts():
+    v = narrow.steering_verdict(_effects())
+    assert v["verdict"] == "yes" and v["condition"] == "steer +4x"
+    assert narrow.steering_verdict(_effects(steer=0.75, random=0.8, steer1=0.85))[
+        "verdict"] == "partly"
+    assert narrow.steering_verdict(_effects(steer=0.85, random=0.5, steer1=0.89))[
+        "verdict"] == "no"
+    a = narrow.ablation_verdict(_effects())
+    assert a["verdict"] == "yes" and a["recovered"] == pytest.approx(5 / 7)
+    assert narrow.ablation_verdict(_effects(ablated=0.35))["verdict"] == "partly"
+    assert narrow.ablation_verdict(_effects(ablated=0.2, ablated_random=0.3))["verdict"] == "no"
+    flat = _effects()
+    flat.loc["unlearned", "pooled"] = 0.85
+    assert narrow.ablation_verdict(flat)["verdict"] == "n/a"
+
+
+def test_claims_table_and_overall_line():
+    verdicts = {"efficiency": {"verdict": "yes", "text": "e"},
+                "stability": {"verdict": "no", "text": "s"}}
+    table = narrow.claims(verdicts)
+    assert list(table.columns) == ["claim", "Soligo et al. 2026", "this run", "holds here"]
+    assert len(table) == len(narrow.CLAIMS)
+    by = table.set_index("holds here")
+    assert "not tested" in by.index, "the optional drift experiment is listed as not tested"
+    assert "holds in part" in narrow.overall_line(verdicts, "m")
+    verdicts["stability"]["verdict"] = "yes"
+    assert "**holds**" in narrow.overall_line(verdicts, "m")
+    verdicts["stability"]["verdict"] = "n/a"
+    assert "cannot be fully judged" in narrow.overall_line(verdicts, "m")
+
+
+def test_common_norms():
+    assert narrow.common_norms({"general": 2.0, "narrow": 1.0}) == [1.0, 1.5, 2.0]
+    assert narrow.common_norms({"general": 2.0}, [0.5, 3]) == [0.5, 3.0]
+    with pytest.raises(ParameterError):
+        narrow.common_norms({"general": 2.0}, [-1])
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def _labelled(ax):
+    assert ax.get_title() or ax.figure._suptitle is not None
+    assert ax.get_xlabel() and ax.get_ylabel()
+
+
+def test_plots_have_titles_and_labels():
+    import matplotlib.pyplot as plt
+
+    eff = pd.DataFrame([
+        {"solution": s, "kind": k, "scale": f, "norm": f * n, "npo": 13.8 - f * d, "nll": 1.0}
+        for s, n, d in (("general", 2.0, 5.0), ("narrow", 1.0, 2.0))
+        for k, f in (("factor", 0.0), ("factor", 1.0), ("factor", 2.0), ("norm", 0.75))])
+    ax = plots.efficiency_curves(eff, base_loss=13.8)
+    _labelled(ax)
+    assert "norm" in ax.get_xlabel() and "nats" in ax.get_ylabel()
+    orig = {"general": {"npo": 2.0}, "narrow": {"npo": 2.0}}
+    base = {"general": {"npo": 10.0}, "narrow": {"npo": 10.0}}
+    ax = plots.stability_curves(narrow.stability_summary(_stability_table(), orig, base))
+    _labelled(ax)
+    assert ax.get_xscale() == "log"
+    profile = pd.DataFrame({"layer": [1, 2, 3], "norm_general": [0.1, 0.5, 1.0],
+                            "norm_narrow": [0.1, 0.2, 0.3], "cosine": [0.9, 0.5, 0.2]})
+    fig = plots.direction_profile(profile, layer=2)
+    assert fig._suptitle.get_text()
+    for ax in fig.axes:
+        _labelled(ax)
+    fig = plots.direction_effects(_effects())
+    assert fig._suptitle.get_text()
+    for ax in fig.axes:
+        _labelled(ax)
+    plt.close("all")
+
+
+# --- upstream runs ------------------------------------------------------------------------------
+
+def test_missing_upstream_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    with pytest.raises(EmaError, match="ema run unlearning --profile smoke"):
+        narrow.general_solution("smoke")
+    with pytest.raises(EmaError, match="ema run mitigation --profile cpu"):
+        narrow.narrow_solution(None, None, "m", "cpu")
+
+
+def test_no_training_guard():
+    with narrow._no_training("ema run mitigation --profile x"):
+        with pytest.raises(EmaError, match="ema run mitigation --profile x"):
+            unlearning.unlearn(None, None)
+    assert unlearning.unlearn.__name__ == "unlearn", "restored afterwards"
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny, tmp_path_factory):
+    """Chapters 2 and 4 as they would leave their results, on the tiny model (canned refusals):
+    a plain NPO run and one KL run on Safety, with pointer files, run.json and summaries."""
+    from ema_utils import interventions, mitigation
+    from ema_utils.cache import atomic_write_json
+
+    build = tmp_path_factory.mktemp("narrow-build")
+    model, tokenizer = tiny
+
+    def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
+        return table[["id", "concept", "prompt"]].assign(
+            response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMA_BUILD_DIR", str(build))
+        mp.setattr(unlearning, "_generate_and_judge", fake)
+        params = {"n_forget": 4, "forget_candidates": 0, "forget_max_new_tokens": 24,
+                  "traj_n_per_concept": 1, "traj_max_new_tokens": 2, "kl_n_per_concept": 1,
+                  "eval_batch_size": 4, "judge": "phrase", "seed": 0, "model": "tiny"}
+        ch2 = build / "results" / "unlearning" / "k2"
+        ch2.mkdir(parents=True)
+        atomic_write_json(ch2 / "run.json", {"parameters": params})
+        options = mitigation.upstream_options(ch2)
+        config = unlearning.UnlearnConfig(method="npo", lr=5e-2, max_steps=2, checkpoint_every=1,
+                                          batch_size=2, lora_r=2, lora_alpha=2)
+        plain = interventions.run_intervention(model, tokenizer, "tiny", "safety", "npo", config,
+                                               retain_ratio=1, progress=False, **options)
+        interventions.save_run_summaries(ch2, [plain])
+        atomic_write_json(build / "results" / "unlearning" / "smoke.json", {"folder": str(ch2)})
+        summaries = interventions.load_run_summaries(ch2)
+        plan = mitigation.augmented_plan(summaries, ["safety"], retain_ratios=[],
+                                         sft_retain_ratios=[], kl_lambdas=[10.0], model_id="tiny")
+        runs = mitigation.train_augmented(model, tokenizer, "tiny", plan, options, progress=False)
+        ch4 = build / "results" / "mitigation" / "k4"
+        ch4.mkdir(parents=True)
+        atomic_write_json(ch4 / "run.json", {"parameters": {"model": "tiny", "kl_ratio": 1.0,
+                                                            "w1": 1.0, "checkpoint_rule": "last"}})
+        refusal = {"aligned": {c: 0.9 for c in CONCEPTS},
+                   "npo_safety": {**{c: 0.5 for c in CONCEPTS}, "safety": 0.1},
+                   "npo_kl_1to1_lambda10_safety": {**{c: 0.85 for c in CONCEPTS}, "safety": 0.3}}
+        atomic_write_json(ch4 / "summary.json", {"refusal": refusal,
+                                                 "steps": {"npo_kl_1to1_lambda10_safety": 2}})
+        atomic_write_json(build / "results" / "mitigation" / "smoke.json", {"folder": str(ch4)})
+        yield {"build": build, "plain": plain, "kl": runs["npo_kl_1to1_lambda10_safety"],
+               "fake": fake}
+    torch.set_num_threads(old_threads)
+
+
+def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatch, one_thread):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
+    monkeypatch.setattr(unlearning, "_generate_and_judge", upstream["fake"])
+    model, tokenizer = tiny
+    general = narrow.general_solution("smoke")
+    assert general.condition == "npo_safety" and general.path.is_dir()
+    assert general.step == 2, "chapter 4's rule ('last') is used"
+    assert general.beta == pytest.approx(0.1)
+    sol, choice = narrow.narrow_solution(model, tokenizer, "tiny", "smoke")
+    assert sol.condition == "npo_kl_1to1_lambda10_safety" and choice["kl_lambda"] == 10
+    assert sol.path == upstream["kl"].folder / "checkpoint-00002"
+    assert sol.config["method"] == "npo_kl" and sol.config["kl_lambda"] == 10
+    assert not unlearning.has_adapter(model)
+    with pytest.raises(EmaError, match="same model"):
+        narrow.narrow_solution(model, tokenizer, "other", "smoke")
+    table = narrow.solutions_table([general, sol], json.loads(
+        (upstream["build"] / "results" / "mitigation" / "k4" / "summary.json").read_text()))
+    assert list(table.index) == ["aligned", "general", "narrow"]
+
+    norms = narrow.adapter_norms(model, [general, sol])
+    assert set(norms) == {"general", "narrow"} and min(norms.values()) > 0
+    # a KL run chapter 4 did not train is an error, not a training run
+    alt = upstream["build"] / "results" / "mitigation" / "k4-alt"
+    alt.mkdir(exist_ok=True)
+    (alt / "run.json").write_text((upstream["build"] / "results" / "mitigation" / "k4" / "run.json")
+                                  .read_text())
+    summary = json.loads((upstream["build"] / "results" / "mitigation" / "k4" / "summary.json")
+                         .read_text())
+    summary["refusal"]["npo_kl_1to1_lambda100_safety"] = summary["refusal"].pop(
+        "npo_kl_1to1_lambda10_safety")
+    (alt / "summary.json").write_text(json.dumps(summary))
+    (upstream["build"] / "results" / "mitigation" / "alt.json").write_text(
+        json.dumps({"folder": str(alt)}))
+    (upstream["build"] / "results" / "unlearning" / "alt.json").write_text(
+        (upstream["build"] / "results" / "unlearning" / "smoke.json").read_text())
+    with pytest.raises(EmaError, match="does not train.*ema run mitigation --profile alt"):
+        narrow.narrow_solution(model, tokenizer, "tiny", "alt")
+    assert not unlearning.has_adapter(model)
+
+    forget = narrow.forget_examples(model, tokenizer, "tiny", "smoke", n=3)
+    assert len(forget) == 3 and (forget["concept"] == "safety").all()
+    m = narrow.measure_solution(model, tokenizer, general, forget, scales=[0, 1],
+                                target_norms=[0.5 * 1], eps_values=[0.5], seeds=[0],
+                                batch_size=4, progress=False)
+    assert m["efficiency"]["solution"].eq("general").all() and m["norm"] > 0
+    assert m["orig"]["npo"] < m["base"]["npo"], "unlearning lowered the forget loss"
+    assert m["efficiency"].loc[0, "npo"] == pytest.approx(m["base"]["npo"], abs=1e-5)
+    assert not unlearning.has_adapter(model)
+
+
+def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch, one_thread):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
+    model, tokenizer = tiny
+    general = narrow.general_solution("smoke")
+    prompts = narrow.direction_prompts(7, seed=0)
+    direction = narrow.solution_direction(model, tokenizer, "tiny", general, prompts,
+                                          batch_size=4, progress=False)
+    n_layers = model.config.num_hidden_layers
+    assert direction.shape == (n_layers + 1, model.config.hidden_size)
+    assert np.linalg.norm(direction[1:], axis=1).max() > 0, "the adapter moved the activations"
+    again = narrow.solution_direction(model, tokenizer, "tiny", general, prompts, batch_size=4,
+                                      progress=False)
+    np.testing.assert_array_equal(direction, again)
+    profile = narrow.layer_profile({"general": direction, "narrow": direction})
+    assert profile["layer"].tolist() == list(range(1, n_layers + 1))
+    assert profile["cosine"].dropna().tolist() == pytest.approx([1.0] * len(profile["cosine"].dropna()))
+    layer = narrow.steer_layer(n_layers, 0.5)
+    assert layer == 1
+    evaluations = narrow.direction_evaluations(model, tokenizer, "tiny", general, direction, layer,
+                                               scales=[2.0], n_per_concept=1, max_new_tokens=2,
+                                               batch_size=4, judge="phrase", progress=False)
+    assert list(evaluations) == ["aligned", "steer +2x", "random +2x", "unlearned",
+                                 "ablate direction", "ablate random"]
+    ids = {ev.model for ev in evaluations.values()}
+    assert len(ids) == len(evaluations), "every operation has its own cache identity"
+    effects = narrow.direction_effects(evaluations)
+    assert {"pooled", "low", "high", "change_points", *CONCEPTS} <= set(effects.columns)
+    assert effects.loc["aligned", "change_points"] == 0
+    assert not unlearning.has_adapter(model)
+    # the hooks are gone: the aligned model gives its own logits again
+    ids = tokenizer(["a prompt"], return_tensors="pt")
+    with torch.no_grad():
+        first = model(**ids).logits
+        from ema_utils import directions
+        with directions.add_direction(model, direction[layer], layer, 50.0):
+            steered = model(**ids).logits
+        assert not torch.allclose(first, steered)
+        assert torch.equal(model(**ids).logits, first)
