@@ -82,8 +82,8 @@ def test_scaling_restores_weights_exactly_and_scale_zero_is_the_base_model(lora)
 
 def test_adapter_norm_is_the_frobenius_norm_of_all_updates_and_scales_linearly(lora):
     model, _ = lora
-    explicit = math.sqrt(sum(float((m.scaling[a] * m.lora_B[a].weight @ m.lora_A[a].weight).detach()
-                                   .double().pow(2).sum())
+    explicit = math.sqrt(sum(float((m.scaling[a] * m.lora_B[a].weight.detach().double()
+                                    @ m.lora_A[a].weight.detach().double()).pow(2).sum())
                              for _, m, a in narrow.lora_layers(model)))
     norm = narrow.adapter_norm(model)
     assert norm == pytest.approx(explicit, rel=1e-9) and norm > 0
