@@ -467,26 +467,17 @@ def peak_tree_rss(cmd: list[str], env: dict | None = None, interval: float = 0.2
     descendants. Returns ``(exit code, peak bytes, wall seconds, stderr text)``."""
     import threading
 
-    import psutil
-
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
     reader.start()
-    parent, peak = psutil.Process(proc.pid), 0
+    from .orchestrate import tree_rss
+
+    peak = 0
     while proc.poll() is None:
-        total = 0
-        try:
-            for p in [parent] + parent.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        peak = max(peak, total)
+        peak = max(peak, tree_rss(proc.pid))
         time.sleep(interval)
     reader.join(timeout=5)
     return proc.returncode, peak, time.perf_counter() - start, "".join(err)

@@ -63,6 +63,9 @@ RECOVERY_YES = 0.5
 """Ablating the direction must bring back at least half the lost refusal for a "yes"."""
 RANDOM_MARGIN = 0.25
 """... and at least this much more (as a fraction of the lost refusal) than a random direction."""
+STABILITY_MARGIN = 0.05
+"""The narrow solution counts as less stable when its relative loss increase (averaged over eps)
+exceeds the general one's by more than this (5% of the adapter's effect on the loss)."""
 
 
 # --- the two solutions ------------------------------------------------------------------------
@@ -852,55 +855,67 @@ def _verdict(ok_all: bool, ok_any: bool) -> str:
     return "yes" if ok_all else ("partly" if ok_any else "no")
 
 
-def efficiency_verdict(efficiency: pd.DataFrame, measure: str = "npo") -> dict:
+def efficiency_verdict(efficiency: pd.DataFrame, measure: str = "npo",
+                       tol: float | None = None) -> dict:
     """At each common norm (rows of kind "norm", norm > 0), is the general solution's forget
-    loss lower than the narrow one's? yes: at every norm; partly: at some; no: at none."""
+    loss lower than the narrow one's by more than ``tol``? yes: at every norm; partly: at some;
+    no: at none. ``tol`` None: 1% of the aligned model's loss (the rows at norm 0), so that two
+    adapters that reach the same loss within a rounding margin count as equal."""
     part = efficiency[(efficiency["kind"] == "norm")]
     if part.empty or not {"general", "narrow"} <= set(part["solution"]):
         return {"verdict": "n/a", "text": "no common norms measured for both solutions"}
+    if tol is None:
+        at_zero = efficiency.loc[efficiency["norm"].abs() < 1e-12, measure]
+        tol = 0.01 * float(at_zero.abs().max()) if len(at_zero) else 0.0
     part = part.assign(target=part["norm"].round(6))
     pivot = part.pivot_table(index="target", columns="solution", values=measure, aggfunc="first")
     pivot = pivot[pivot.index > 0].dropna()
     if pivot.empty:
         return {"verdict": "n/a", "text": "no common norm above zero"}
-    lower = pivot["general"] < pivot["narrow"] - 1e-9
+    lower = pivot["narrow"] - pivot["general"] > tol
     text = "; ".join(f"norm {n:.3g}: general {r.general:.3f} vs narrow {r.narrow:.3f}"
                      for n, r in pivot.iterrows())
-    return {"verdict": _verdict(bool(lower.all()), bool(lower.any())),
-            "n_lower": int(lower.sum()), "n": int(len(pivot)), "text": f"{measure} loss at "
-            f"equal total adapter norm: {text}",
+    return {"verdict": _verdict(bool(lower.all()), bool(lower.any())), "tolerance": tol,
+            "n_lower": int(lower.sum()), "n": int(len(pivot)),
+            "text": f"{measure} loss at equal total adapter norm: {text} (lower means by more "
+                    f"than {tol:.3g})",
             "at_norm": {f"{n:.6g}": {"general": float(r.general), "narrow": float(r.narrow)}
                         for n, r in pivot.iterrows()}}
 
 
-def stability_verdict(summary: pd.DataFrame) -> dict:
-    """Averaged over the eps values, per seed, is the narrow solution's relative loss increase
-    larger than the general one's? yes: the general's mean is lower and the two t-intervals
-    over seeds are apart; partly: lower but overlapping; no: not lower; n/a: a solution did not
-    lower the loss (relative increase undefined)."""
+def stability_verdict(summary: pd.DataFrame, margin: float = STABILITY_MARGIN) -> dict:
+    """Is the narrow solution less stable? Per seed, the relative loss increase averaged over the
+    eps values, for each solution; the difference narrow - general per seed (the same seed
+    draws the same noise for both adapters, so the seeds pair up), with its mean and 95%
+    t-interval. yes: the mean difference exceeds ``margin`` and its interval lies above 0;
+    partly: it exceeds ``margin`` but the interval reaches 0 (or one seed only); no:
+    otherwise; n/a: a solution did not lower the forget loss (relative increase undefined)."""
     per_seed = summary.attrs.get("per_seed")
     if per_seed is None or per_seed.empty or not {"general", "narrow"} <= set(per_seed["solution"]):
         return {"verdict": "n/a", "text": "stability not measured for both solutions"}
-    per_role = {}
-    for role in ("general", "narrow"):
-        rows = per_seed[per_seed["solution"] == role]
-        by_seed = rows.groupby("seed")["relative"].mean()
-        per_role[role] = seed_interval(by_seed.to_numpy())
-    if any(not math.isfinite(per_role[r][0]) for r in per_role):
+    by_seed = per_seed.groupby(["solution", "seed"])["relative"].mean().unstack("solution")
+    if by_seed[["general", "narrow"]].isna().all().any():
         return {"verdict": "n/a", "text": "a solution did not lower the forget loss below the "
                 "aligned model's: the relative increase is undefined"}
-    (g, gl, gh), (n, nl, nh) = per_role["general"], per_role["narrow"]
-    lower = g < n
-    apart = math.isfinite(gh) and math.isfinite(nl) and gh < nl
-    verdict = "yes" if lower and apart else ("partly" if lower else "no")
+    g, gl, gh = seed_interval(by_seed["general"])
+    n, nl, nh = seed_interval(by_seed["narrow"])
+    d, dl, dh = seed_interval(by_seed["narrow"] - by_seed["general"])
+    if d > margin and math.isfinite(dl) and dl > 0:
+        verdict = "yes"
+    elif d > margin:
+        verdict = "partly"
+    else:
+        verdict = "no"
 
     def fmt(m, lo, hi):
         return f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "")
 
-    return {"verdict": verdict, "general": g, "narrow": n,
+    return {"verdict": verdict, "general": g, "narrow": n, "difference": d,
             "general_interval": [gl, gh], "narrow_interval": [nl, nh],
-            "text": f"mean relative loss increase over eps (95% t-interval over seeds): general "
-                    f"{fmt(g, gl, gh)}, narrow {fmt(n, nl, nh)}"}
+            "difference_interval": [dl, dh], "n_seeds": int(len(by_seed)),
+            "text": f"relative loss increase averaged over eps (95% t-interval over "
+                    f"{len(by_seed)} seeds): general {fmt(g, gl, gh)}, narrow {fmt(n, nl, nh)}; "
+                    f"narrow - general {fmt(d, dl, dh)} (counts above {margin:g})"}
 
 
 def steering_verdict(effects: pd.DataFrame, threshold: float = EMA_POINTS) -> dict:

@@ -454,13 +454,15 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
     log(f"[ema] {run.chapter}: executing {notebook_path(run.chapter).name} "
         f"(profile {run.profile}, key {run.key}); log follows")
     started = time.time()
+    memory = PeakMemory()  # the kernel is a child process: its memory counts
     try:
-        papermill.execute_notebook(
-            str(notebook_path(run.chapter)), str(partial),
-            parameters={**params, "results_dir": str(run.folder), "profile": run.profile},
-            kernel_name="python3", execution_timeout=cell_timeout, log_output=True,
-            progress_bar=False, cwd=str(notebook_path(run.chapter).parent),
-        )
+        with memory:
+            papermill.execute_notebook(
+                str(notebook_path(run.chapter)), str(partial),
+                parameters={**params, "results_dir": str(run.folder), "profile": run.profile},
+                kernel_name="python3", execution_timeout=cell_timeout, log_output=True,
+                progress_bar=False, cwd=str(notebook_path(run.chapter).parent),
+            )
     except papermill.PapermillExecutionError as exc:
         failed = run.folder / f"failed-{run.notebook.name}"
         if partial.exists():
@@ -480,7 +482,7 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
     os.replace(partial, run.notebook)
     record = {
         "chapter": run.chapter, "profile": run.profile, "key": run.key, "parameters": params,
-        "wall_s": round(time.time() - started, 1),
+        "wall_s": round(time.time() - started, 1), "peak_rss_mib": memory.peak_mib,
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "packages": package_versions(),
         "machine": machine_info(), "model": params.get("model"),
@@ -502,6 +504,53 @@ def _publish(run: ChapterRun) -> None:
         os.replace(tmp, dest)
     atomic_write_json(results_root() / run.chapter / f"{run.profile}.json",
                       {"key": run.key, "folder": str(run.folder)})
+
+
+def tree_rss(pid: int) -> int:
+    """Summed resident memory (bytes) of a process and all its descendants; 0 if it is gone."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent] + parent.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakMemory:
+    """Context manager: samples :func:`tree_rss` of this process (and so of the notebook's
+    kernel, a child) every ``interval`` seconds in a thread; ``peak_mib`` after exit."""
+
+    def __init__(self, interval: float = 0.5, pid: int | None = None):
+        import threading
+
+        self.interval, self.pid, self.peak = interval, pid or os.getpid(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak / 2**20, 1)
 
 
 def package_versions() -> dict:

@@ -216,6 +216,16 @@ def test_stability_summary_and_verdict():
     assert v["verdict"] == "yes" and v["general"] < v["narrow"]
     swapped = _stability_table().replace({"solution": {"general": "narrow", "narrow": "general"}})
     assert narrow.stability_verdict(narrow.stability_summary(swapped, orig, base))["verdict"] == "no"
+    same = _stability_table()
+    same.loc[same["solution"] == "narrow", "npo"] = same.loc[same["solution"] == "general",
+                                                             "npo"].to_numpy() + 0.01
+    assert narrow.stability_verdict(narrow.stability_summary(same, orig, base))["verdict"] == "no", \
+        "a difference below the margin is no difference"
+    noisy = _stability_table()
+    shift = noisy["seed"].map({0: -1.5, 1: 0.5, 2: 2.0}) * (noisy["solution"] == "narrow")
+    noisy["npo"] = noisy["npo"] + shift
+    v = narrow.stability_verdict(narrow.stability_summary(noisy, orig, base))
+    assert v["verdict"] == "partly" and v["difference_interval"][0] < 0 < v["difference"]
     undefined = {"general": {"npo": 10.0}, "narrow": {"npo": 2.0}}
     assert narrow.stability_verdict(
         narrow.stability_summary(_stability_table(), undefined, base))["verdict"] == "n/a"

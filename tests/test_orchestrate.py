@@ -143,3 +143,15 @@ def test_every_profile_is_valid_for_every_chapter():
         for chapter in orchestrate.available_chapters():
             params = orchestrate.resolve_parameters(chapter, profile)
             assert params["seed"] == 0 and params["model"]
+
+
+def test_peak_memory_sees_a_child_process():
+    import subprocess
+    import sys
+
+    with orchestrate.PeakMemory(interval=0.05) as memory:
+        subprocess.run([sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(1)"],
+                       check=True)
+    alone = orchestrate.tree_rss(__import__("os").getpid())
+    assert memory.peak - alone > 200 * 2**20, "the child's 300 MiB must be counted"
+    assert memory.peak_mib > 0
