@@ -37,11 +37,10 @@ hold for refusal unlearning on this model?
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -771,7 +771,7 @@ def direction_effects(effects: pd.DataFrame, title: str = "Steering and ablating
                [max(100 * (r[1]["high"] - r[1]["pooled"]), 0) for r in rows]]
         left.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=3, label=name)
     left.set_ylim(-3, 103)
-    left.set_xlabel("steering scale (multiples of the direction at the steering layer)")
+    left.set_xlabel("steering scale (× the direction at the steering layer)")
     left.set_ylabel("pooled refusal (% of items)")
     left.set_title("steering the aligned model")
     left.legend(fontsize=8)

@@ -35,7 +35,7 @@ def smoke_book(tmp_path_factory):
     build = tmp_path_factory.mktemp("smoke-build")
     env = {**os.environ, "EMA_BUILD_DIR": str(build)}
     proc = subprocess.run([sys.executable, "-m", "ema_utils.cli", "book", "--profile", "smoke"],
-                          env=env, capture_output=True, text=True, timeout=1800)
+                          env=env, capture_output=True, text=True, timeout=4800)
     assert proc.returncode == 0, f"ema book --profile smoke failed:\n{proc.stderr[-4000:]}"
     return {"build": build, "env": env, "html": build / "book" / "smoke" / "_build" / "html",
             "log": proc.stderr}
