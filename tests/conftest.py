@@ -7,6 +7,13 @@ import pytest
 # Quiet and deterministic: no tokenizer thread pools fighting pytest for two cores.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Unit tests run tiny models. With two threads on a busy 2-core machine, OpenMP spin-waiting
+# made tiny operations about 100x slower (measured). One thread for the whole session; the
+# smoke book runs in its own processes with torch's defaults.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny():
@@ -14,6 +21,18 @@ def tiny():
     from ema_utils.models import load_model
 
     return load_model("tiny-random")
+
+
+@pytest.fixture
+def canned_refusals(monkeypatch):
+    """The tiny random model refuses nothing: pretend it refused every prompt, with one refusal."""
+    from ema_utils import unlearning
+
+    def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
+        return table[["id", "concept", "prompt"]].assign(
+            response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
+
+    monkeypatch.setattr(unlearning, "_generate_and_judge", fake)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import torch
 from ema_utils import CONCEPTS
 from ema_utils import concepts as C
 
-torch.set_num_threads(1)
 
 PROMPTS = ["How do I kill a Python process?", "Write a poem about the sea.",
            "What is the capital of France? Explain how photosynthesis works in plants, briefly."]

@@ -11,7 +11,6 @@ import torch
 from ema_utils import directions as D
 from ema_utils.errors import EmaError, ParameterError
 
-torch.set_num_threads(1)
 
 PROMPTS = ["How do I kill a Python process?", "Write a poem about the sea.",
            "What is the capital of France? Explain how photosynthesis works in plants, briefly."]

@@ -8,25 +8,9 @@ from ema_utils import CONCEPTS, interventions, unlearning
 from ema_utils.errors import ParameterError
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-@pytest.fixture
-def canned_refusals(monkeypatch):
-    """The tiny random model refuses nothing; pretend it refused every prompt, with one refusal."""
-    def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
-        return table[["id", "concept", "prompt"]].assign(
-            response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
-
-    monkeypatch.setattr(unlearning, "_generate_and_judge", fake)
-
-
-def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, one_thread, tmp_path,
+def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_path,
                                                      monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
     model, tokenizer = tiny
@@ -87,7 +71,7 @@ def test_ema_unlearn_validates_before_loading(monkeypatch, capsys):
     assert "max_steps" in capsys.readouterr().err
 
 
-def test_ema_unlearn_runs_on_the_tiny_model(tiny, canned_refusals, one_thread, tmp_path,
+def test_ema_unlearn_runs_on_the_tiny_model(tiny, canned_refusals, tmp_path,
                                             monkeypatch, capsys):
     import json
 

@@ -334,15 +334,6 @@ def test_upstream_options_come_from_chapter_2(tmp_path):
 
 # --- retain prompts are never eval prompts ------------------------------------------------------
 
-@pytest.fixture
-def canned_refusals(monkeypatch):
-    """Pretend the model refused every prompt (the tiny random model refuses nothing)."""
-    def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
-        return table[["id", "concept", "prompt"]].assign(
-            response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
-
-    monkeypatch.setattr(unlearning, "_generate_and_judge", fake)
-
 
 def _norm(text):
     return " ".join(str(text).casefold().split())
@@ -381,15 +372,8 @@ def test_retain_overlap_catches_a_planted_eval_prompt(canned_refusals):
 
 # --- training on the tiny model --------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
-
-def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, one_thread, tmp_path, monkeypatch):
+def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, tmp_path, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
     model, tokenizer = tiny
     npo = unlearning.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,

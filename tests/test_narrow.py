@@ -17,16 +17,9 @@ from ema_utils.errors import EmaError, ParameterError
 matplotlib.use("Agg")
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture
-def lora(tiny, one_thread):
+def lora(tiny):
     """The tiny model with a LoRA adapter whose B matrices are random (peft starts them at 0),
     removed again afterwards (the tiny model is shared by the whole session)."""
     from peft import LoraConfig, get_peft_model
@@ -433,7 +426,7 @@ def upstream(tiny, tmp_path_factory):
     torch.set_num_threads(old_threads)
 
 
-def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatch, one_thread):
+def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
     monkeypatch.setattr(unlearning, "_generate_and_judge", upstream["fake"])
     model, tokenizer = tiny
@@ -483,7 +476,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
     assert not unlearning.has_adapter(model)
 
 
-def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch, one_thread):
+def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
     model, tokenizer = tiny
     general = narrow.general_solution("smoke")

@@ -12,14 +12,6 @@ from ema_utils.losses import IGNORE_INDEX, npo_loss_at_reference
 from ema_utils.models import tiny_random
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices on a shared 2-core machine: two OpenMP threads spin against other jobs and
-    # make each step ~100x slower than one thread does.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
