@@ -188,7 +188,7 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
         better = [util[n] <= util[s] for n, s in pairs]
         add("Unlearning keeps utility better than SFT",
             "MMLU moves <= ~1 point for NPO, up to ~6 for SFT",
-            "; ".join(f"{n}: -{util[n]:.1f}, {s}: -{util[s]:.1f} points" for n, s in pairs),
+            "; ".join(f"{n}: {-util[n]:+.1f}, {s}: {-util[s]:+.1f} points" for n, s in pairs),
             "yes" if all(better) else ("partly" if any(better) else "no"))
     return pd.DataFrame(rows)
 
