@@ -27,6 +27,11 @@ def start_chapter(chapter: str, results_dir: str | None, seed: int) -> Path:
     import seaborn as sns
 
     set_seed(seed)
+    # transformers draws its "Loading weights" bars as widgets inside a kernel; in the static
+    # book they would be noise (our own progress bars go to stderr, which the book leaves out).
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     sns.set_theme(context="notebook", style="whitegrid")
     matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (8, 4)})
     if results_dir is None:
