@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -178,13 +177,14 @@ def save_plain(model, tokenizer, folder: Path) -> None:
 
 
 def _build_cache(entry: PackagedModel, log=print) -> Path:
-    """De-quantize a packaged GGUF once and cache it, with a manifest of sha256s, atomically."""
-    final = model_cache_path(entry.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename at the end: an interrupted build leaves only a
-    # *.tmp-* folder that is never read, and the next load starts over.
-    tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=final.parent))
-    try:
+    """De-quantize a packaged GGUF once and cache it, with a manifest of sha256s, atomically.
+
+    The folder is built under a temporary name and renamed at the end (cache.atomic_write_dir):
+    an interrupted build leaves only a hidden *.tmp-* folder that is never read.
+    """
+    from .cache import atomic_write_dir
+
+    def fill(tmp: Path) -> None:
         _write_dequantized(entry, tmp, log=log)
         files = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -193,13 +193,8 @@ def _build_cache(entry: PackagedModel, log=print) -> Path:
         (tmp / "manifest.json").write_text(
             json.dumps({"model": entry.name, "source_sha256": entry.sha256, "files": files}, indent=2)
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_write_dir(model_cache_path(entry.name), fill)
 
 
 def ensure_cached(name: str, log=print) -> Path:
