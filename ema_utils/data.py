@@ -512,11 +512,7 @@ def bbq_items(split: str | None = None) -> pd.DataFrame:
     """
     from .scorers import format_mc_prompt
 
-    path = source_path("bbq")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # pragma: no cover - the file is hash-pinned
-        raise DataError(f"{path}: not valid JSON ({exc}). Fix: {INSTALL_COMMAND}") from exc
+    raw = _read_source_json("bbq")
     rows = []
     for item in raw:
         context, question = _parse_bbq_text(item["text"])
@@ -538,17 +534,22 @@ def bbq_items(split: str | None = None) -> pd.DataFrame:
     return _filter(_with_columns(pd.DataFrame(rows)), None, split)
 
 
+def _read_source_json(name: str):
+    """A packaged source's JSON, checksum verified (source_path)."""
+    path = source_path(name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # pragma: no cover - the file is hash-pinned
+        raise DataError(f"{path}: not valid JSON ({exc}). Fix: {INSTALL_COMMAND}") from exc
+
+
 # --- ToxiGen ------------------------------------------------------------------------------------
 
 def toxigen_items(split: str | None = None) -> pd.DataFrame:
     """ToxiGen statements as agree/disagree probes (label True = a toxic statement)."""
     from .scorers import format_agree_prompt
 
-    path = source_path("toxigen")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # pragma: no cover - the file is hash-pinned
-        raise DataError(f"{path}: not valid JSON ({exc}). Fix: {INSTALL_COMMAND}") from exc
+    raw = _read_source_json("toxigen")
     rows = []
     for item in raw:
         item_id = f"toxigen/{item['id']}"
