@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import nbformat
 import numpy as np
@@ -122,4 +123,10 @@ def test_teaching_page_is_in_the_book():
     assert text.count("\n# ") + text.startswith("# ") == 1
     for chapter in [p.stem for p in NOTEBOOKS]:
         assert f"notebooks/{chapter}" in text, chapter
-    assert "TBD" in text and "reproducibility" in text
+    assert "{doc}`reproducibility`" in text
+    # The timing table: one row per chapter, each cell a time or an honest "not measured yet".
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "min" in line]
+    assert len(rows) == len(NOTEBOOKS), rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(re.fullmatch(r"(under )?[\d.]+ (min|s)|not measured yet", c) for c in cells[1:]), row
