@@ -120,7 +120,7 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     table = eval_items(concepts, split, n_per_concept, seed) if items is None else items.assign(
         scorer=items.get("scorer", "refusal"))
     safe = _over_refusal_items(split, n_per_concept, seed) if over_refusal and items is None else None
-    util_items = _utility_items(split) if utility and items is None else None
+    util_items = _utility_items() if utility and items is None else None
     parts = []
     prompts = table[table["scorer"] == "refusal"]
     if len(prompts):
@@ -193,10 +193,13 @@ def _over_refusal_items(split, n, seed):
     return sample_items(safe, n, seed)
 
 
-def _utility_items(split):
+def _utility_items():
+    # Every item, both splits: nothing trains on the utility set, and the paper's checkpoint
+    # rule (utility may drop less than 3 points) needs the resolution: one question of 126 is
+    # 0.8 points, one of the 52 eval items alone was 1.9.
     from .data import load_set
 
-    return load_set("utility", split=split)
+    return load_set("utility")
 
 
 def _utility(model, tokenizer, model_id, items, batch_size):

@@ -8,6 +8,7 @@ import pytest
 
 from ema_utils import CONCEPTS, evaluate as ev
 from ema_utils.cli import main
+from ema_utils.data import load_set
 from ema_utils.errors import DataError, ParameterError
 
 matplotlib.use("Agg")
@@ -49,6 +50,9 @@ def test_evaluate_scores_every_concept_and_caches(tiny, build, monkeypatch):
     assert result.rates["concept"].tolist() == list(CONCEPTS)
     assert ((result.rates["low"] <= result.rates["rate"]) & (result.rates["rate"] <= result.rates["high"])).all()
     assert result.over_refusal["n"] > 0 and 0 <= result.utility["accuracy"] <= 1
+    # Utility is scored on every item, both splits (nothing trains on it; the 3-point rule
+    # needs the resolution).
+    assert result.utility["n"] == len(load_set("utility")) > len(load_set("utility", split="eval"))
     payload = result.to_json()
     assert set(payload) >= {"model", "refusal", "over_refusal", "utility"}
     assert set(payload["refusal"]) == set(CONCEPTS)
