@@ -343,6 +343,8 @@ def _npo_child(spec: dict) -> dict:
             idx = [(step * config.batch_size + i) % len(examples) for i in range(config.batch_size)]
             batch = collate([examples[i] for i in idx], pad)
             start = time.perf_counter()
+            # Full-width logits, as a plain implementation computes them (unlearn keeps only
+            # the response positions' logits).
             with torch.no_grad():
                 ref_logp = L.sequence_logprob(_logits(reference, batch), batch["labels"])
             logp = L.sequence_logprob(_logits(trained, batch), batch["labels"])

@@ -352,6 +352,22 @@ def _logits(model, batch) -> torch.Tensor:
                  use_cache=False).logits
 
 
+def _response_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` cut to the positions from the first one that predicts a response token.
+
+    The vocabulary projection is the largest tensor of a step ((batch, seq, 151936) floats for
+    Qwen, kept for the backward pass), and the prompt's positions (the chat template's system
+    prefix alone is about 30 tokens) never enter a response loss; ``logits_to_keep`` computes it
+    for the kept positions only. Both come back sliced alike, so the losses' internal shift holds.
+    """
+    labels = batch["labels"]
+    counted = (labels != L.IGNORE_INDEX).any(dim=0).nonzero()
+    start = max(int(counted[0]) - 1, 0) if len(counted) else 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False, logits_to_keep=labels.shape[1] - start).logits
+    return logits, labels[:, start:]
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     was = model.training
@@ -368,7 +384,7 @@ def _sequence_logprobs(model, examples: Sequence[dict], pad_id: int, batch_size:
     with torch.no_grad(), _eval_mode(model):
         for idx in length_sorted_batches([len(e["input_ids"]) for e in examples], batch_size):
             batch = collate([examples[i] for i in idx], pad_id, device)
-            out[idx] = L.sequence_logprob(_logits(model, batch), batch["labels"]).double().cpu()
+            out[idx] = L.sequence_logprob(*_response_logits(model, batch)).double().cpu()
     return out
 
 
@@ -876,23 +892,24 @@ class _Trainer:
         c, parts, extra = self.config, {}, {}
         if c.uses_forget:
             batch = self._batch(self.forget, forget_idx)
-            logp = L.sequence_logprob(_logits(self.model, batch), batch["labels"])
+            logp = L.sequence_logprob(*_response_logits(self.model, batch))
             parts["npo"] = L.npo_loss(logp, self.ref_logp[forget_idx].to(logp), c.beta)
             extra["forget_logp"] = logp.detach().mean()
         if c.uses_sft:
             batch = self._batch(self.sft, sft_idx)
-            parts["sft_ce"] = L.response_cross_entropy(_logits(self.model, batch), batch["labels"])
+            parts["sft_ce"] = L.response_cross_entropy(*_response_logits(self.model, batch))
         if c.uses_retain:
             batch = self._batch(self.retain, retain_idx)
-            logits = _logits(self.model, batch)
             if c.method == "npo_kl":
+                # The KL over every position ("all") needs the full logits.
+                logits = _logits(self.model, batch)
                 with self.reference_model() as ref:
                     ref_logits = _logits(ref, batch)
                 mask = (L.response_positions(batch["labels"]) if c.kl_positions == "response"
                         else batch["attention_mask"].bool())
                 parts["kl"] = L.token_kl(ref_logits, logits, mask)
             else:
-                parts["retain_ce"] = L.response_cross_entropy(logits, batch["labels"])
+                parts["retain_ce"] = L.response_cross_entropy(*_response_logits(self.model, batch))
         return parts, extra
 
     def first_token_logp(self, model) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ema_utils import bench, cli
+from ema_utils.orchestrate import get_profile
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def test_every_figure_is_positive_or_explained(quick_report):
     d = report["details"]
     assert d["eval"]["generated_tokens"] <= d["eval"]["prompts"] * d["eval"]["max_new_tokens"]
     assert d["naive_eval"]["generated_tokens"] <= d["naive_eval"]["prompts"] * d["naive_eval"]["max_new_tokens"]
-    assert d["eval"]["batch_size"] == 16 and d["eval"]["max_new_tokens"] == 32  # cpu profile setup
+    setup = get_profile("cpu")["setup"]  # the eval settings are the cpu profile's setup block
+    assert (d["eval"]["batch_size"], d["eval"]["max_new_tokens"]) == (setup["batch_size"],
+                                                                      setup["max_new_tokens"])
     assert report["settings"]["npo_batch_size"] == 4 and report["settings"]["npo_lora_r"] == 16
     for variant in ("lora", "naive"):
         rec = d[f"npo_{variant}"]

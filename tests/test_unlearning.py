@@ -113,6 +113,26 @@ def test_right_padding_does_not_change_a_sequence_logprob(tiny):
     assert batched[0] == pytest.approx(alone[0], abs=1e-4)
 
 
+def test_response_logits_keep_only_response_positions_and_the_same_values(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from ema_utils import losses as L
+
+    model, tok = tiny
+    batch = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)
+    full = U._logits(model, batch)
+    cut, labels = U._response_logits(model, batch)
+    assert cut.shape[1] < full.shape[1], "the prompt's positions are dropped"
+    assert labels.shape == cut.shape[:2]
+    expected = L.sequence_logprob(full, batch["labels"])
+    assert torch.allclose(L.sequence_logprob(cut, labels), expected, atol=1e-4)
+    assert torch.allclose(L.response_cross_entropy(cut, labels),
+                          L.response_cross_entropy(full, batch["labels"]), atol=1e-5)
+    # Through a PEFT wrapper too (the training path).
+    wrapped = get_peft_model(tiny_random()[0], LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    assert U._response_logits(wrapped, batch)[0].shape == cut.shape
+
+
 # --- the reference and memory -------------------------------------------------------------------
 
 def test_lora_reference_is_the_base_model_and_no_copy_is_made(monkeypatch):
