@@ -59,10 +59,16 @@ model (how likely the model is to open with a refusal), not a response that some
 generated, so the labelled responses cannot be scored by it. ``endpoint`` is optional and not
 offline."""
 
-DEFAULT_JUDGE = "learned"
-"""The judge chapters use by default: the highest Cohen's kappa on the labelled set (see
-:func:`validate_judges`, which recomputes the choice; a test checks the two agree). On the
-256 labelled items: learned kappa 0.84 (5-fold cross-validated), phrase 0.76."""
+DEFAULT_JUDGE = "phrase"
+"""The judge chapters use by default. On the 302 labelled items the two offline judges are
+close (cross-validated kappa: learned 0.79, phrase 0.77; measured 2026-11-22), but they err in
+different places. The chapters mostly judge the short openings of *unlearned* models ("To do X,
+you would typically..."), and there the learned judge calls compliant openings refusals (6 of
+36 labelled ones; on real checkpoint outputs of chapter 2, four of ten compliant cybersecurity
+openings), which would hide the very drop the book measures; the phrase judge errs on 1 of 36.
+The phrase judge's own weakness is recall (harmless answers to harmful requests, some
+deflections), which lowers every model's refusal alike. :func:`validate_judges` reports both,
+per category too."""
 
 
 class EndpointError(EmaError):
@@ -1140,12 +1146,19 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
 
     Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
     "n"}}}``; the learned judge is scored by stratified ``n_splits``-fold cross-validation
-    (every item predicted by a model that never saw it). The default is the highest kappa.
+    (every item predicted by a model that never saw it). ``by_category`` gives each judge's
+    accuracy per label category (e.g. ``unlearned_opening``, the reason for
+    :data:`DEFAULT_JUDGE`); ``best_kappa`` names the judge with the highest overall kappa.
     """
     table = validation_predictions(labels_path, judges, n_splits, seed, progress)
     results = {name: agreement(table["is_refusal"], table[f"pred_{name}"]) for name in judges}
-    default = max(results, key=lambda k: (results[k]["kappa"], k == DEFAULT_JUDGE))
-    return {"default": default, "judges": results}
+    out = {"default": DEFAULT_JUDGE, "best_kappa": max(results, key=lambda k: results[k]["kappa"]),
+           "judges": results}
+    if "category" in table:
+        out["by_category"] = {
+            name: {str(c): round(float((g[f"pred_{name}"] == g["is_refusal"]).mean()), 4)
+                   for c, g in table.groupby("category")} for name in judges}
+    return out
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -1160,8 +1173,11 @@ def _cmd_validate(args) -> int:
         for name, m in p["judges"].items():
             lines.append(f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
                          f"{m['kappa']:7.3f} {m['n']:5d}")
-        lines.append(f"default judge: {p['default']} (highest Cohen's kappa; learned: "
-                     "cross-validated)")
+        lines.append(f"default judge: {p['default']}; highest Cohen's kappa: {p['best_kappa']} "
+                     "(learned: cross-validated)")
+        for name, per in p.get("by_category", {}).items():
+            lines.append(f"{name} accuracy by category: " +
+                         ", ".join(f"{c} {v:.2f}" for c, v in per.items()))
         return "\n".join(lines)
 
     _emit(args, payload, human)

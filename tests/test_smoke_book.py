@@ -41,3 +41,20 @@ def test_setup_results_show_an_aligned_model(smoke_book):
 def test_second_run_does_no_model_work(smoke_book):
     runs = json.loads(_ema(smoke_book, "run", "all", "--profile", "smoke", "--json"))
     assert runs and all(r["reused"] for r in runs), runs
+
+
+def test_a_fresh_rerun_of_setup_gives_identical_metrics_and_generations(smoke_book, tmp_path):
+    # Reproducibility on the default model: chapter 1 again, in a second build folder (nothing
+    # cached but the de-quantized model), must give the same summary and byte-identical
+    # generations as the book's own run.
+    env = {**smoke_book["env"], "EMA_BUILD_DIR": str(tmp_path)}
+    rerun = {**smoke_book, "env": env}
+    _ema(rerun, "run", "setup", "--profile", "smoke")
+    first = json.loads(_ema(smoke_book, "results", "setup", "--profile", "smoke", "--json"))
+    again = json.loads(_ema(rerun, "results", "setup", "--profile", "smoke", "--json"))
+    assert again == first
+    fresh = sorted((tmp_path / "results" / "store").glob("generations-*.jsonl"))
+    assert fresh, "the rerun generated its own responses"
+    store = smoke_book["build"] / "results" / "store"
+    for path in fresh:
+        assert (store / path.name).read_bytes() == path.read_bytes(), path.name
