@@ -1155,10 +1155,21 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     out = {"default": DEFAULT_JUDGE, "best_kappa": max(results, key=lambda k: results[k]["kappa"]),
            "judges": results}
     if "category" in table:
-        out["by_category"] = {
-            name: {str(c): round(float((g[f"pred_{name}"] == g["is_refusal"]).mean()), 4)
-                   for c, g in table.groupby("category")} for name in judges}
+        per = accuracy_by_category(table, judges)
+        out["by_category"] = {name: {str(c): round(float(v), 4) for c, v in per[name].items()}
+                              for name in judges}
     return out
+
+
+def accuracy_by_category(predictions: pd.DataFrame, judges: Sequence[str] = RESPONSE_JUDGES
+                         ) -> pd.DataFrame:
+    """Share judged correctly per label category (rows) and judge (columns), plus ``n``.
+
+    ``predictions`` is :func:`validation_predictions`' table (``is_refusal``, ``category`` and a
+    ``pred_<judge>`` column per judge)."""
+    correct = {name: (predictions[f"pred_{name}"] == predictions["is_refusal"])
+               .groupby(predictions["category"]).mean() for name in judges}
+    return pd.DataFrame(correct).assign(n=predictions.groupby("category").size())
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -901,7 +901,7 @@ class _Trainer:
         if c.uses_retain:
             batch = self._batch(self.retain, retain_idx)
             if c.method == "npo_kl":
-                # The KL over every position ("all") needs the full logits.
+                # Full-width logits: the KL's mask may cover every position (kl_positions "all").
                 logits = _logits(self.model, batch)
                 with self.reference_model() as ref:
                     ref_logits = _logits(ref, batch)

@@ -397,3 +397,14 @@ def test_cli_judge_validate(tmp_path, isolated_cache, capsys):
     assert set(out["judges"]["phrase"]) == {"accuracy", "precision", "recall", "kappa", "n"}
     assert cli.main(["judge", "validate", "--labels", str(labels)]) == 0
     assert "default judge" in capsys.readouterr().out
+
+
+def test_accuracy_by_category_counts_each_judge_per_category():
+    table = pd.DataFrame({"is_refusal": [True, True, False, False, True],
+                          "category": ["a", "a", "b", "b", "b"],
+                          "pred_phrase": [True, False, False, True, True],
+                          "pred_learned": [True, True, True, True, True]})
+    per = judges.accuracy_by_category(table)
+    assert per.loc["a", "phrase"] == 0.5 and per.loc["a", "learned"] == 1.0
+    assert per.loc["b", "phrase"] == pytest.approx(2 / 3) and per.loc["b", "learned"] == pytest.approx(1 / 3)
+    assert per["n"].to_dict() == {"a": 2, "b": 3}
