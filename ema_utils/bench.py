@@ -13,7 +13,16 @@ naive_roof_fraction           model FLOP/s of the naive loop / matmul       (rep
 npo_step_speedup              naive two-copy step time / ema_utils step     (reported)
 npo_memory_fraction           peak RSS growth ema_utils / naive two-copy    <= 0.6
 load_speedup                  cold (GGUF de-quantization) / cached load     >= 10
+eval_speedup_ceiling          same work at 100% of the roof / naive loop    (reported)
+eval_speedup_ceiling_prefix   ... with the shared chat prefix done once     (reported)
 ============================ ============================================= ==========
+
+Where a target is missed, :func:`eval_work_profile` says why: it runs the evaluation again under
+``torch.profiler`` and splits the wall time into matrix products, attention, other tensor
+operations and time outside any tensor operation (Python, the generate loop), and it counts
+the tokens the batches compute against the tokens that are useful (padding, rows that have
+already stopped). The two ceilings turn the useful work into the best speedup any
+implementation could reach on this machine without doing less work.
 
 A target that is not reached is still printed, with its measured value and ``met: false``.
 Model FLOPs are counted as 2 x parameters per processed token (prompt tokens without padding
@@ -70,6 +79,12 @@ RATIOS = {
                             "ema_utils' NPO peak RSS growth as a fraction of the naive one's"),
     "load_speedup": ("load_cold_s", "load_cached_s",
                      "cold (GGUF de-quantization) load time over the cached load time"),
+    "eval_speedup_ceiling": ("eval_roof_prompts_per_s", "naive_prompts_per_s",
+                             "the useful work of the evaluation at 100% of the matmul roof, over "
+                             "the naive loop: no implementation doing this work beats it here"),
+    "eval_speedup_ceiling_prefix": ("eval_roof_prefix_prompts_per_s", "naive_prompts_per_s",
+                                    "the same ceiling if the chat template's shared prefix were "
+                                    "computed once instead of once per prompt"),
 }
 
 UNITS = {
@@ -81,6 +96,9 @@ UNITS = {
     "npo_naive_s_per_step": "s/step", "npo_naive_peak_growth_mib": "MiB",
     "npo_naive_peak_rss_mib": "MiB", "load_cold_s": "s", "load_cached_s": "s",
     "chapter_peak_rss_mib": "MiB",
+    "eval_roof_prompts_per_s": "prompts/s", "eval_roof_prefix_prompts_per_s": "prompts/s",
+    "eval_useful_token_fraction": "fraction", "eval_matmul_time_fraction": "fraction",
+    "eval_outside_ops_time_fraction": "fraction", "shared_prefix_tokens": "tokens",
 }
 FIGURES = tuple(UNITS)
 """Every figure `ema bench --json` reports (a value, or null with a reason in not_measured)."""
@@ -179,7 +197,7 @@ class _CountingGenerate:
 
     def __init__(self, model, stop_ids):
         self.model, self.stop_ids = model, set(stop_ids)
-        self.prompt_tokens = self.generated_tokens = 0
+        self.prompt_tokens = self.generated_tokens = self.computed_tokens = 0
 
     def __enter__(self):
         original = self.model.generate
@@ -190,6 +208,10 @@ class _CountingGenerate:
                                      self.stop_ids)
             self.prompt_tokens += p
             self.generated_tokens += g
+            # what the batch computed: every (padded) prompt position, and every row at every
+            # decoding step, stopped or not (the last new token is sampled, never fed back)
+            steps = out.shape[1] - kwargs["input_ids"].shape[1]
+            self.computed_tokens += kwargs["input_ids"].numel() + out.shape[0] * max(steps - 1, 0)
             return out
 
         self.model.generate = generate
@@ -263,6 +285,90 @@ def first_token_throughput(model, tokenizer, prompts, batch_size: int) -> dict:
     seconds = time.perf_counter() - start
     return {"prompts": len(prompts), "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
             "batch_size": batch_size}
+
+
+def shared_prefix_tokens(tokenizer, prompts) -> int:
+    """How many leading tokens every chat-formatted prompt shares (the template's system turn):
+    work a prefix cache would do once instead of once per prompt."""
+    from .generation import encode_chats
+
+    ids = encode_chats(tokenizer, list(prompts["prompt"]))
+    n = min(len(row) for row in ids)
+    for i in range(n):
+        if len({row[i] for row in ids}) > 1:
+            return i
+    return n
+
+
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+                        "aten::linear"})
+ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "softmax")
+"""How :func:`eval_work_profile` groups profiled operations: matrix products by name, attention
+by a marker in the name, everything else is "other ops" (element-wise, copies, the KV cache's
+concatenations, indexing). Self times are summed, so composite ops (linear, matmul) add only
+their own overhead, never their children's."""
+
+
+def op_kind(name: str) -> str:
+    """"matmul", "attention" or "other ops" for a profiled operation's name."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if any(marker in name for marker in ATTENTION_MARKERS):
+        return "attention"
+    return "other ops"
+
+
+def eval_work_profile(model, tokenizer, prompts, batch_size: int, max_new_tokens: int,
+                      top: int = 8) -> dict:
+    """Where the evaluation's time goes: one more call of ``generate_responses`` under
+    ``torch.profiler`` (CPU activity only, no stacks or shapes, so its overhead stays small).
+
+    Returns the wall time; the fraction of it spent in each kind of operation (self CPU time of
+    the operations on the calling thread, grouped by :func:`op_kind`) and outside any operation
+    (Python, the generate loop, tokenisation); the ``top`` operations by self time; the tokens
+    that were useful (real prompt tokens and generated tokens up to each row's stop) against the
+    tokens the batches computed (left padding and rows that had already stopped included); and
+    the shared chat-template prefix (:func:`shared_prefix_tokens`).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .generation import _stop_ids, generate_responses
+
+    with _CountingGenerate(model, _stop_ids(model, tokenizer)) as counter:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=False)
+            seconds = time.perf_counter() - start
+    # key_averages' self_cpu_time_total excludes children: the sum over ops is the time inside
+    # operations, each microsecond counted once.
+    rows = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    by_kind: dict = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
+    for name, sec in rows:
+        by_kind[op_kind(name)] += sec
+    inside = sum(by_kind.values())
+    fractions = {kind: sec / seconds for kind, sec in by_kind.items()}
+    fractions["outside ops"] = max(0.0, 1.0 - inside / seconds)
+    top_ops = [{"op": name, "self_s": sec, "fraction": sec / seconds, "kind": op_kind(name)}
+               for name, sec in sorted(rows, key=lambda r: -r[1])[:top]]
+    useful = counter.prompt_tokens + counter.generated_tokens
+    return {"seconds": seconds, "prompts": len(prompts), "time_fractions": fractions,
+            "top_ops": top_ops, "useful_tokens": useful,
+            "computed_tokens": counter.computed_tokens,
+            "useful_token_fraction": useful / counter.computed_tokens if counter.computed_tokens else None,
+            "shared_prefix_tokens": shared_prefix_tokens(tokenizer, prompts),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+
+
+def roof_ceilings(roof_gflops: float, params: int, n_prompts: int, useful_tokens: int,
+                  shared_prefix: int) -> dict:
+    """Prompts/s at 100% of the matmul roof for the evaluation's useful work (2 x parameters
+    FLOP per useful token), and the same with the ``shared_prefix`` tokens of every prompt but
+    one batch's computed once (a prefix KV cache). Upper bounds, not predictions."""
+    per_prompt = 2 * params * useful_tokens / n_prompts
+    prefix = 2 * params * shared_prefix
+    return {"roof_prompts_per_s": roof_gflops * 1e9 / per_prompt,
+            "roof_prefix_prompts_per_s": roof_gflops * 1e9 / max(per_prompt - prefix, 1.0)}
 
 
 # NPO steps run in a fresh child process per variant, so the two peaks never mix.
@@ -593,6 +699,18 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
         figures[f"{prefix}_tokens_per_s"] = details[key]["tokens_per_s"]
         figures[f"{prefix}_model_gflops"] = details[key]["model_gflops"]
     details["parameters"] = n_parameters(model)
+    _log(f"evaluation again under torch.profiler ({settings['eval_prompts']} prompts)")
+    work = eval_work_profile(model, tokenizer, prompts.head(settings["eval_prompts"]),
+                             settings["eval_batch_size"], settings["eval_max_new_tokens"])
+    details["eval_profile"] = work
+    ceilings = roof_ceilings(figures["matmul_gflops"], details["parameters"], work["prompts"],
+                             work["useful_tokens"], work["shared_prefix_tokens"])
+    figures["eval_roof_prompts_per_s"] = ceilings["roof_prompts_per_s"]
+    figures["eval_roof_prefix_prompts_per_s"] = ceilings["roof_prefix_prompts_per_s"]
+    figures["eval_useful_token_fraction"] = work["useful_token_fraction"]
+    figures["eval_matmul_time_fraction"] = work["time_fractions"]["matmul"]
+    figures["eval_outside_ops_time_fraction"] = work["time_fractions"]["outside ops"]
+    figures["shared_prefix_tokens"] = float(work["shared_prefix_tokens"])
 
     _log(f"first-token scoring on {settings['first_token_prompts']} prompts")
     details["first_token"] = first_token_throughput(

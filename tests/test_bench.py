@@ -167,3 +167,50 @@ def test_a_recorded_chapter_peak_is_read(tmp_path, monkeypatch):
     found = bench.chapter_peak_memory("tiny-random", quick=True)
     assert found["peak_rss_mib"] == 2500.0 and found["chapter"] == "unlearning"
     assert found["method"] == "run record"
+
+
+def test_eval_work_profile_accounts_for_the_time_and_the_tokens(tiny):
+    model, tokenizer = tiny
+    prompts = bench.bench_prompts(5)
+    work = bench.eval_work_profile(model, tokenizer, prompts, batch_size=2, max_new_tokens=6)
+    fractions = work["time_fractions"]
+    assert set(fractions) == {"matmul", "attention", "other ops", "outside ops"}
+    assert all(v >= 0 for v in fractions.values())
+    inside = fractions["matmul"] + fractions["attention"] + fractions["other ops"]
+    assert inside <= 1.05  # self times on the calling thread cannot exceed the wall time
+    assert fractions["outside ops"] == pytest.approx(max(0.0, 1.0 - inside))
+    assert fractions["matmul"] > 0  # a transformer forward pass is made of matrix products
+    assert any(op["kind"] == "matmul" for op in work["top_ops"])
+    # useful tokens are a part of what the padded, lock-step batches computed
+    assert 0 < work["useful_tokens"] <= work["computed_tokens"]
+    assert 0 < work["useful_token_fraction"] <= 1
+    assert work["shared_prefix_tokens"] == bench.shared_prefix_tokens(tokenizer, prompts) > 0
+
+
+def test_op_kind_groups_operations():
+    assert bench.op_kind("aten::addmm") == bench.op_kind("aten::mm") == "matmul"
+    assert bench.op_kind("aten::scaled_dot_product_attention") == "attention"
+    assert bench.op_kind("aten::_softmax") == "attention"
+    assert bench.op_kind("aten::cat") == bench.op_kind("aten::mul") == "other ops"
+    assert bench.op_kind("aten::mm_extra") == "other ops"  # exact names, not prefixes
+
+
+def test_shared_prefix_tokens_is_the_common_start_of_the_chat_prompts(tiny):
+    import pandas as pd
+
+    from ema_utils.generation import encode_chats
+
+    _, tokenizer = tiny
+    prompts = pd.DataFrame({"prompt": ["Name a fruit.", "Why is the sky blue?", "Hi"]})
+    n = bench.shared_prefix_tokens(tokenizer, prompts)
+    ids = encode_chats(tokenizer, prompts["prompt"].tolist())
+    assert all(row[:n] == ids[0][:n] for row in ids)
+    assert len({row[n] for row in ids}) > 1  # the next token differs somewhere
+
+
+def test_roof_ceilings_are_the_useful_work_at_the_roof():
+    c = bench.roof_ceilings(roof_gflops=100.0, params=10**9, n_prompts=10, useful_tokens=500,
+                            shared_prefix=20)
+    # 50 useful tokens per prompt x 2 GFLOP each = 100 GFLOP per prompt -> 1 prompt/s
+    assert c["roof_prompts_per_s"] == pytest.approx(1.0)
+    assert c["roof_prefix_prompts_per_s"] == pytest.approx(100 / 60)
