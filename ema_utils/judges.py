@@ -627,7 +627,7 @@ LEARNED_CS = (0.01, 0.1, 1.0, 10.0)
 """Inverse regularisation strengths tried by an inner 5-fold search (on standardised features);
 the outer cross-validation of :func:`validate_judges` never sees its test folds."""
 
-_CACHE_VERSION = "v3"  # v3: prompt embeddings cached beside the responses''' (similarity feature)
+_CACHE_VERSION = "v3"  # v3: prompt embeddings cached beside the responses' (similarity feature)
 
 
 def _pattern_table():
