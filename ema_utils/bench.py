@@ -367,8 +367,9 @@ def eval_work_profile(model, tokenizer, prompts, batch_size: int, max_new_tokens
 def roof_ceilings(roof_gflops: float, params: int, n_prompts: int, useful_tokens: int,
                   shared_prefix: int) -> dict:
     """Prompts/s at 100% of the matmul roof for the evaluation's useful work (2 x parameters
-    FLOP per useful token), and the same with the ``shared_prefix`` tokens of every prompt but
-    one batch's computed once (a prefix KV cache). Upper bounds, not predictions."""
+    FLOP per useful token), and the same with every prompt's ``shared_prefix`` tokens left out
+    (a prefix KV cache computes them once for the whole evaluation, a cost that vanishes over
+    many prompts). Upper bounds, not predictions."""
     per_prompt = 2 * params * useful_tokens / n_prompts
     prefix = 2 * params * shared_prefix
     return {"roof_prompts_per_s": roof_gflops * 1e9 / per_prompt,
