@@ -671,6 +671,18 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)[:, None]
 
 
+def _embeddings(prompts, responses, text: str, progress: bool) -> dict:
+    """The MiniLM embeddings the learned judge's features need: ``text`` (what it judges, per
+    :data:`TEXT_MODES`), ``prompt`` and ``response`` (for the similarity), each ``(n, 384)``."""
+    from .embeddings import embed
+
+    prompts, responses = list(prompts), list(responses)
+    response_emb = embed(responses, progress=progress)
+    return {"prompt": embed(prompts, progress=progress), "response": response_emb,
+            "text": (response_emb if text == "response" else
+                     embed(_learned_text(prompts, responses, text), progress=progress))}
+
+
 def _assemble_features(response_text_emb, prompt_emb, response_emb, responses) -> np.ndarray:
     """[embedding of the judged text | pattern indicators | prompt-response cosine]."""
     return np.hstack([np.asarray(response_text_emb, dtype=np.float64), pattern_features(responses),
@@ -782,13 +794,8 @@ class LearnedJudge(Judge):
     # features
     def features(self, prompts, responses) -> np.ndarray:
         """``(n, 384 + len(EXTRA_FEATURE_NAMES))``: embedding, pattern indicators, similarity."""
-        from .embeddings import embed
-
-        response_emb = embed(list(responses), progress=self.progress)
-        prompt_emb = embed(list(prompts), progress=self.progress)
-        text_emb = (response_emb if self.text == "response" else
-                    embed(_learned_text(prompts, responses, self.text), progress=self.progress))
-        return _assemble_features(text_emb, prompt_emb, response_emb, responses)
+        emb = _embeddings(prompts, responses, self.text, self.progress)
+        return _assemble_features(emb["text"], emb["prompt"], emb["response"], responses)
 
     def fit_features(self, X: np.ndarray, labels, seed: int = 0) -> "LearnedJudge":
         y = np.asarray(labels, dtype=int)
@@ -870,7 +877,7 @@ class LearnedJudge(Judge):
 
 def _label_features(labels: pd.DataFrame, labels_path: Path, text: str, progress: bool) -> np.ndarray:
     """Features of the labelled set; the embeddings are cached by the labels file's sha256."""
-    from .embeddings import ENCODER_NAME, embed
+    from .embeddings import ENCODER_NAME
 
     digest = sha256_file(labels_path)
     key = hashlib.sha256(f"{digest}|{text}|{ENCODER_NAME}|{_CACHE_VERSION}".encode()).hexdigest()[:16]
@@ -886,10 +893,7 @@ def _label_features(labels: pd.DataFrame, labels_path: Path, text: str, progress
         except (OSError, ValueError, KeyError):
             cached = None  # a damaged or older cache file: recompute and overwrite it
     if cached is None:
-        response_emb = embed(responses, progress=progress)
-        cached = {"prompt": embed(prompts, progress=progress), "response": response_emb,
-                  "text": (response_emb if text == "response" else
-                           embed(_learned_text(prompts, responses, text), progress=progress))}
+        cached = _embeddings(prompts, responses, text, progress)
         _atomic_save_npz(path, **cached)
     return _assemble_features(cached["text"], cached["prompt"], cached["response"], responses)
 
