@@ -68,11 +68,12 @@ phrase judge was the default until then because an earlier learned judge was wor
 far better on harmless answers to harmful requests (about 0.55 against 0.05) and deflections
 (0.86 against 0.77), which lower the phrase judge's recall for every model alike. On the cpu
 chapters' own generations (2,538 responses of unlearned checkpoints) the two agree on 97%; of
-the disagreements read by hand, each judge was right about as often as the other (the learned
-judge catches "As an AI language model, I don't have the ability to ..." deflections, the
-phrase judge some compliant openings the learned judge calls refusals; read for the judge
-fitted on the first 369 items, 30 against 26 right outside the over-refusal set). An empty
-response is a refusal for both (nothing was given).
+the 55 distinct disagreements outside the over-refusal set, read by hand, the learned judge was
+right on 22 and the phrase judge on 18 (15 unclear): the learned judge catches "As an AI
+language model, I don't have the ability to ..." deflections, the phrase judge some compliant
+openings the learned judge calls refusals. (Some labelled items were modelled on these very
+outputs, so this check flatters the learned judge a little.) An empty response is a refusal
+for both (nothing was given).
 Two places keep the phrase judge on purpose: the over-refusal set (:data:`ema_utils.evaluate.
 OVER_REFUSAL_JUDGE`, benign prompts, where the phrase judge's precision matters) and the
 selection of the model's own refusals for forget and retain sets (``build_forget_set``'s
