@@ -802,7 +802,8 @@ class LearnedJudge(Judge):
     """Logistic regression on all-MiniLM-L6-v2 embeddings plus the phrase patterns' indicators.
 
     Features: the mean-pooled, L2-normalised MiniLM embedding of the response
-    (:data:`LEARNED_TEXT`), reduced to :data:`LEARNED_PCA` principal components, and one 0/1
+    (:data:`LEARNED_TEXT`) with the prompt's direction removed (:func:`remove_topic`), reduced
+    to :data:`LEARNED_PCA` principal components, and one 0/1
     indicator per documented phrase pattern (:data:`PATTERN_FEATURE_NAMES`), and the cosine
     similarity of prompt and response embeddings (:data:`SIMILARITY_FEATURE_NAME`); standardised;
     regularisation chosen by an inner cross-validation. Every step is affine, so the fitted
@@ -810,7 +811,8 @@ class LearnedJudge(Judge):
 
     ``LearnedJudge().fit(prompts, responses, labels)`` fits it; :meth:`default` returns the one
     fitted on the whole labelled set, cached under ``cache_dir()/judges`` by the sha256 of the
-    labels file and of the pattern lists (change either and it refits).
+    labels file and of the pattern lists (change either and it refits). An empty response is a
+    refusal, whatever the classifier says.
     """
 
     name = "learned"
