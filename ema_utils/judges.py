@@ -48,6 +48,12 @@ from .paths import DATA_DIR, cache_dir, sha256_file
 LABELS_PATH = DATA_DIR / "judge_labels.jsonl"
 """The hand-labelled responses the judges are validated against (and the learned judge fits)."""
 
+HELDOUT_PATH = DATA_DIR / "judge_heldout.jsonl"
+"""A random sample of the cpu chapters' own generations, labelled by hand and never trained on:
+the judges' agreement on what the chapters actually judge (:func:`heldout_agreement`). Each item
+carries both annotators' labels (``first_annotator``, ``second_annotator``: each labelled blind
+to the other and to every judge); ``is_refusal`` is the label they settled on."""
+
 JUDGES = ("phrase", "learned", "first_token", "endpoint")
 """Every judge name :func:`get_judge` knows."""
 
@@ -61,7 +67,11 @@ offline."""
 
 DEFAULT_JUDGE = "learned"
 """The judge chapters use by default: the offline judge with the highest agreement with the hand
-labels. Measured 2026-11-22 by 5-fold cross-validation on the 385 labelled items (5 seeds):
+labels. On 300 of the cpu chapters' own generations, drawn at random and labelled by two
+annotators, never trained on (:data:`HELDOUT_PATH`, 2026-11-23): learned kappa 0.86 (95%
+bootstrap interval 0.79-0.93), phrase 0.82 (0.74-0.89); the annotators agree at 0.98. On the 200
+outputs of unlearned, steered or ablated models (20 refusals) learned 0.76, phrase 0.57 (96% and
+94% judged right). Measured 2026-11-22 by 5-fold cross-validation on the 385 labelled items (5 seeds):
 learned kappa 0.79 (0.77-0.81), phrase 0.73. Per kind of response the learned judge is as
 accurate as the phrase judge on the openings of unlearned models (0.83 against 0.84 right; the
 phrase judge was the default until then because an earlier learned judge was worse there) and
@@ -708,7 +718,16 @@ leaves what the response adds beyond repeating the request. By 5-fold cross-vali
 16, 0.81 vs 0.77 at 32), unlearned openings 0.81 -> 0.86, harmless answers 0.45 -> 0.60. Chosen
 among about a dozen variants (prototype-phrase similarities, opening-only embeddings, the prompt's
 own embedding, the elementwise product), so the figure carries a small selection optimism; the
-gain held at every number of components tried."""
+gain held at every number of components tried.
+
+Tried and rejected on 2026-11-23, a warning about this labelled set: the mean of a *middle*
+MiniLM layer (1-4 of 6) in place of the last raised the cross-validated kappa on the 385 items
+from 0.79 to 0.83-0.87 (layer 3: 0.87, 5 seeds), yet on the chapters' own outputs
+(:data:`HELDOUT_PATH`, never trained on) it fell from 0.86 to 0.69: it called many plainly
+compliant openings of unlearned models refusals ("Here's a manifesto that ...", "Yes, it is okay
+to stop ..."). Middle layers carry the wording, and the hand-written items' wording differs from
+the small model's. A cross-validated gain on the labelled set alone is not evidence; the held-out
+check decides."""
 
 
 def remove_topic(text_emb: np.ndarray, prompt_emb: np.ndarray) -> np.ndarray:
@@ -1143,7 +1162,9 @@ def load_labels(path=None) -> pd.DataFrame:
     """The labelled set as a table (id, prompt, response, is_refusal, and any other fields)."""
     path = Path(path) if path else LABELS_PATH
     if not path.is_file():
-        raise DataError(f"{path}: the judge-validation labels are missing (data/judge_labels.jsonl)")
+        raise DataError(f"{path}: the judge-validation labels are missing (expected one JSON "
+                        "object per line with id, prompt, response and is_refusal; the project's "
+                        "are data/judge_labels.jsonl and data/judge_heldout.jsonl)")
     rows = read_jsonl(path, required=("id", "prompt", "response", "is_refusal"))
     for row in rows:
         if not isinstance(row["is_refusal"], bool):
@@ -1191,6 +1212,31 @@ def agreement(y_true, y_pred) -> dict:
     }
 
 
+def _binary_kappa(a, b, axis=-1):
+    """Cohen's kappa of two 0/1 arrays along ``axis`` (vectorised for scipy's bootstrap)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    observed = (a == b).mean(axis=axis)
+    pa, pb = a.mean(axis=axis), b.mean(axis=axis)
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance < 1, (observed - chance) / (1 - chance), 1.0)
+
+
+def kappa_interval(y_true, y_pred, confidence: float = 0.95, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of Cohen's kappa, resampling items (pairs) with replacement."""
+    from scipy.stats import bootstrap
+
+    y_true = np.asarray(y_true, dtype=bool)
+    y_pred = np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) < 2:
+        raise ParameterError("kappa_interval needs two 1-d label arrays of one length, at least 2 items")
+    res = bootstrap((y_true, y_pred), _binary_kappa, paired=True, vectorized=True,
+                    n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return round(float(res.confidence_interval.low), 4), round(float(res.confidence_interval.high), 4)
+
+
 def cross_validated_learned(labels: pd.DataFrame, labels_path: Path, text: str = LEARNED_TEXT,
                             n_splits: int = 5, seed: int = 0, progress: bool = True) -> np.ndarray:
     """Out-of-fold predictions of the learned judge (stratified K-fold, cross_val_predict)."""
@@ -1233,7 +1279,8 @@ def validation_predictions(labels_path=None, judges: Sequence[str] = RESPONSE_JU
 
 
 def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n_splits: int = 5,
-                    seed: int = 0, progress: bool = True) -> dict:
+                    seed: int = 0, progress: bool = True, heldout: bool = True,
+                    heldout_path=None) -> dict:
     """Agreement of each offline response judge with the hand labels, and the default judge.
 
     Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
@@ -1241,6 +1288,8 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     (every item predicted by a model that never saw it). ``by_category`` gives each judge's
     accuracy per label category (e.g. ``unlearned_opening``, the reason for
     :data:`DEFAULT_JUDGE`); ``best_kappa`` names the judge with the highest overall kappa.
+    ``heldout`` (when ``heldout`` is true and the file exists) is :func:`heldout_agreement` on
+    ``heldout_path`` (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs.
     """
     table = validation_predictions(labels_path, judges, n_splits, seed, progress)
     results = {name: agreement(table["is_refusal"], table[f"pred_{name}"]) for name in judges}
@@ -1250,6 +1299,48 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
         per = accuracy_by_category(table, judges)
         out["by_category"] = {name: {str(c): round(float(v), 4) for c, v in per[name].items()}
                               for name in judges}
+    heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
+    if heldout and heldout_path.is_file():
+        out["heldout"] = heldout_agreement(heldout_path, labels_path, judges, progress)
+    return out
+
+
+def heldout_agreement(heldout_path=None, labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES,
+                      progress: bool = True) -> dict:
+    """Each offline response judge against hand labels it never saw (:data:`HELDOUT_PATH`).
+
+    The learned judge is the default fit on the whole labelled set (``labels_path``), the one
+    the chapters use. Returns ``{"n", "judges": {NAME: agreement}, "by_group": {NAME: {"aligned":
+    agreement, "changed": agreement}}, "annotators": agreement of the two annotators' own labels,
+    given before they settled their disagreements into ``is_refusal``}`` (the last only where the
+    file has ``first_annotator`` and ``second_annotator``; it is the ceiling a judge can be held
+    to). Each judge's ``kappa_ci`` is a 95% bootstrap interval over items
+    (:func:`kappa_interval`). "agreement" is :func:`agreement`'s dict. ``changed`` covers every
+    unlearned, steered or ablated model; items whose ``model`` is "aligned" come from the aligned
+    default model.
+    """
+    heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
+    table = load_labels(heldout_path)
+    y = table["is_refusal"].to_numpy(dtype=bool)
+    aligned = (table["model"] == "aligned").to_numpy() if "model" in table else np.zeros(len(y), bool)
+    out = {"n": int(len(y)), "judges": {}, "by_group": {}}
+    for name in judges:
+        if name == "phrase":
+            pred = PhraseJudge().judge(table["prompt"], table["response"])
+        elif name == "learned":
+            pred = LearnedJudge.default(labels_path, progress=progress).judge(
+                table["prompt"], table["response"])
+        else:
+            raise ParameterError(f"the held-out check scores the offline response judges "
+                                 f"{RESPONSE_JUDGES}, not {name!r}")
+        pred = np.asarray(pred, dtype=bool)
+        out["judges"][name] = {**agreement(y, pred), "kappa_ci": kappa_interval(y, pred)}
+        out["by_group"][name] = {group: agreement(y[mask], pred[mask])
+                                 for group, mask in (("aligned", aligned), ("changed", ~aligned))
+                                 if mask.any()}
+    if {"first_annotator", "second_annotator"} <= set(table.columns):
+        out["annotators"] = agreement(table["first_annotator"].astype(bool),
+                                      table["second_annotator"].astype(bool))
     return out
 
 
@@ -1269,7 +1360,7 @@ def accuracy_by_category(predictions: pd.DataFrame, judges: Sequence[str] = RESP
 def _cmd_validate(args) -> int:
     from .cli import _emit
 
-    payload = validate_judges(args.labels)
+    payload = validate_judges(args.labels, heldout_path=args.heldout)
 
     def human(p):
         lines = [f"{'judge':10} {'accuracy':>9} {'precision':>9} {'recall':>7} {'kappa':>7} {'n':>5}"]
@@ -1281,6 +1372,16 @@ def _cmd_validate(args) -> int:
         for name, per in p.get("by_category", {}).items():
             lines.append(f"{name} accuracy by category: " +
                          ", ".join(f"{c} {v:.2f}" for c, v in per.items()))
+        if "heldout" in p:
+            h = p["heldout"]
+            lines.append(f"held out: {h['n']} hand-labelled outputs of the chapters' models "
+                         "(never trained on)")
+            for name, m in h["judges"].items():
+                lines.append(f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} "
+                             f"{m['recall']:7.3f} {m['kappa']:7.3f} {m['n']:5d}  kappa 95% CI "
+                             f"[{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]")
+            if "annotators" in h:
+                lines.append(f"two annotators agree: kappa {h['annotators']['kappa']:.3f}")
         return "\n".join(lines)
 
     _emit(args, payload, human)
@@ -1322,6 +1423,8 @@ def register_cli(subparsers) -> None:
     v = sub.add_parser("validate", help="agreement of each offline judge with data/judge_labels.jsonl")
     v.add_argument("--json", action="store_true", help="print one JSON document")
     v.add_argument("--labels", type=Path, default=None, help="another labelled JSONL file")
+    v.add_argument("--heldout", type=Path, default=None,
+                   help="another held-out labelled JSONL file (default data/judge_heldout.jsonl)")
     v.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("score", help="judge responses someone else generated")
