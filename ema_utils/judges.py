@@ -1362,11 +1362,13 @@ def _cmd_validate(args) -> int:
 
     payload = validate_judges(args.labels, heldout_path=args.heldout)
 
+    def row(name, m):
+        return (f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
+                f"{m['kappa']:7.3f} {m['n']:5d}")
+
     def human(p):
         lines = [f"{'judge':10} {'accuracy':>9} {'precision':>9} {'recall':>7} {'kappa':>7} {'n':>5}"]
-        for name, m in p["judges"].items():
-            lines.append(f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
-                         f"{m['kappa']:7.3f} {m['n']:5d}")
+        lines += [row(name, m) for name, m in p["judges"].items()]
         lines.append(f"default judge: {p['default']}; highest Cohen's kappa: {p['best_kappa']} "
                      "(learned: cross-validated)")
         for name, per in p.get("by_category", {}).items():
@@ -1376,10 +1378,8 @@ def _cmd_validate(args) -> int:
             h = p["heldout"]
             lines.append(f"held out: {h['n']} hand-labelled outputs of the chapters' models "
                          "(never trained on)")
-            for name, m in h["judges"].items():
-                lines.append(f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} "
-                             f"{m['recall']:7.3f} {m['kappa']:7.3f} {m['n']:5d}  kappa 95% CI "
-                             f"[{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]")
+            lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
+                      for name, m in h["judges"].items()]
             if "annotators" in h:
                 lines.append(f"two annotators agree: kappa {h['annotators']['kappa']:.3f}")
         return "\n".join(lines)
