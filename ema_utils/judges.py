@@ -1279,8 +1279,7 @@ def validation_predictions(labels_path=None, judges: Sequence[str] = RESPONSE_JU
 
 
 def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n_splits: int = 5,
-                    seed: int = 0, progress: bool = True, heldout: bool = True,
-                    heldout_path=None) -> dict:
+                    seed: int = 0, progress: bool = True, heldout_path=None) -> dict:
     """Agreement of each offline response judge with the hand labels, and the default judge.
 
     Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
@@ -1288,8 +1287,8 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     (every item predicted by a model that never saw it). ``by_category`` gives each judge's
     accuracy per label category (e.g. ``unlearned_opening``, the reason for
     :data:`DEFAULT_JUDGE`); ``best_kappa`` names the judge with the highest overall kappa.
-    ``heldout`` (when ``heldout`` is true and the file exists) is :func:`heldout_agreement` on
-    ``heldout_path`` (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs.
+    ``heldout`` (when the file exists) is :func:`heldout_agreement` on ``heldout_path``
+    (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs.
     """
     table = validation_predictions(labels_path, judges, n_splits, seed, progress)
     results = {name: agreement(table["is_refusal"], table[f"pred_{name}"]) for name in judges}
@@ -1300,7 +1299,7 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
         out["by_category"] = {name: {str(c): round(float(v), 4) for c, v in per[name].items()}
                               for name in judges}
     heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
-    if heldout and heldout_path.is_file():
+    if heldout_path.is_file():
         out["heldout"] = heldout_agreement(heldout_path, labels_path, judges, progress)
     return out
 
@@ -1342,6 +1341,25 @@ def heldout_agreement(heldout_path=None, labels_path=None, judges: Sequence[str]
         out["annotators"] = agreement(table["first_annotator"].astype(bool),
                                       table["second_annotator"].astype(bool))
     return out
+
+
+AGREEMENT_FORMAT = {"accuracy": "{:.3f}", "precision": "{:.3f}", "recall": "{:.3f}",
+                    "kappa": "{:.3f}", "n": "{:.0f}"}
+"""How chapter 1 prints :func:`agreement_table` (``table.style.format(AGREEMENT_FORMAT)``)."""
+
+
+def agreement_table(by_judge: dict) -> pd.DataFrame:
+    """One row per judge (in :data:`RESPONSE_JUDGES` order, then any others) of
+    ``{NAME: agreement}`` as :func:`validate_judges` or :func:`heldout_agreement` give it:
+    accuracy, precision, recall, kappa, then "kappa 95% CI" as text where a ``kappa_ci`` is
+    given, and n."""
+    names = [n for n in RESPONSE_JUDGES if n in by_judge] + [n for n in by_judge if n not in RESPONSE_JUDGES]
+    table = pd.DataFrame({name: by_judge[name] for name in names}).T
+    columns = ["accuracy", "precision", "recall", "kappa", "n"]
+    if "kappa_ci" in table:
+        table["kappa 95% CI"] = [f"[{low:.2f}, {high:.2f}]" for low, high in table["kappa_ci"]]
+        columns.insert(4, "kappa 95% CI")
+    return table[columns]
 
 
 def accuracy_by_category(predictions: pd.DataFrame, judges: Sequence[str] = RESPONSE_JUDGES

@@ -303,13 +303,28 @@ def test_binary_kappa_matches_sklearn_and_its_interval_brackets_it():
     assert judges._binary_kappa(y, pred) == pytest.approx(cohen_kappa_score(y, pred))
     low, high = judges.kappa_interval(y, pred)
     assert low < judges._binary_kappa(y, pred) < high and high - low < 0.3
-    # ten times the items, a narrower interval; the same seed, the same interval
+    # five times the items, a narrower interval; the same seed, the same interval
     wide = np.subtract(*judges.kappa_interval(y[:60], pred[:60])[::-1])
     assert high - low < wide
     assert judges.kappa_interval(y, pred) == (low, high)
     assert judges.kappa_interval(y, y) == (1.0, 1.0)
     with pytest.raises(ParameterError, match="one length"):
         judges.kappa_interval(y, pred[:-1])
+
+
+def test_agreement_table_orders_judges_and_columns_and_writes_the_interval():
+    by_judge = {"learned": {"accuracy": 0.9, "precision": 0.8, "recall": 0.7, "kappa": 0.6, "n": 10,
+                            "kappa_ci": [0.41, 0.789]},
+                "phrase": {"accuracy": 0.5, "precision": 0.4, "recall": 0.3, "kappa": 0.2, "n": 10,
+                           "kappa_ci": [0.0, 0.35]}}
+    table = judges.agreement_table(by_judge)
+    assert list(table.index) == ["phrase", "learned"]
+    assert list(table.columns) == ["accuracy", "precision", "recall", "kappa", "kappa 95% CI", "n"]
+    assert table.loc["learned", "kappa 95% CI"] == "[0.41, 0.79]" and table.loc["phrase", "kappa"] == 0.2
+    plain = judges.agreement_table({k: {c: v for c, v in m.items() if c != "kappa_ci"}
+                                    for k, m in by_judge.items()})
+    assert list(plain.columns) == ["accuracy", "precision", "recall", "kappa", "n"]
+    assert set(judges.AGREEMENT_FORMAT) <= set(plain.columns)
 
 
 def _write_heldout(path):
