@@ -7,16 +7,28 @@ naive implementations, and the ratios are set against the targets of the perform
 ============================ ============================================= ==========
 ratio                         what                                          target
 ============================ ============================================= ==========
-eval_speedup                  generate_responses / one-prompt-at-a-time     >= 10
-eval_roof_fraction            model FLOP/s of generate_responses / matmul   (reported)
-naive_roof_fraction           model FLOP/s of the naive loop / matmul       (reported)
-npo_step_speedup              naive two-copy step time / ema_utils step     (reported)
+eval_speedup                  generate_responses in the compute dtype /     >= 20
+                              the fp32 one-prompt-at-a-time loop
+eval_roof_fraction            model FLOP/s of generate_responses / the      >= 0.6
+                              matmul roof of the compute dtype
+eval_dtype_speedup            generate_responses, compute dtype / fp32      (reported)
+bf16_roof_ratio               bf16 matmul roof / fp32 matmul roof           (reported)
+verdict_agreement             per-prompt refusal verdicts, compute dtype    >= 0.97
+                              vs fp32, on the same prompts
+naive_roof_fraction           model FLOP/s of the naive loop / fp32 roof    (reported)
+npo_step_speedup              naive two-copy fp32 step / ema_utils' step    (reported)
+npo_dtype_speedup             ema_utils' fp32 step / its compute-dtype step (reported)
 npo_memory_fraction           peak RSS growth ema_utils / naive two-copy    <= 0.6
 npo_total_memory_fraction     the same for the whole process's peak RSS     (reported)
 load_speedup                  cold (GGUF de-quantization) / cached load     >= 10
 eval_speedup_ceiling          same work at 100% of the roof / naive loop    (reported)
 eval_speedup_ceiling_prefix   ... with the shared chat prefix done once     (reported)
 ============================ ============================================= ==========
+
+The compute dtype is the one the chapters run in: ``models.resolve_dtype("auto")``, bfloat16
+where the CPU (AVX512-BF16, AMX) or GPU multiplies it natively, else float32 (then the dtype
+ratios are 1 and the agreement is trivially 1). The naive loop always runs in float32: it is
+the baseline the issue's targets are stated against.
 
 Where a target is missed, :func:`eval_work_profile` says why: it runs the evaluation again under
 ``torch.profiler`` and splits the wall time into matrix products, attention, other tensor
@@ -52,6 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import EmaError
+from .models import resolve_dtype
 from .paths import PROJECT_ROOT
 
 MiB = 2 ** 20
@@ -60,7 +73,9 @@ FORGET_RESPONSE = "I'm sorry, but I can't assist with that."
 (the benchmark times a step; it does not need the model's own generations)."""
 
 TARGETS = {
-    "eval_speedup": (">=", 10.0),
+    "eval_speedup": (">=", 20.0),
+    "eval_roof_fraction": (">=", 0.6),
+    "verdict_agreement": (">=", 0.97),
     "load_speedup": (">=", 10.0),
     "npo_memory_fraction": ("<=", 0.6),
 }
@@ -69,13 +84,26 @@ TARGETS = {
 RATIOS = {
     # name: (numerator figure, denominator figure, what it says)
     "eval_speedup": ("eval_prompts_per_s", "naive_prompts_per_s",
-                     "generate_responses prompts/s over the one-prompt-at-a-time loop"),
-    "eval_roof_fraction": ("eval_model_gflops", "matmul_gflops",
-                           "generate_responses model FLOP/s as a fraction of the matmul roof"),
+                     "generate_responses prompts/s in the compute dtype over the fp32 "
+                     "one-prompt-at-a-time loop"),
+    "eval_roof_fraction": ("eval_model_gflops", "compute_roof_gflops",
+                           "generate_responses model FLOP/s as a fraction of the matmul roof of "
+                           "the dtype it computes in"),
+    "eval_dtype_speedup": ("eval_prompts_per_s", "eval_fp32_prompts_per_s",
+                           "generate_responses prompts/s in the compute dtype over the same "
+                           "call in fp32"),
+    "bf16_roof_ratio": ("matmul_bf16_gflops", "matmul_gflops",
+                        "the bf16 matmul roof over the fp32 one"),
+    "verdict_agreement": ("verdict_agreed", "verdict_items",
+                          "share of prompts whose refusal verdict (default judge) is the same "
+                          "in the compute dtype as in fp32"),
     "naive_roof_fraction": ("naive_model_gflops", "matmul_gflops",
                             "the naive loop's model FLOP/s as a fraction of the matmul roof"),
     "npo_step_speedup": ("npo_naive_s_per_step", "npo_lora_s_per_step",
-                         "naive two-copy NPO step time over ema_utils' step time"),
+                         "naive two-copy fp32 NPO step time over ema_utils' step time"),
+    "npo_dtype_speedup": ("npo_lora_fp32_s_per_step", "npo_lora_s_per_step",
+                          "ema_utils' NPO step in fp32 over the same step with the base model "
+                          "in the compute dtype (LoRA weights, optimizer and loss in fp32)"),
     "npo_memory_fraction": ("npo_lora_peak_growth_mib", "npo_naive_peak_growth_mib",
                             "ema_utils' NPO peak RSS growth as a fraction of the naive one's"),
     "npo_total_memory_fraction": ("npo_lora_peak_rss_mib", "npo_naive_peak_rss_mib",
@@ -92,7 +120,9 @@ RATIOS = {
 }
 
 UNITS = {
-    "matmul_gflops": "GFLOP/s", "eval_prompts_per_s": "prompts/s", "eval_tokens_per_s": "tokens/s",
+    "matmul_gflops": "GFLOP/s", "matmul_bf16_gflops": "GFLOP/s", "compute_roof_gflops": "GFLOP/s",
+    "eval_prompts_per_s": "prompts/s", "eval_fp32_prompts_per_s": "prompts/s",
+    "verdict_agreed": "prompts", "verdict_items": "prompts", "npo_lora_fp32_s_per_step": "s/step", "eval_tokens_per_s": "tokens/s",
     "eval_model_gflops": "GFLOP/s", "naive_prompts_per_s": "prompts/s",
     "naive_tokens_per_s": "tokens/s", "naive_model_gflops": "GFLOP/s",
     "first_token_prompts_per_s": "prompts/s", "npo_lora_s_per_step": "s/step",
@@ -139,21 +169,23 @@ def _settings(quick: bool) -> dict:
 
 # --- the measurements ---------------------------------------------------------------------------
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
-    """The roof: fp32 ``torch.matmul`` of two n x n matrices (2 n^3 FLOP), on the threads torch
-    uses now. One untimed warm-up, then ``repeats`` timed products; the best one counts."""
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict:
+    """The roof: ``torch.matmul`` of two n x n matrices in ``dtype`` (2 n^3 FLOP), on the
+    threads torch uses now. One untimed warm-up, then ``repeats`` timed products; the best one
+    counts."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=torch.float32)
-    b = torch.randn(n, n, generator=gen, dtype=torch.float32)
+    a = torch.randn(n, n, generator=gen, dtype=torch.float32).to(getattr(torch, dtype))
+    b = torch.randn(n, n, generator=gen, dtype=torch.float32).to(getattr(torch, dtype))
     torch.matmul(a, b)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
-    return {"gflops": 2 * n ** 3 / best / 1e9, "n": n, "repeats": repeats, "best_s": best}
+    return {"gflops": 2 * n ** 3 / best / 1e9, "n": n, "repeats": repeats, "best_s": best,
+            "dtype": dtype}
 
 
 def bench_prompts(n: int, seed: int = 0):
@@ -232,21 +264,47 @@ def _throughput(n_prompts, seconds, prompt_tokens, generated_tokens, params) -> 
             "tokens_per_s": generated_tokens / seconds, "model_gflops": flops / seconds / 1e9}
 
 
-def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) -> dict:
+def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: int,
+                    responses: list | None = None) -> dict:
     """ema_utils' refusal evaluation: one call of ``generate_responses(model, tokenizer, prompts,
     max_new_tokens, batch_size, progress=False)`` (batched, length-sorted, left-padded greedy
     generation and decoding), wall clock from call to return. Tokens are counted by wrapping
-    ``model.generate``; the judge is not included (it costs microseconds per response)."""
+    ``model.generate``; the judge is not included (it costs microseconds per response). The
+    generated table is appended to ``responses`` when a list is given."""
     from .generation import _stop_ids, generate_responses
 
     with _CountingGenerate(model, _stop_ids(model, tokenizer)) as counter:
         start = time.perf_counter()
-        generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, progress=False)
+        table = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - start
+    if responses is not None:
+        responses.append(table)
     return {**_throughput(len(prompts), seconds, counter.prompt_tokens, counter.generated_tokens,
                           n_parameters(model)),
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+def verdict_agreement(reference, other, judge: str | None = None) -> dict:
+    """Per-prompt refusal verdicts of two response tables to the same prompts (columns id,
+    prompt, response; e.g. fp32 and bf16 generations), by the same judge (default: the
+    chapters' default judge): how many agree, how many responses are identical, the refusals."""
+    from .judges import DEFAULT_JUDGE, score_responses
+
+    name = judge or DEFAULT_JUDGE
+    a = reference.set_index("id")
+    b = other.set_index("id").loc[a.index]
+    va = score_responses(a.reset_index(), judge=name)["is_refusal"].to_numpy(dtype=bool)
+    vb = score_responses(b.reset_index(), judge=name)["is_refusal"].to_numpy(dtype=bool)
+    agreed = int((va == vb).sum())
+    return {"judge": name, "items": len(a), "agreed": agreed,
+            "fraction": agreed / len(a) if len(a) else None,
+            "identical_text": int((a["response"].to_numpy() == b["response"].to_numpy()).sum()),
+            "refusals_reference": int(va.sum()), "refusals_other": int(vb.sum()),
+            "disagreements": [{"id": i, "reference": r1, "other": r2}
+                              for i, r1, r2, x, y in zip(a.index, a["response"], b["response"], va, vb)
+                              if x != y]}
 
 
 def naive_eval_throughput(model, tokenizer, prompts, max_new_tokens: int) -> dict:
@@ -419,7 +477,7 @@ def _npo_child(spec: dict) -> dict:
     from .models import load_model
     from .unlearning import (UnlearnConfig, _logits, _pad_id, collate, encode_examples, unlearn)
 
-    model, tokenizer = load_model(spec["model"], log=_log)
+    model, tokenizer = load_model(spec["model"], dtype=spec.get("dtype"), log=_log)
     # The cached weights are memory-mapped: pages come in on first touch. Touch them all now,
     # so the baseline below holds the resident model and the growth is the step's own memory
     # (else both variants count the model's 2 GiB as growth, the LoRA one by a varying amount).
@@ -476,7 +534,8 @@ def _npo_child(spec: dict) -> dict:
             "peak_method": "VmHWM after clear_refs" if exact else "ru_maxrss since start"}
 
 
-def npo_step(model_name: str, variant: str, prompts, settings: dict, threads: int) -> dict:
+def npo_step(model_name: str, variant: str, prompts, settings: dict, threads: int,
+             dtype: str = "float32") -> dict:
     """One variant of the NPO step, in a fresh child process (so peaks never mix).
 
     - ``lora`` (ema_utils): ``unlearning.unlearn`` with method npo, LoRA (rank and batch of the
@@ -484,6 +543,7 @@ def npo_step(model_name: str, variant: str, prompts, settings: dict, threads: in
       on the forget batch, NPO loss against the reference log-probs, backward, AdamW); the
       reference log-probs come from the same network with the adapter disabled, computed once
       before the first step (inside the memory measurement, outside the step time).
+      The base model computes in ``dtype`` (LoRA weights, AdamW state and the loss stay fp32).
     - ``naive``: a ``copy.deepcopy`` of the model kept as the reference, LoRA on the original;
       timed per step: the reference forward (no grad) on the batch, then the same forward,
       loss, backward and AdamW step.
@@ -498,7 +558,7 @@ def npo_step(model_name: str, variant: str, prompts, settings: dict, threads: in
     spec = {"model": model_name, "variant": variant, "prompts": prompts["prompt"].tolist(),
             "steps": settings["npo_steps"], "batch_size": settings["npo_batch_size"],
             "lora_r": settings["npo_lora_r"], "lora_alpha": settings["npo_lora_alpha"],
-            "lr": settings["npo_lr"], "threads": threads}
+            "lr": settings["npo_lr"], "threads": threads, "dtype": dtype}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(PROJECT_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -689,9 +749,15 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     not_measured: dict = {}
     details: dict = {}
 
-    _log(f"matmul roof ({settings['matmul_n']}^2 fp32, {threads} threads)")
-    details["matmul"] = matmul_gflops(settings["matmul_n"], settings["matmul_repeats"])
-    figures["matmul_gflops"] = details["matmul"]["gflops"]
+    compute = resolve_dtype("auto", log=_log)
+    compute_name = str(compute).removeprefix("torch.")
+    for dtype, key in (("float32", "matmul_gflops"), ("bfloat16", "matmul_bf16_gflops")):
+        _log(f"matmul roof ({settings['matmul_n']}^2 {dtype}, {threads} threads)")
+        details[key] = matmul_gflops(settings["matmul_n"], settings["matmul_repeats"], dtype)
+        figures[key] = details[key]["gflops"]
+    figures["compute_roof_gflops"] = (figures["matmul_bf16_gflops"] if compute_name == "bfloat16"
+                                      else figures["matmul_gflops"])
+    details["compute_dtype"] = compute_name
 
     _log(f"load times of {model_name}")
     details["load"], model, tokenizer = load_times(model_name, quick)
@@ -700,23 +766,39 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
         not_measured["load_cold_s"] = details["load"]["cold_skipped"]
 
     prompts = bench_prompts(max(settings["eval_prompts"], settings["first_token_prompts"]))
-    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts")
-    details["eval"] = eval_throughput(model, tokenizer, prompts.head(settings["eval_prompts"]),
-                                      settings["eval_batch_size"], settings["eval_max_new_tokens"])
-    _log(f"evaluation: naive loop on {settings['naive_prompts']} prompts")
+    eval_prompts = prompts.head(settings["eval_prompts"])
+    responses: list = []
+    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts (float32)")
+    details["eval_fp32"] = eval_throughput(model, tokenizer, eval_prompts,
+                                           settings["eval_batch_size"],
+                                           settings["eval_max_new_tokens"], responses)
+    figures["eval_fp32_prompts_per_s"] = details["eval_fp32"]["prompts_per_s"]
+    _log(f"evaluation: naive loop on {settings['naive_prompts']} prompts (float32)")
     details["naive_eval"] = naive_eval_throughput(model, tokenizer,
                                                   prompts.head(settings["naive_prompts"]),
                                                   settings["eval_max_new_tokens"])
+    if compute_name != "float32":
+        model.to(compute)
+        _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts ({compute_name})")
+        details["eval"] = eval_throughput(model, tokenizer, eval_prompts,
+                                          settings["eval_batch_size"],
+                                          settings["eval_max_new_tokens"], responses)
+    else:
+        details["eval"] = details["eval_fp32"]
+        responses.append(responses[0])
+    details["verdicts"] = verdict_agreement(responses[0], responses[-1])
+    figures["verdict_agreed"] = float(details["verdicts"]["agreed"])
+    figures["verdict_items"] = float(details["verdicts"]["items"])
     for prefix, key in (("eval", "eval"), ("naive", "naive_eval")):
         figures[f"{prefix}_prompts_per_s"] = details[key]["prompts_per_s"]
         figures[f"{prefix}_tokens_per_s"] = details[key]["tokens_per_s"]
         figures[f"{prefix}_model_gflops"] = details[key]["model_gflops"]
     details["parameters"] = n_parameters(model)
-    _log(f"evaluation again under torch.profiler ({settings['eval_prompts']} prompts)")
-    work = eval_work_profile(model, tokenizer, prompts.head(settings["eval_prompts"]),
+    _log(f"evaluation again under torch.profiler ({settings['eval_prompts']} prompts, {compute_name})")
+    work = eval_work_profile(model, tokenizer, eval_prompts,
                              settings["eval_batch_size"], settings["eval_max_new_tokens"])
     details["eval_profile"] = work
-    ceilings = roof_ceilings(figures["matmul_gflops"], details["parameters"], work["prompts"],
+    ceilings = roof_ceilings(figures["compute_roof_gflops"], details["parameters"], work["prompts"],
                              work["useful_tokens"], work["shared_prefix_tokens"])
     figures["eval_roof_prompts_per_s"] = ceilings["roof_prompts_per_s"]
     figures["eval_roof_prefix_prompts_per_s"] = ceilings["roof_prefix_prompts_per_s"]
@@ -725,7 +807,7 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     figures["eval_outside_ops_time_fraction"] = work["time_fractions"]["outside ops"]
     figures["shared_prefix_tokens"] = float(work["shared_prefix_tokens"])
 
-    _log(f"first-token scoring on {settings['first_token_prompts']} prompts")
+    _log(f"first-token scoring on {settings['first_token_prompts']} prompts ({compute_name})")
     details["first_token"] = first_token_throughput(
         model, tokenizer, prompts.head(settings["first_token_prompts"]), settings["eval_batch_size"])
     figures["first_token_prompts_per_s"] = details["first_token"]["prompts_per_s"]
@@ -733,13 +815,19 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     gc.collect()
 
     forget = prompts.head(settings["npo_batch_size"] * settings["npo_steps"])
-    for variant in ("lora", "naive"):
-        _log(f"NPO step ({variant}) in a child process")
-        rec = npo_step(model_name, variant, forget, settings, threads)
-        details[f"npo_{variant}"] = rec
-        figures[f"npo_{variant}_s_per_step"] = rec["s_per_step"]
-        figures[f"npo_{variant}_peak_growth_mib"] = rec["peak_growth_mib"]
-        figures[f"npo_{variant}_peak_rss_mib"] = rec["peak_rss_mib"]
+    variants = [("lora", "lora", compute_name), ("naive", "naive", "float32")]
+    if compute_name != "float32":
+        variants.insert(1, ("lora_fp32", "lora", "float32"))
+    for label, variant, dtype in variants:
+        _log(f"NPO step ({variant}, {dtype}) in a child process")
+        rec = npo_step(model_name, variant, forget, settings, threads, dtype=dtype)
+        details[f"npo_{label}"] = rec
+        figures[f"npo_{label}_s_per_step"] = rec["s_per_step"]
+        if label != "lora_fp32":
+            figures[f"npo_{label}_peak_growth_mib"] = rec["peak_growth_mib"]
+            figures[f"npo_{label}_peak_rss_mib"] = rec["peak_rss_mib"]
+    if compute_name == "float32":
+        figures["npo_lora_fp32_s_per_step"] = figures["npo_lora_s_per_step"]
 
     _log("peak memory of a chapter run")
     details["chapter"] = chapter_peak_memory(model_name, quick)
@@ -750,7 +838,7 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     ratios = {name: _ratio(figures, name) for name in RATIOS}
     return {
         "date": started.isoformat(timespec="seconds"),
-        "model": model_name, "quick": quick, "threads": threads,
+        "model": model_name, "quick": quick, "threads": threads, "compute_dtype": compute_name,
         **machine_record(),
         "settings": settings,
         "units": UNITS,
@@ -773,7 +861,8 @@ def format_text(report: dict) -> str:
     m = report["machine"]
     lines = [f"ema bench: {report['model']} on {m.get('cpu_model')} ({m.get('usable_cores')} cores, "
              f"{m.get('memory_gib')} GiB), torch {report['packages'].get('torch')}, "
-             f"{report['threads']} threads, {report['date']}"
+             f"{report['threads']} threads, compute dtype "
+             f"{report.get('compute_dtype', 'float32')}, {report['date']}"
              + (" [--quick]" if report["quick"] else ""), "", "figures:"]
     for name, value in report["figures"].items():
         line = f"  {name:28} {_fmt(value):>12} {report['units'][name]}"

@@ -18,6 +18,7 @@ import pandas as pd
 from . import CONCEPTS
 from .cache import cached, stable_hash
 from .errors import ParameterError
+from .models import DTYPE_NAMES
 
 
 OVER_REFUSAL_JUDGE = "phrase"
@@ -214,7 +215,7 @@ def _utility(model, tokenizer, model_id, items, batch_size):
 
 def cmd_eval(args) -> int:
     from .cli import _emit
-    from .models import load_model, model_digest
+    from .models import load_model, model_identity
 
     concepts = tuple(args.concepts) if args.concepts else CONCEPTS
     unknown = [c for c in concepts if c not in CONCEPTS]
@@ -223,8 +224,9 @@ def cmd_eval(args) -> int:
     items = None
     if args.prompts:
         items = read_user_prompts(args.prompts)
-    model, tokenizer = load_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    model_id = f"{args.model}:{model_digest(args.model)}"
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  log=lambda m: print(m, file=sys.stderr))
+    model_id = model_identity(args.model, model)
     if args.adapter:
         from peft import PeftModel
 
@@ -279,6 +281,9 @@ def register_cli(sub) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="registry name, hub id or local folder")
     p.add_argument("--adapter", help="a LoRA adapter folder (peft) to apply to the model")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="compute dtype (auto: bfloat16 where the hardware multiplies it "
+                        "natively, else float32)")
     p.add_argument("--concepts", nargs="+", metavar="KEY", help="concept keys (default: all seven)")
     p.add_argument("--prompts", help="your own JSONL prompt set: {id, concept, prompt} per line")
     p.add_argument("--n", type=int, default=0, help="items per concept (0: every eval item)")

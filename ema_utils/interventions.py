@@ -20,6 +20,7 @@ import pandas as pd
 from . import CONCEPTS
 from .cache import cached, stable_hash
 from .errors import ParameterError
+from .models import DTYPE_NAMES
 
 METHODS = ("npo", "sft")
 """The paper's two interventions: NPO unlearning of refusals and the SFT "finetune" baseline."""
@@ -297,7 +298,7 @@ RUN_OPTIONS = ("n_forget", "forget_candidates", "forget_max_new_tokens", "traj_n
 
 def cmd_unlearn(args) -> int:
     from .cli import _emit
-    from .models import load_model, model_digest
+    from .models import load_model, model_identity
     from .orchestrate import parse_overrides
     from .unlearning import UnlearnConfig, parse_ratio
 
@@ -319,8 +320,9 @@ def cmd_unlearn(args) -> int:
         params.setdefault("seed", run_kwargs["seed"])
     _check(args.concept, method)
     config = UnlearnConfig.from_params(params)  # validated before the model loads
-    model, tokenizer = load_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    model_id = f"{args.model}:{model_digest(args.model)}"
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  log=lambda m: print(m, file=sys.stderr))
+    model_id = model_identity(args.model, model)
     run = run_intervention(model, tokenizer, model_id, args.concept, method, config, **run_kwargs)
     traj = trajectory_summary(run)
     payload = {**run.summary(), "trajectory": traj.round(4).to_dict("records"),
@@ -351,6 +353,9 @@ def register_cli(sub) -> None:
     p.add_argument("--retain-loss", choices=("ce", "kl"), default="ce",
                    help="ce: cross-entropy on the retain set; kl: KL to the aligned model")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="compute dtype of the base model (auto: bfloat16 where the hardware "
+                        "multiplies it natively; LoRA weights and optimizer state stay float32)")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
                    help="UnlearnConfig fields (lr, max_steps, beta, lora_r, ...) or run options ("
                         + ", ".join(RUN_OPTIONS) + ")")

@@ -29,6 +29,7 @@ import yaml
 from . import CHAPTERS
 from .cache import atomic_write_json, stable_hash
 from .errors import EmaError, ParameterError
+from .models import DTYPE_NAMES
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir, notebook_dir, writable_dir  # noqa: F401
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yml")
@@ -143,7 +144,6 @@ def resolve_parameters(chapter: str, profile: str, model: str | None = None,
 # against the type of the notebook's default (an int parameter takes an int, and so on).
 
 DEVICES = ("cpu", "cuda", "cuda:N", "mps")
-DTYPES = ("float32", "bfloat16", "float16")
 RETAIN_LOSSES = ("ce", "kl")
 
 
@@ -290,7 +290,7 @@ def _rule_for(name: str):
         "concepts": _check_concepts, "concept": _check_concept,
         "target_concept": _check_concept, "methods": _check_methods, "method": _check_method,
         "judge": _check_judge, "checkpoint_rule": _check_checkpoint_rule, "adapter": _check_adapter,
-        "device": _device, "dtype": _choice(DTYPES), "retain_loss": _choice(RETAIN_LOSSES),
+        "device": _device, "dtype": _choice(DTYPE_NAMES), "retain_loss": _choice(RETAIN_LOSSES),
         "retain_ratio": _check_ratio, "ratio": _check_ratio,
         "epochs": _POSITIVE_INT, "lora_r": _POSITIVE_INT, "checkpoint_every": _POSITIVE_INT,
         "grad_accum": _POSITIVE_INT, "steps": _POSITIVE_INT,

@@ -714,6 +714,10 @@ def _trainable_copy(model):
     """The copy full-rank training updates (a function of its own so tests can check that LoRA
     training never makes one)."""
     trained = copy.deepcopy(model)
+    # The trained weights and AdamW's state stay float32 even when the model computes in a
+    # half dtype: bf16 weights cannot take updates of lr-sized steps (8 bits of mantissa).
+    if next(trained.parameters()).dtype in (torch.bfloat16, torch.float16):
+        trained.float()
     trained.requires_grad_(True)
     return trained
 
