@@ -160,3 +160,41 @@ def test_ema_models_json_lists_registry(capsys, isolated_cache):
     for row in payload["models"]:
         assert set(row) >= {"installed", "cached"}
     assert not payload["models"][0]["cached"], "a fresh cache folder holds nothing"
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
+    import torch
+
+    messages = []
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert models.resolve_dtype("auto", "cpu", log=messages.append) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert models.resolve_dtype("auto", "cpu", log=messages.append) == torch.float32
+    # never silently slow: each choice is said, with its reason
+    assert "bfloat16 (this CPU has avx512_bf16)" in messages[0]
+    assert "float32" in messages[1] and "no native bf16" in messages[1]
+    assert models.resolve_dtype(None) == torch.float32  # the library's exact default
+    assert models.resolve_dtype("float16") == torch.float16
+
+
+def test_bad_dtype_names_the_allowed_values():
+    with pytest.raises(ModelError, match="auto, float32, bfloat16, float16"):
+        models.resolve_dtype("fp8")
+
+
+def test_model_identity_separates_dtypes(tiny):
+    import torch
+
+    model, _ = tiny
+    plain = models.model_identity("tiny-random", model)
+    assert plain == f"tiny-random:{models.model_digest('tiny-random')}"
+    assert models.model_identity("tiny-random", dtype=torch.bfloat16) == plain + ":bf16"
+    assert models.model_identity("tiny-random", dtype=torch.float16) == plain + ":fp16"
+
+
+def test_load_model_auto_loads_in_the_resolved_dtype(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
+    model, _ = models.load_model("tiny-random", dtype="auto", log=lambda *_: None)
+    assert next(model.parameters()).dtype == torch.bfloat16

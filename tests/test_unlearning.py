@@ -419,3 +419,39 @@ def test_retain_set_redistributes_a_short_concept(tiny, monkeypatch):
     with pytest.raises(ParameterError, match="ratio"):
         U.parse_ratio("1:0")
     assert U.parse_ratio("1:2") == 2.0 and U.parse_ratio(3) == 3.0
+
+
+# --- training with the base model in bfloat16 (the compute dtype on a bf16 CPU) ---------------
+
+@pytest.mark.parametrize("method", ["npo", "sft", "npo_retain", "npo_kl"])
+def test_bf16_base_model_trains_with_fp32_adapter_and_loss_goes_down(method):
+    model, tok = tiny_random()
+    model.to(torch.bfloat16)
+    result, _ = _run(method, model=(model, tok), max_steps=6, checkpoint_every=6)
+    lora = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values()), \
+        "LoRA weights (and so AdamW's state) stay float32"
+    base = [p for n, p in result.model.named_parameters() if "lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in base), "the frozen base computes in bf16"
+    losses = result.losses["total"].to_numpy()
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+def test_bf16_and_fp32_training_start_from_the_same_loss_and_move_the_same_way():
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = tiny_random()
+        model.to(dtype)
+        result, _ = _run("npo", model=(model, tok), max_steps=4, checkpoint_every=4)
+        runs[dtype] = result.losses["total"].to_numpy()
+    fp32, bf16 = runs[torch.float32], runs[torch.bfloat16]
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)  # the reference loss (2/beta) log 2
+    assert np.sign(bf16[-1] - bf16[0]) == np.sign(fp32[-1] - fp32[0]) == -1
+
+
+def test_full_rank_copy_of_a_bf16_model_trains_in_fp32():
+    model, tok = tiny_random()
+    model.to(torch.bfloat16)
+    copy = U._trainable_copy(model)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in copy.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters()), "the reference is untouched"
