@@ -883,6 +883,13 @@ def format_text(report: dict) -> str:
 def cmd_bench(args) -> int:
     from .cli import _emit
 
+    if args.dtype_check:
+        # Deferred: the check trains and scores through the chapters' machinery.
+        from .dtype_check import check_compute_dtype, render_markdown
+
+        report = check_compute_dtype(args.profile, args.model)
+        _emit(args, report, render_markdown)
+        return 0 if report["holds"] is not False else 1
     report = run_bench(args.model, quick=args.quick)
     _emit(args, report, format_text)
     return 0
@@ -895,6 +902,11 @@ def register_cli(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small sizes (under a minute on tiny-random); skips the cold load and "
                         "the chapter run")
+    p.add_argument("--dtype-check", action="store_true",
+                   help="instead of the throughput bench: check on a profile's own items that "
+                        "the fast compute dtype (bf16) gives fp32's verdicts (aligned model, one "
+                        "NPO adapter, NPO trained in both); exits 1 when it does not")
+    p.add_argument("--profile", default="cpu", help="the profile whose settings --dtype-check uses")
     p.set_defaults(func=cmd_bench)
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .errors import EmaError
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, dtype_check_file
 
 CONFIG_FILE = "_config.yml"
 TOC_FILE = "_toc.yml"
@@ -40,6 +40,8 @@ REPRODUCIBILITY_PAGE = "book/reproducibility"
 RUN_RECORD_SUFFIX = ".run.json"
 RECORDS_BEGIN = "<!-- ema:run-records:begin -->"
 RECORDS_END = "<!-- ema:run-records:end -->"
+DTYPE_BEGIN = "<!-- ema:dtype-check:begin -->"
+DTYPE_END = "<!-- ema:dtype-check:end -->"
 
 FOLD_TAG = "hide-input"
 """The myst-nb cell tag that renders a cell's source folded (outputs stay visible)."""
@@ -307,15 +309,41 @@ def render_run_records(records: dict[str, dict], profile: str, built: str | None
     return "\n".join(out)
 
 
+def _replace_block(template: str, begin: str, end: str, body: str, what: str) -> str:
+    start, stop = template.find(begin), template.find(end)
+    if start < 0 or stop < start:
+        raise EmaError(f"{BOOK_DIR}/reproducibility.md lacks the markers {begin} ... {end} where "
+                       f"{what} go; restore them.")
+    return template[:start] + body + template[stop + len(end):]
+
+
+def render_dtype_check(report: dict | None, profile: str) -> str:
+    """The compute-dtype section: the profile's last check, or how to run it."""
+    if report is None:
+        return (f"*Not checked for this build: run `ema bench --dtype-check --profile {profile}` "
+                "and rebuild the book to show it here.*\n")
+    # Deferred: dtype_check imports the trainer (torch); the page needs it only when a check
+    # result exists.
+    from .dtype_check import render_markdown
+
+    return render_markdown(report)
+
+
 def render_reproducibility(template: str, records: dict[str, dict], profile: str,
-                           built: str | None = None) -> str:
-    """Replace the run-records block of the page template with the rendered records."""
-    start, end = template.find(RECORDS_BEGIN), template.find(RECORDS_END)
-    if start < 0 or end < start:
-        raise EmaError(f"{BOOK_DIR}/reproducibility.md lacks the markers {RECORDS_BEGIN} ... "
-                       f"{RECORDS_END} where the run records go; restore them.")
-    body = render_run_records(records, profile, built)
-    return template[:start] + body + template[end + len(RECORDS_END):]
+                           built: str | None = None, dtype_report: dict | None = None) -> str:
+    """Fill the page template's run-records block and its compute-dtype block."""
+    page = _replace_block(template, RECORDS_BEGIN, RECORDS_END,
+                          render_run_records(records, profile, built), "the run records")
+    if DTYPE_BEGIN in template:
+        page = _replace_block(page, DTYPE_BEGIN, DTYPE_END,
+                              render_dtype_check(dtype_report, profile), "the dtype check")
+    return page
+
+
+def dtype_check_result(profile: str) -> dict | None:
+    """The last `ema bench --dtype-check` report of ``profile`` in the results cache, or None."""
+    path = dtype_check_file(profile)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _jupyter_book_version() -> str:
@@ -435,7 +463,7 @@ def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
     if REPRODUCIBILITY_PAGE in pages:
         template = (root / (REPRODUCIBILITY_PAGE + ".md")).read_text(encoding="utf-8")
         files[REPRODUCIBILITY_PAGE + ".md"] = render_reproducibility(
-            template, records, profile, built).encode()
+            template, records, profile, built, dtype_check_result(profile)).encode()
 
     _sync(files, stage_dir)
     listed = {Path(p).name for p in chapters}

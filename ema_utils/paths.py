@@ -70,3 +70,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def dtype_check_file(profile: str) -> Path:
+    """Where `ema bench --dtype-check --profile P` keeps its last report (the book reads it)."""
+    return build_dir() / "results" / "dtype_check" / f"{profile}.json"
