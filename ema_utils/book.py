@@ -241,16 +241,24 @@ def render_run_records(records: dict[str, dict], profile: str, built: str | None
             f"- Book built: {built}, with jupyter-book `{_jupyter_book_version()}`",
             f"- Chapters: {len(records)}, total wall time {format_seconds(total)}", ""]
 
+    peak = max((float(r["peak_rss_mib"]) for r in records.values() if r.get("peak_rss_mib")),
+               default=None)
+    if peak is not None:
+        out[-1:-1] = [f"- Peak memory of any chapter: {peak / 1024:.1f} GiB"]
     out += ["## Chapters", "",
-            "| chapter | started | wall time | model | seed | re-run with |",
-            "|---|---|---|---|---|---|"]
+            "| chapter | started | wall time | peak memory | compute dtype | model | seed "
+            "| re-run with |",
+            "|---|---|---|---|---|---|---|---|"]
     for page, r in records.items():
         chapter = r.get("chapter") or chapter_name(page)
         command = run_command(chapter, profile)
         if r.get("model"):  # the profile's model may change later: pin it
             command += f" --model {r['model']}"
+        mem = r.get("peak_rss_mib")
         out.append(f"| {_text(Path(page).name)} | {_text(r.get('started', 'not recorded'))} "
-                   f"| {format_seconds(r.get('wall_s'))} | {_md(r.get('model', '?'))} "
+                   f"| {format_seconds(r.get('wall_s'))} "
+                   f"| {'n/a' if not mem else f'{float(mem) / 1024:.1f} GiB'} "
+                   f"| {_text(r.get('compute_dtype', 'not recorded'))} | {_md(r.get('model', '?'))} "
                    f"| {_md(r.get('seed', '?'))} | {_md(command)} |")
     out.append("")
 

@@ -29,7 +29,7 @@ import yaml
 from . import CHAPTERS
 from .cache import atomic_write_json, stable_hash
 from .errors import EmaError, ParameterError
-from .models import DTYPE_NAMES
+from .models import DTYPE_NAMES, dtype_tag, resolve_dtype
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir, notebook_dir, writable_dir  # noqa: F401
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yml")
@@ -488,6 +488,7 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
         "machine": machine_info(), "model": params.get("model"),
         "model_digest": model_digest(params["model"]) if params.get("model") else None,
         "data_digest": data_digest(), "seed": params.get("seed"),
+        "compute_dtype": dtype_tag(resolve_dtype(params.get("dtype"), params.get("device") or "cpu")),
     }
     atomic_write_json(run.folder / "run.json", record)  # written last: marks the run finished
     log(f"[ema] {run.chapter}: done in {record['wall_s']} s")
