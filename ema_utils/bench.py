@@ -12,9 +12,10 @@ eval_speedup                  generate_responses in the compute dtype /     >= 2
 eval_roof_fraction            model FLOP/s of generate_responses / the      >= 0.6
                               matmul roof of the compute dtype
 eval_dtype_speedup            generate_responses, compute dtype / fp32      (reported)
+prefix_cache_speedup          ... with the shared prefix cached / without   (reported)
 bf16_roof_ratio               bf16 matmul roof / fp32 matmul roof           (reported)
-verdict_agreement             per-prompt refusal verdicts, compute dtype    >= 0.97
-                              vs fp32, on the same prompts
+verdict_agreement             per-prompt refusal verdicts of the fastest    >= 0.97
+                              setting vs plain fp32, on the same prompts
 naive_roof_fraction           model FLOP/s of the naive loop / fp32 roof    (reported)
 npo_step_speedup              naive two-copy fp32 step / ema_utils' step    (reported)
 npo_dtype_speedup             ema_utils' fp32 step / its compute-dtype step (reported)
@@ -89,9 +90,12 @@ RATIOS = {
     "eval_roof_fraction": ("eval_model_gflops", "compute_roof_gflops",
                            "generate_responses model FLOP/s as a fraction of the matmul roof of "
                            "the dtype it computes in"),
-    "eval_dtype_speedup": ("eval_prompts_per_s", "eval_fp32_prompts_per_s",
+    "eval_dtype_speedup": ("eval_no_prefix_prompts_per_s", "eval_fp32_prompts_per_s",
                            "generate_responses prompts/s in the compute dtype over the same "
-                           "call in fp32"),
+                           "call in fp32 (both without the prefix cache)"),
+    "prefix_cache_speedup": ("eval_prompts_per_s", "eval_no_prefix_prompts_per_s",
+                             "generate_responses prompts/s with the shared chat prefix computed "
+                             "once over the same call without (compute dtype)"),
     "bf16_roof_ratio": ("matmul_bf16_gflops", "matmul_gflops",
                         "the bf16 matmul roof over the fp32 one"),
     "verdict_agreement": ("verdict_agreed", "verdict_items",
@@ -122,6 +126,7 @@ RATIOS = {
 UNITS = {
     "matmul_gflops": "GFLOP/s", "matmul_bf16_gflops": "GFLOP/s", "compute_roof_gflops": "GFLOP/s",
     "eval_prompts_per_s": "prompts/s", "eval_fp32_prompts_per_s": "prompts/s",
+    "eval_no_prefix_prompts_per_s": "prompts/s",
     "verdict_agreed": "prompts", "verdict_items": "prompts", "npo_lora_fp32_s_per_step": "s/step", "eval_tokens_per_s": "tokens/s",
     "eval_model_gflops": "GFLOP/s", "naive_prompts_per_s": "prompts/s",
     "naive_tokens_per_s": "tokens/s", "naive_model_gflops": "GFLOP/s",
@@ -239,15 +244,21 @@ class _CountingGenerate:
         original = self.model.generate
 
         def generate(*args, **kwargs):
+            kv = kwargs.get("past_key_values")
+            # positions already in a prefix KV cache are neither computed nor counted again
+            # (the prefix's one forward pass per call is left out: it vanishes over many prompts)
+            cached = kv.get_seq_length() if kv is not None else 0
             out = original(*args, **kwargs)
             p, g = _processed_tokens(kwargs["input_ids"], kwargs["attention_mask"], out,
                                      self.stop_ids)
-            self.prompt_tokens += p
+            rows = out.shape[0]
+            self.prompt_tokens += p - cached * rows
             self.generated_tokens += g
             # what the batch computed: every (padded) prompt position, and every row at every
             # decoding step, stopped or not (the last new token is sampled, never fed back)
             steps = out.shape[1] - kwargs["input_ids"].shape[1]
-            self.computed_tokens += kwargs["input_ids"].numel() + out.shape[0] * max(steps - 1, 0)
+            self.computed_tokens += (kwargs["input_ids"].numel() - cached * rows
+                                     + rows * max(steps - 1, 0))
             return out
 
         self.model.generate = generate
@@ -265,10 +276,11 @@ def _throughput(n_prompts, seconds, prompt_tokens, generated_tokens, params) -> 
 
 
 def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: int,
-                    responses: list | None = None) -> dict:
+                    responses: list | None = None, prefix_cache: bool = True) -> dict:
     """ema_utils' refusal evaluation: one call of ``generate_responses(model, tokenizer, prompts,
-    max_new_tokens, batch_size, progress=False)`` (batched, length-sorted, left-padded greedy
-    generation and decoding), wall clock from call to return. Tokens are counted by wrapping
+    max_new_tokens, batch_size, progress=False, prefix_cache)`` (batched, length-sorted, padded
+    greedy generation and decoding, the shared chat prefix computed once unless
+    ``prefix_cache`` is False), wall clock from call to return. Tokens are counted by wrapping
     ``model.generate``; the judge is not included (it costs microseconds per response). The
     generated table is appended to ``responses`` when a list is given."""
     from .generation import _stop_ids, generate_responses
@@ -276,14 +288,16 @@ def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: 
     with _CountingGenerate(model, _stop_ids(model, tokenizer)) as counter:
         start = time.perf_counter()
         table = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=False)
+                                   batch_size=batch_size, progress=False,
+                                   prefix_cache=prefix_cache)
         seconds = time.perf_counter() - start
     if responses is not None:
         responses.append(table)
     return {**_throughput(len(prompts), seconds, counter.prompt_tokens, counter.generated_tokens,
                           n_parameters(model)),
             "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "prefix_cache": prefix_cache}
 
 
 def verdict_agreement(reference, other, judge: str | None = None) -> dict:
@@ -768,25 +782,30 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     prompts = bench_prompts(max(settings["eval_prompts"], settings["first_token_prompts"]))
     eval_prompts = prompts.head(settings["eval_prompts"])
     responses: list = []
-    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts (float32)")
+    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts (float32, "
+         "no prefix cache)")
     details["eval_fp32"] = eval_throughput(model, tokenizer, eval_prompts,
                                            settings["eval_batch_size"],
-                                           settings["eval_max_new_tokens"], responses)
+                                           settings["eval_max_new_tokens"], responses,
+                                           prefix_cache=False)
     figures["eval_fp32_prompts_per_s"] = details["eval_fp32"]["prompts_per_s"]
     _log(f"evaluation: naive loop on {settings['naive_prompts']} prompts (float32)")
     details["naive_eval"] = naive_eval_throughput(model, tokenizer,
                                                   prompts.head(settings["naive_prompts"]),
                                                   settings["eval_max_new_tokens"])
-    if compute_name != "float32":
-        model.to(compute)
-        _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts ({compute_name})")
-        details["eval"] = eval_throughput(model, tokenizer, eval_prompts,
-                                          settings["eval_batch_size"],
-                                          settings["eval_max_new_tokens"], responses)
-    else:
-        details["eval"] = details["eval_fp32"]
-        responses.append(responses[0])
+    model.to(compute)
+    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts ({compute_name}, "
+         "no prefix cache)")
+    details["eval_no_prefix"] = eval_throughput(model, tokenizer, eval_prompts,
+                                                settings["eval_batch_size"],
+                                                settings["eval_max_new_tokens"], prefix_cache=False)
+    _log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts ({compute_name}, "
+         "prefix cache): the fastest setting")
+    details["eval"] = eval_throughput(model, tokenizer, eval_prompts, settings["eval_batch_size"],
+                                      settings["eval_max_new_tokens"], responses)
+    # the fastest setting's verdicts against the plain fp32 path's, prompt by prompt
     details["verdicts"] = verdict_agreement(responses[0], responses[-1])
+    figures["eval_no_prefix_prompts_per_s"] = details["eval_no_prefix"]["prompts_per_s"]
     figures["verdict_agreed"] = float(details["verdicts"]["agreed"])
     figures["verdict_items"] = float(details["verdicts"]["items"])
     for prefix, key in (("eval", "eval"), ("naive", "naive_eval")):

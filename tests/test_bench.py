@@ -71,6 +71,7 @@ def test_every_figure_is_positive_or_explained(quick_report):
     assert report["settings"]["npo_batch_size"] == 4 and report["settings"]["npo_lora_r"] == 16
     # the fast path runs in the compute dtype, the fp32 path and the naive loop in float32
     assert d["eval"]["dtype"] == report["compute_dtype"] and d["eval_fp32"]["dtype"] == "float32"
+    assert d["eval"]["prefix_cache"] and not d["eval_fp32"]["prefix_cache"]
     assert d["verdicts"]["items"] == d["eval"]["prompts"] >= d["verdicts"]["agreed"]
     if report["compute_dtype"] != "float32":
         assert d["npo_lora_fp32"]["seconds"] and "npo_lora_fp32_s_per_step" in figures

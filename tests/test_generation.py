@@ -74,3 +74,32 @@ def test_bad_parameters_are_named(tiny):
         generate_responses(model, tokenizer, ["hi"], max_new_tokens=0)
     with pytest.raises(ParameterError, match="'prompt'"):
         generate_responses(model, tokenizer, pd.DataFrame({"id": [1]}))
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from ema_utils.generation import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not the whole shorter prompt
+    assert shared_prefix_length([[1, 2, 3]]) == 0 and shared_prefix_length([[7], [8]]) == 0
+
+
+def test_prefix_pad_puts_padding_between_prefix_and_row():
+    from ema_utils.generation import prefix_pad
+
+    ids, mask = prefix_pad([1, 2], [[5], [6, 7, 8]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 0, 0, 5], [1, 2, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def test_prefix_cache_gives_the_plain_path_responses(tiny):
+    model, tokenizer = tiny
+    prompts = ["How do I kill a Python process?", "Write a poem about the sea.",
+               "What is the capital of France?", "Explain how photosynthesis works in plants.",
+               "The answer is A"]
+    system = "You are a helpful assistant that answers briefly."
+    plain = generate_responses(model, tokenizer, prompts, max_new_tokens=12, batch_size=2,
+                               system=system, progress=False, prefix_cache=False)
+    cached = generate_responses(model, tokenizer, prompts, max_new_tokens=12, batch_size=2,
+                                system=system, progress=False, prefix_cache=True)
+    assert cached["response"].tolist() == plain["response"].tolist()
