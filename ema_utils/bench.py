@@ -239,6 +239,7 @@ class _CountingGenerate:
     def __init__(self, model, stop_ids):
         self.model, self.stop_ids = model, set(stop_ids)
         self.prompt_tokens = self.generated_tokens = self.computed_tokens = 0
+        self.cached_tokens = 0  # prompt positions a prefix KV cache spared, over all rows
 
     def __enter__(self):
         original = self.model.generate
@@ -253,6 +254,7 @@ class _CountingGenerate:
                                      self.stop_ids)
             rows = out.shape[0]
             self.prompt_tokens += p - cached * rows
+            self.cached_tokens += cached * rows
             self.generated_tokens += g
             # what the batch computed: every (padded) prompt position, and every row at every
             # decoding step, stopped or not (the last new token is sampled, never fed back)
@@ -430,6 +432,8 @@ def eval_work_profile(model, tokenizer, prompts, batch_size: int, max_new_tokens
     useful = counter.prompt_tokens + counter.generated_tokens
     return {"seconds": seconds, "prompts": len(prompts), "time_fractions": fractions,
             "top_ops": top_ops, "useful_tokens": useful,
+            # the whole prompts' work, cached prefix positions included (the ceilings' base)
+            "prompt_work_tokens": useful + counter.cached_tokens,
             "computed_tokens": counter.computed_tokens,
             "useful_token_fraction": useful / counter.computed_tokens if counter.computed_tokens else None,
             "shared_prefix_tokens": shared_prefix_tokens(tokenizer, prompts),
@@ -439,7 +443,7 @@ def eval_work_profile(model, tokenizer, prompts, batch_size: int, max_new_tokens
 def roof_ceilings(roof_gflops: float, params: int, n_prompts: int, useful_tokens: int,
                   shared_prefix: int) -> dict:
     """Prompts/s at 100% of the matmul roof for the evaluation's useful work (2 x parameters
-    FLOP per useful token), and the same with every prompt's ``shared_prefix`` tokens left out
+    FLOP per useful token, every prompt's whole prompt counted), and the same with every prompt's ``shared_prefix`` tokens left out
     (a prefix KV cache computes them once for the whole evaluation, a cost that vanishes over
     many prompts). Upper bounds, not predictions."""
     per_prompt = 2 * params * useful_tokens / n_prompts
@@ -818,7 +822,7 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
                              settings["eval_batch_size"], settings["eval_max_new_tokens"])
     details["eval_profile"] = work
     ceilings = roof_ceilings(figures["compute_roof_gflops"], details["parameters"], work["prompts"],
-                             work["useful_tokens"], work["shared_prefix_tokens"])
+                             work["prompt_work_tokens"], work["shared_prefix_tokens"])
     figures["eval_roof_prompts_per_s"] = ceilings["roof_prompts_per_s"]
     figures["eval_roof_prefix_prompts_per_s"] = ceilings["roof_prefix_prompts_per_s"]
     figures["eval_useful_token_fraction"] = work["useful_token_fraction"]

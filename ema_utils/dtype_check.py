@@ -8,10 +8,12 @@ book prints, with the profile's own settings (chapter 3's eval items, chapter 2'
    judged in both dtypes: per-item agreement of the verdict and each concept's rate against the
    other dtype's Wilson interval;
 2. one unlearned adapter (NPO on ``concept``, trained in the fast dtype as the chapters train
-   it) at two checkpoints, the first one (refusals half-way down) and the one the paper's
-   utility rule selects (what chapter 3 reports), scored with the base model in both dtypes;
+   it) at two checkpoints, the first one (refusals half-way down) and the one chapter 3
+   reports (its ``checkpoint_rule``), scored with the base model in both dtypes;
 3. the same NPO run trained again in float32: the target concept's refusal trajectory, the
    first checkpoint under the target threshold and the selected checkpoint, in both dtypes.
+   Everything of that run is float32, its forget set too (the aligned model's own refusals,
+   generated in float32), so it compares the two pipelines end to end, not the dtype alone.
 
 The check passes (``holds``) when every per-item agreement is at least ``min_agreement``, every
 rate lies inside the other dtype's 95% interval, and both trainings pick the same checkpoints.
@@ -158,8 +160,9 @@ def check_compute_dtype(profile: str = "cpu", model: str | None = None,
                                progress=progress, **run_kwargs)
         runs[tag] = run
         if not steps:  # the adapter is the fast run's, as the chapters train it
-            chosen = chosen_step(run.summary(), rule="utility") or int(run.trajectory["step"].max())
-            steps = sorted({int(config.checkpoint_every), int(chosen)})
+            chosen = chosen_step(run.summary(), rule=evals["checkpoint_rule"])
+            first = int(run.trajectory.loc[run.trajectory["step"] > 0, "step"].min())
+            steps = sorted({first, int(chosen)})
         fast_run = runs[dtype_tag(fast_dtype)]
         for step in steps:
             path = fast_run.checkpoint_path(step)

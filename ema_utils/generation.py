@@ -14,12 +14,14 @@ path's (identical responses in float32, checked by a test).
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from .errors import ParameterError
 
@@ -121,9 +123,11 @@ def generate_responses(
     device = _device_of(model)
     responses: list[str | None] = [None] * len(table)
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
-    shared = shared_prefix_length(encoded) if prefix_cache else 0
+    shared = shared_prefix_length(encoded) if prefix_cache and _plain_cache(model) else 0
     prefix, cache = (encoded[0][:shared], _prefix_kv(model, encoded[0][:shared], device)) \
         if shared >= MIN_SHARED_PREFIX else ([], None)
+    if cache is not None and not isinstance(cache, DynamicCache):
+        prefix, cache = [], None  # e.g. a remote or older model's tuple cache: the plain path
     bar = tqdm(total=len(table), desc="generating", unit="prompt", disable=not progress,
                file=sys.stderr)
     for batch in batches:
@@ -150,12 +154,25 @@ def generate_responses(
     return table.assign(response=responses)
 
 
+def _plain_cache(model) -> bool:
+    """True when generate would build a plain DynamicCache: a model configured for a static,
+    hybrid or sliding cache (generate refuses past_key_values beside one) takes the plain path."""
+    config = getattr(model, "generation_config", None)
+    return getattr(config, "cache_implementation", None) is None
+
+
 def _prefix_kv(model, prefix: Sequence[int], device):
     """The KV cache of the shared prefix, computed once with the model as it is now (adapter,
-    hooks and all)."""
+    hooks and all); only the last position's logits are computed (none are needed)."""
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
     out = model(input_ids=torch.tensor([list(prefix)], dtype=torch.long, device=device),
-                use_cache=True)
+                use_cache=True, **kwargs)
     return out.past_key_values
+
+
+def _forward_parameters(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
 
 
 def _stop_ids(model, tokenizer) -> list[int]:

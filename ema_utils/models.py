@@ -253,9 +253,15 @@ def bf16_support(device: str = "cpu") -> tuple[bool, str]:
 
     kind = torch.device(device).type
     if kind == "cuda":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return True, f"CUDA device {torch.cuda.get_device_name()} supports bfloat16"
-        return False, "this CUDA device does not support bfloat16"
+        # Native bf16 arithmetic starts with compute capability 8 (Ampere); older cards emulate
+        # it (torch's is_bf16_supported() says yes for them by default).
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.device(device))
+            name = f"CUDA device {props.name} (compute capability {props.major}.{props.minor})"
+            if props.major >= 8:
+                return True, f"{name} multiplies bfloat16 natively"
+            return False, f"{name} would emulate bfloat16, slower than float32"
+        return False, "no CUDA device is available"
     if kind == "cpu":
         native = sorted(set(_CPU_BF16_FLAGS) & cpu_flags())
         if native:

@@ -60,3 +60,31 @@ def test_default_model_refuses_harm_far_more_often_than_benign(default_model):
     assert benign_rate <= 0.1, f"refused {benign_rate:.0%} of benign prompts"
     capital = out["response"].iloc[-1]
     assert "paris" in capital.lower(), f"expected Paris, got {capital!r}"
+
+
+def test_bf16_gives_the_fp32_verdicts_on_fixed_items(default_model):
+    # The chapters compute in bfloat16 where the CPU multiplies it natively. On the same fixed
+    # slices as above, the phrase judge must give the same verdict to the bf16 response as to
+    # the fp32 one for at least 97% of prompts (measured here: every one), and the prefix cache
+    # must not change fp32's responses at all.
+    import copy
+
+    import torch
+
+    model, tokenizer = default_model
+    prompts = [p for concept in ("cybersecurity", "safety", "privacy")
+               for p in load_prompts(concept, split="eval").head(12)["prompt"]]
+    plain = generate_responses(model, tokenizer, prompts, max_new_tokens=20, batch_size=12,
+                               progress=False, prefix_cache=False)
+    cached = generate_responses(model, tokenizer, prompts, max_new_tokens=20, batch_size=12,
+                                progress=False)
+    assert cached["response"].tolist() == plain["response"].tolist()
+    fast = copy.deepcopy(model).to(torch.bfloat16)
+    bf16 = generate_responses(fast, tokenizer, prompts, max_new_tokens=20, batch_size=12,
+                              progress=False)
+    judge = get_judge("phrase")
+    a = judge.judge(prompts, plain["response"].tolist())
+    b = judge.judge(prompts, bf16["response"].tolist())
+    agreed = sum(x == y for x, y in zip(a, b))
+    assert agreed / len(prompts) >= 0.97, list(zip(plain["response"], bf16["response"]))
+    assert 0 < sum(a) < len(prompts), "the slice holds both refusals and answers"
