@@ -167,7 +167,7 @@ def check_compute_dtype(profile: str = "cpu", model: str | None = None,
         for step in steps:
             path = fast_run.checkpoint_path(step)
             _log(f"{model} in {tag}: {fast_run.name} step {step} on every concept")
-            with with_checkpoint(lm, path) as adapted:
+            with with_checkpoint(lm, path, merged=True) as adapted:
                 scored[(f"{fast_run.name} step {step}", tag)] = evaluate(
                     adapted, tokenizer, checkpoint_model_id(model_id, fast_run.name, path),
                     **eval_kwargs).items

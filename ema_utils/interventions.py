@@ -166,11 +166,15 @@ def checkpoint_model_id(model_id: str, run_name: str, path: Path | None) -> str:
     return model_id if path is None else f"{model_id}+{run_name}:{adapter_digest(path)}"
 
 
-def with_checkpoint(model, path: Path | None):
-    """Context manager: the model with a checkpoint's adapter applied (or as is for None)."""
+def with_checkpoint(model, path: Path | None, merged: bool = False):
+    """Context manager: the model with a checkpoint's adapter applied (or as is for None).
+
+    ``merged=True`` folds the adapter into the weights while inside (for scoring: generation is
+    then as fast as the base model's; see unlearning.merged_for_inference); keep it False where
+    the adapter itself is used (scaled, perturbed, disabled)."""
     import contextlib
 
-    from .unlearning import load_checkpoint, unload_adapter
+    from .unlearning import load_checkpoint, merged_for_inference, unload_adapter
 
     @contextlib.contextmanager
     def ctx():
@@ -179,7 +183,11 @@ def with_checkpoint(model, path: Path | None):
             return
         wrapped = load_checkpoint(model, path)
         try:
-            yield wrapped
+            if merged:
+                with merged_for_inference(wrapped):
+                    yield wrapped
+            else:
+                yield wrapped
         finally:
             unload_adapter(wrapped)
 
@@ -193,7 +201,7 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
     rows, utility = [], []
     for step in steps:
         path = run.checkpoint_path(int(step))
-        with with_checkpoint(model, path) as scored:
+        with with_checkpoint(model, path, merged=True) as scored:
             result = evaluate(scored, tokenizer, checkpoint_model_id(model_id, run.name, path),
                               n_per_concept=n, judge=judge, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, seed=seed, over_refusal=False, utility=True,
@@ -249,7 +257,7 @@ def compare_responses(model, tokenizer, run: InterventionRun, step: int, prompts
     judge = get_judge("phrase")
     out = prompts[["id", "concept", "prompt"]].reset_index(drop=True)
     for column, path in (("aligned", None), (f"step {step}", run.checkpoint_path(step))):
-        with with_checkpoint(model, path) as scored:
+        with with_checkpoint(model, path, merged=True) as scored:
             gen = generate_responses(scored, tokenizer, out, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, progress=False)
         flags = judge.judge(gen["prompt"].tolist(), gen["response"].tolist())
@@ -281,7 +289,7 @@ def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = 
     for name, summary in summaries.items():
         step = chosen_step(summary, rule)
         path = Path(summary["folder"]) / f"checkpoint-{step:05d}"
-        with with_checkpoint(model, path) as scored:
+        with with_checkpoint(model, path, merged=True) as scored:
             results[name] = evaluate(scored, tokenizer, checkpoint_model_id(model_id, name, path),
                                      **evaluate_kwargs)
         results[name].settings["step"] = step

@@ -818,7 +818,7 @@ def direction_evaluations(model, tokenizer, model_id: str, solution: Solution,
             steer_id = f"{model_id}+add-{name}:{D.direction_digest(v)}@{layer}x{scale:g}"
             with D.add_direction(model, v, layer, scale):
                 out[f"{label} +{scale:g}x"] = evaluate(model, tokenizer, steer_id, **kwargs)
-    with with_checkpoint(model, solution.path) as peft:
+    with with_checkpoint(model, solution.path, merged=True) as peft:
         unlearned_id = checkpoint_model_id(model_id, solution.condition, solution.path)
         out["unlearned"] = evaluate(peft, tokenizer, unlearned_id, **kwargs)
         for name, v in vectors.items():

@@ -691,6 +691,40 @@ def _quiet_peft():
         yield
 
 
+@contextlib.contextmanager
+def merged_for_inference(model):
+    """Inside: the LoRA adapter folded into the base weights; after: the exact base weights back.
+
+    Why: an unmerged adapter adds about eight small operations to every adapted linear layer
+    (168 of them in the default model), and on 2 cores their per-call overhead made scoring a
+    checkpoint 4x slower than scoring the base model. Each merged weight is computed in float32
+    and rounded once to the base dtype (the base weights' own rounding, no more). On exit the
+    saved originals are put back: peft's unmerge would subtract in the base dtype and leave
+    rounding error in the aligned model. For scoring only: nothing may train or disable the
+    adapter inside.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    saved = []
+    try:
+        for module in model.modules():
+            if not isinstance(module, LoraLayer) or module.merged:
+                continue
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if not active:
+                continue
+            weight = module.get_base_layer().weight
+            saved.append((module, weight.data))
+            delta = sum(module.get_delta_weight(a).float() for a in active)
+            weight.data = (weight.data.float() + delta).to(weight.dtype)
+            module.merged_adapters = list(active)  # the layer's forward now skips the adapter
+        yield model
+    finally:
+        for module, data in saved:
+            module.get_base_layer().weight.data = data
+            module.merged_adapters = []
+
+
 def has_adapter(model) -> bool:
     """True when ``model`` already carries LoRA (or other peft) layers."""
     from peft.tuners.tuners_utils import BaseTunerLayer

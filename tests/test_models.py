@@ -198,3 +198,22 @@ def test_load_model_auto_loads_in_the_resolved_dtype(monkeypatch):
     monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
     model, _ = models.load_model("tiny-random", dtype="auto", log=lambda *_: None)
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_output_head_gets_contiguous_input_even_when_frozen(tiny):
+    import torch
+
+    model, _ = models.load_model("tiny-random", log=lambda *_: None)
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda mod, args, out: seen.append(args[0].is_contiguous()))
+    model.requires_grad_(False)  # as peft leaves the base model
+    hidden = torch.randn(3, 5, model.config.hidden_size)[:, -1:, :]
+    assert not hidden.is_contiguous()
+    with torch.no_grad():
+        expected = hidden.contiguous() @ head.weight.T
+        assert torch.allclose(head(hidden), expected, atol=1e-6)
+    assert seen == [True]
+    models.contiguous_output_head(model)  # a second call adds no second hook
+    assert sum(getattr(h, "__name__", "") == "_contiguous_first_arg"
+               for h in head._forward_pre_hooks.values()) == 1

@@ -455,3 +455,29 @@ def test_full_rank_copy_of_a_bf16_model_trains_in_fp32():
     copy = U._trainable_copy(model)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in copy.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()), "the reference is untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_for_inference_matches_the_adapter_and_restores_the_base_exactly(tmp_path, dtype):
+    model, tok = tiny_random()
+    model.to(dtype)
+    result, _ = _run("npo", model=(model, tok), save_checkpoints=True, output_dir=tmp_path / "r")
+    U.unload_adapter(result.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)
+    wrapped = U.load_checkpoint(model, tmp_path / "r" / "checkpoint-00004")
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    unmerged = logits(wrapped)
+    with U.merged_for_inference(wrapped):
+        merged = logits(wrapped)
+    assert torch.equal(logits(wrapped), unmerged), "the adapter works as before after the merge"
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(merged, unmerged, atol=tol, rtol=0), (merged - unmerged).abs().max()
+    base = U.unload_adapter(wrapped)
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed: the aligned model must come back exactly"
+    assert not torch.allclose(unmerged, logits(base), atol=1e-3), "the adapter did something"
