@@ -46,12 +46,14 @@ MIN_AGREEMENT = 0.97
 
 
 def _log(msg: str) -> None:
-    print(f"[ema dtype-check] {msg}", file=sys.stderr, flush=True)
+    # messages from load_model already carry their own "[ema]" prefix
+    prefix = "" if msg.startswith("[ema") else "[ema dtype-check] "
+    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
 
 
 def _inside(x: float, low: float, high: float) -> bool:
     # Wilson bounds of 0/n and n/n come out a rounding error off 0 and 1.
-    return low - 1e-9 <= x <= high + 1e-9
+    return bool(low - 1e-9 <= x <= high + 1e-9)
 
 
 def compare_items(fast: pd.DataFrame, reference: pd.DataFrame) -> dict:

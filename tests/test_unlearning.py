@@ -474,9 +474,11 @@ def test_merged_for_inference_matches_the_adapter_and_restores_the_base_exactly(
     unmerged = logits(wrapped)
     with U.merged_for_inference(wrapped):
         merged = logits(wrapped)
+        folded = any(m.merged for m in wrapped.modules() if hasattr(m, "merged_adapters"))
+    # a bf16 base is never merged: rounding W + delta to bf16 would erase small deltas
+    assert folded == (dtype == torch.float32)
     assert torch.equal(logits(wrapped), unmerged), "the adapter works as before after the merge"
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    assert torch.allclose(merged, unmerged, atol=tol, rtol=0), (merged - unmerged).abs().max()
+    assert torch.allclose(merged, unmerged, atol=1e-4, rtol=0), (merged - unmerged).abs().max()
     base = U.unload_adapter(wrapped)
     for n, p in base.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed: the aligned model must come back exactly"
