@@ -75,3 +75,48 @@ def test_render_states_the_verdict_and_the_book_page_shows_it():
     page = book.render_reproducibility(template, {}, "cpu", dtype_report=None)
     assert "ema bench --dtype-check --profile cpu" in page
     assert "does NOT hold" in dtype_check.render_markdown({**report, "holds": False})
+
+
+def test_check_compute_dtype_runs_both_dtypes_on_the_profiles_items(monkeypatch):
+    # The real check trains and generates for half an hour; here every model step is replaced
+    # by a stand-in, so what is tested is the check's own plan: which models it scores in which
+    # dtype, with the profile's settings, and how it concludes.
+    import contextlib
+
+    import torch
+
+    calls = []
+    models_loaded = []
+
+    def load_model(name, device=None, dtype=None, log=None):
+        models_loaded.append(dtype)
+        return torch.nn.Linear(1, 1).to(dtype), "tokenizer"
+
+    def evaluate(model, tokenizer, model_id, **kw):
+        calls.append((model_id, kw["n_per_concept"], kw["max_new_tokens"]))
+        flags = [True] * 20 + [False] * 10
+        return SimpleNamespace(items=_items(flags))
+
+    def run_intervention(lm, tok, model_id, concept, method, config, **kw):
+        run = _run([0.7, 0.3, 0.1], 10, 10, [2.0])
+        run.name = f"{method}_{concept}"
+        run.summary = lambda: {"selected_step": 10}
+        run.checkpoint_path = lambda step: f"ckpt-{step}"
+        return run
+
+    monkeypatch.setattr(dtype_check, "load_model", load_model)
+    monkeypatch.setattr(dtype_check, "evaluate", evaluate)
+    monkeypatch.setattr(dtype_check, "run_intervention", run_intervention)
+    monkeypatch.setattr(dtype_check, "chosen_step", lambda summary, rule: summary["selected_step"])
+    monkeypatch.setattr(dtype_check, "with_checkpoint",
+                        lambda lm, path, merged: contextlib.nullcontext(lm))
+    monkeypatch.setattr(dtype_check, "checkpoint_model_id", lambda mid, name, path: f"{mid}+{path}")
+    monkeypatch.setattr(dtype_check, "resolve_dtype", lambda d, device=None, log=None:
+                        torch.bfloat16 if d == "auto" else torch.float32)
+    report = dtype_check.check_compute_dtype("cpu", save=False, progress=False)
+    assert models_loaded == [torch.bfloat16, torch.float32]
+    assert [e["model"] for e in report["evaluations"]] == [
+        "aligned", "npo_cybersecurity step 5", "npo_cybersecurity step 10"]
+    assert all(n == 30 and t == 24 for _, n, t in calls)  # the cpu profile's chapter-3 settings
+    assert sum(":bf16" in mid for mid, _, _ in calls) == 3 == len(calls) - 3
+    assert report["holds"] is True and report["trajectory"]["same_checkpoints"]
