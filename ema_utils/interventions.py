@@ -361,9 +361,10 @@ def register_cli(sub) -> None:
     p.add_argument("--retain-loss", choices=("ce", "kl"), default="ce",
                    help="ce: cross-entropy on the retain set; kl: KL to the aligned model")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
-                   help="compute dtype of the base model (auto: bfloat16 where the hardware "
-                        "multiplies it natively; LoRA weights and optimizer state stay float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="compute dtype of the base model (default float32, as the cpu profile; "
+                        "auto: bfloat16 where the hardware multiplies it natively; LoRA weights "
+                        "and optimizer state stay float32)")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
                    help="UnlearnConfig fields (lr, max_steps, beta, lora_r, ...) or run options ("
                         + ", ".join(RUN_OPTIONS) + ")")
