@@ -367,15 +367,11 @@ def first_token_throughput(model, tokenizer, prompts, batch_size: int) -> dict:
 
 def shared_prefix_tokens(tokenizer, prompts) -> int:
     """How many leading tokens every chat-formatted prompt shares (the template's system turn):
-    work a prefix cache would do once instead of once per prompt."""
-    from .generation import encode_chats
+    the work generate_responses' prefix cache does once instead of once per prompt (the same
+    count: generation.shared_prefix_length)."""
+    from .generation import encode_chats, shared_prefix_length
 
-    ids = encode_chats(tokenizer, list(prompts["prompt"]))
-    n = min(len(row) for row in ids)
-    for i in range(n):
-        if len({row[i] for row in ids}) > 1:
-            return i
-    return n
+    return shared_prefix_length(encode_chats(tokenizer, list(prompts["prompt"])))
 
 
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
