@@ -900,17 +900,17 @@ def format_text(report: dict) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     if args.dtype_check:
         # Deferred: the check trains and scores through the chapters' machinery.
         from .dtype_check import check_compute_dtype, render_markdown
 
         report = check_compute_dtype(args.profile, args.model)
-        _emit(args, report, render_markdown)
+        emit(args, report, render_markdown)
         return 0 if report["holds"] is not False else 1
     report = run_bench(args.model, quick=args.quick)
-    _emit(args, report, format_text)
+    emit(args, report, format_text)
     return 0
 
 

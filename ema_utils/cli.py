@@ -7,23 +7,10 @@ document on stdout; progress bars and logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from .console import emit, log
 from .errors import EmaError, ParameterError
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _emit(args, payload, human) -> None:
-    """Print ``payload`` as JSON with --json, else the text ``human(payload)``."""
-    if getattr(args, "json", False):
-        json.dump(payload, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        print(human(payload))
 
 
 # --- ema models ---------------------------------------------------------------------------------
@@ -33,7 +20,7 @@ def cmd_models(args) -> int:
 
     if args.time_load:
         name = args.time_load
-        _log(f"[ema] timing two loads of {name}; the first may de-quantize the GGUF")
+        log(f"[ema] timing two loads of {name}; the first may de-quantize the GGUF")
         if args.cold:
             import shutil
 
@@ -42,7 +29,7 @@ def cmd_models(args) -> int:
         second = models.timed_load(name)
         payload = {"model": name, "first_load_s": round(first, 2), "second_load_s": round(second, 2),
                    "speedup": round(first / second, 1)}
-        _emit(args, payload, lambda p: (f"{p['model']}: first load {p['first_load_s']} s, "
+        emit(args, payload, lambda p: (f"{p['model']}: first load {p['first_load_s']} s, "
                                         f"second load {p['second_load_s']} s ({p['speedup']}x faster)"))
         return 0
     rows = models.model_status()
@@ -55,7 +42,7 @@ def cmd_models(args) -> int:
         lines.append(f"default: {models.DEFAULT_MODEL}; cache folder: {models.model_cache_path('')}")
         return "\n".join(lines)
 
-    _emit(args, {"default": models.DEFAULT_MODEL, "models": rows}, lambda p: table(p["models"]))
+    emit(args, {"default": models.DEFAULT_MODEL, "models": rows}, lambda p: table(p["models"]))
     return 0
 
 

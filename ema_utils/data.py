@@ -804,7 +804,7 @@ def _human_check(payload: dict, digest: str = "") -> str:
 
 
 def cmd_data_check(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -812,7 +812,7 @@ def cmd_data_check(args) -> int:
                              f"prompts/ and sets/ (default: {DATA_DIR})")
     payload = check_data(data_dir)
     digest = data_digest(data_dir)
-    _emit(args, payload, lambda p: _human_check(p, digest))
+    emit(args, payload, lambda p: _human_check(p, digest))
     return 0
 
 

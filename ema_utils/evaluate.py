@@ -214,7 +214,7 @@ def _utility(model, tokenizer, model_id, items, batch_size):
 # --- ema eval -----------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from .cli import _emit
+    from .console import emit
     from .models import load_model, model_identity
 
     concepts = tuple(args.concepts) if args.concepts else CONCEPTS
@@ -254,7 +254,7 @@ def cmd_eval(args) -> int:
             lines.append(f"{'utility (accuracy)':20} {p['utility']:6.2f}")
         return "\n".join(lines)
 
-    _emit(args, result.to_json(), human)
+    emit(args, result.to_json(), human)
     return 0
 
 

@@ -305,7 +305,7 @@ RUN_OPTIONS = ("n_forget", "forget_candidates", "forget_max_new_tokens", "traj_n
 
 
 def cmd_unlearn(args) -> int:
-    from .cli import _emit
+    from .console import emit
     from .models import load_model, model_identity
     from .orchestrate import parse_overrides
     from .unlearning import UnlearnConfig, parse_ratio
@@ -346,7 +346,7 @@ def cmd_unlearn(args) -> int:
                   for r in p["trajectory"]]
         return "\n".join(lines)
 
-    _emit(args, payload, human)
+    emit(args, payload, human)
     return 0
 
 

@@ -1376,7 +1376,7 @@ def accuracy_by_category(predictions: pd.DataFrame, judges: Sequence[str] = RESP
 # --- command line -------------------------------------------------------------------------------
 
 def _cmd_validate(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     payload = validate_judges(args.labels, heldout_path=args.heldout)
 
@@ -1402,12 +1402,12 @@ def _cmd_validate(args) -> int:
                 lines.append(f"two annotators agree: kappa {h['annotators']['kappa']:.3f}")
         return "\n".join(lines)
 
-    _emit(args, payload, human)
+    emit(args, payload, human)
     return 0
 
 
 def _cmd_score(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     rows = read_jsonl(args.input, required=("id", "prompt", "response"))
     kwargs = {}
@@ -1429,7 +1429,7 @@ def _cmd_score(args) -> int:
         body = "\n".join(f"{x['id']}\t{'refusal' if x['is_refusal'] else 'compliance'}" for x in p)
         return f"{body}\n{refused}/{len(p)} judged refusals ({judge.name} judge)".lstrip("\n")
 
-    _emit(args, payload, human)
+    emit(args, payload, human)
     return 0
 
 

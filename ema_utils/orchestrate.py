@@ -606,7 +606,7 @@ def save_summary(results_dir, summary: dict) -> Path:
 # --- command line -------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     chapters = available_chapters() if args.chapter == "all" else [check_chapter(args.chapter)]
     get_profile(args.profile)
@@ -627,7 +627,7 @@ def cmd_run(args) -> int:
             for c in chapters]
     payload = [{"chapter": r.chapter, "key": r.key, "reused": r.reused, "notebook": str(r.notebook)}
                for r in runs]
-    _emit(args, payload, lambda p: "\n".join(
+    emit(args, payload, lambda p: "\n".join(
         f"{r['chapter']}: {'reused' if r['reused'] else 'executed'} -> {r['notebook']}" for r in p))
     return 0
 
@@ -643,11 +643,11 @@ def cmd_book(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from .cli import _emit
+    from .console import emit
 
     get_profile(args.profile)  # an unknown profile names the known ones
     summary = chapter_summary(check_chapter(args.chapter), args.profile)
-    _emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
+    emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
     return 0
 
 
