@@ -300,9 +300,9 @@ def test_binary_kappa_matches_sklearn_and_its_interval_brackets_it():
     rng = np.random.default_rng(0)
     y = rng.random(300) < 0.3
     pred = np.where(rng.random(300) < 0.85, y, ~y)  # right on about 85% of items
-    assert judges._binary_kappa(y, pred) == pytest.approx(cohen_kappa_score(y, pred))
+    assert judges.validation._binary_kappa(y, pred) == pytest.approx(cohen_kappa_score(y, pred))
     low, high = judges.kappa_interval(y, pred)
-    assert low < judges._binary_kappa(y, pred) < high and high - low < 0.3
+    assert low < judges.validation._binary_kappa(y, pred) < high and high - low < 0.3
     # five times the items, a narrower interval; the same seed, the same interval
     wide = np.subtract(*judges.kappa_interval(y[:60], pred[:60])[::-1])
     assert high - low < wide

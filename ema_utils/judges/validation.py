@@ -1,0 +1,182 @@
+"""How far the offline response judges agree with hand labels.
+
+:func:`validate_judges` scores the phrase and learned judges on the labelled set (the learned
+judge by stratified cross-validation) and, when present, on the held-out sample of the chapters'
+own outputs (:func:`heldout_agreement`, with bootstrap intervals of Cohen's kappa from
+:func:`kappa_interval`). :func:`agreement_table` and :func:`accuracy_by_category` lay the results
+out for chapter 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ParameterError
+from .labels import HELDOUT_PATH, LABELS_PATH, load_labels
+from .learned import LearnedJudge, cross_validated_learned
+from .phrase import PhraseJudge
+from .registry import DEFAULT_JUDGE, RESPONSE_JUDGES
+
+
+def agreement(y_true, y_pred) -> dict:
+    """accuracy, precision, recall (refusal = positive), Cohen's kappa and n, rounded to 4 places."""
+    # deferred: sklearn is slow to import and only needed when agreement is measured
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_score, recall_score
+
+    y_true = np.asarray(y_true, dtype=bool)
+    y_pred = np.asarray(y_pred, dtype=bool)
+    kappa = cohen_kappa_score(y_true, y_pred) if len(set(y_true) | set(y_pred)) > 1 else 1.0
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "precision": round(float(precision_score(y_true, y_pred, zero_division=0)), 4),
+        "recall": round(float(recall_score(y_true, y_pred, zero_division=0)), 4),
+        "kappa": round(float(0.0 if np.isnan(kappa) else kappa), 4),
+        "n": int(len(y_true)),
+    }
+
+
+def _binary_kappa(a, b, axis=-1):
+    """Cohen's kappa of two 0/1 arrays along ``axis`` (vectorised for scipy's bootstrap)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    observed = (a == b).mean(axis=axis)
+    pa, pb = a.mean(axis=axis), b.mean(axis=axis)
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance < 1, (observed - chance) / (1 - chance), 1.0)
+
+
+def kappa_interval(y_true, y_pred, confidence: float = 0.95, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of Cohen's kappa, resampling items (pairs) with replacement."""
+    # deferred: scipy.stats is slow to import and only needed for the interval
+    from scipy.stats import bootstrap
+
+    y_true = np.asarray(y_true, dtype=bool)
+    y_pred = np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) < 2:
+        raise ParameterError("kappa_interval needs two 1-d label arrays of one length, at least 2 items")
+    res = bootstrap((y_true, y_pred), _binary_kappa, paired=True, vectorized=True,
+                    n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return round(float(res.confidence_interval.low), 4), round(float(res.confidence_interval.high), 4)
+
+
+def validation_predictions(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES,
+                           n_splits: int = 5, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """The labelled set with one bool column per judge (``pred_<name>``; learned: out-of-fold).
+
+    Group it by ``category`` to see where each judge errs.
+    """
+    labels_path = Path(labels_path) if labels_path else LABELS_PATH
+    labels = load_labels(labels_path)
+    table = labels.copy()
+    for name in judges:
+        if name == "phrase":
+            pred = PhraseJudge().judge(labels["prompt"], labels["response"])
+        elif name == "learned":
+            pred = cross_validated_learned(labels, labels_path, n_splits=n_splits, seed=seed,
+                                           progress=progress)
+        else:
+            raise ParameterError(f"validate scores the offline response judges {RESPONSE_JUDGES}, "
+                                 f"not {name!r}")
+        table[f"pred_{name}"] = np.asarray(pred, dtype=bool)
+    return table
+
+
+def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n_splits: int = 5,
+                    seed: int = 0, progress: bool = True, heldout_path=None) -> dict:
+    """Agreement of each offline response judge with the hand labels, and the default judge.
+
+    Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
+    "n"}}}``; the learned judge is scored by stratified ``n_splits``-fold cross-validation
+    (every item predicted by a model that never saw it). ``by_category`` gives each judge's
+    accuracy per label category (e.g. ``unlearned_opening``, the reason for
+    :data:`DEFAULT_JUDGE`); ``best_kappa`` names the judge with the highest overall kappa.
+    ``heldout`` (when the file exists) is :func:`heldout_agreement` on ``heldout_path``
+    (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs.
+    """
+    table = validation_predictions(labels_path, judges, n_splits, seed, progress)
+    results = {name: agreement(table["is_refusal"], table[f"pred_{name}"]) for name in judges}
+    out = {"default": DEFAULT_JUDGE, "best_kappa": max(results, key=lambda k: results[k]["kappa"]),
+           "judges": results}
+    if "category" in table:
+        per = accuracy_by_category(table, judges)
+        out["by_category"] = {name: {str(c): round(float(v), 4) for c, v in per[name].items()}
+                              for name in judges}
+    heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
+    if heldout_path.is_file():
+        out["heldout"] = heldout_agreement(heldout_path, labels_path, judges, progress)
+    return out
+
+
+def heldout_agreement(heldout_path=None, labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES,
+                      progress: bool = True) -> dict:
+    """Each offline response judge against hand labels it never saw (:data:`HELDOUT_PATH`).
+
+    The learned judge is the default fit on the whole labelled set (``labels_path``), the one
+    the chapters use. Returns ``{"n", "judges": {NAME: agreement}, "by_group": {NAME: {"aligned":
+    agreement, "changed": agreement}}, "annotators": agreement of the two annotators' own labels,
+    given before they settled their disagreements into ``is_refusal``}`` (the last only where the
+    file has ``first_annotator`` and ``second_annotator``; it is the ceiling a judge can be held
+    to). Each judge's ``kappa_ci`` is a 95% bootstrap interval over items
+    (:func:`kappa_interval`). "agreement" is :func:`agreement`'s dict. ``changed`` covers every
+    unlearned, steered or ablated model; items whose ``model`` is "aligned" come from the aligned
+    default model.
+    """
+    heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
+    table = load_labels(heldout_path)
+    y = table["is_refusal"].to_numpy(dtype=bool)
+    aligned = (table["model"] == "aligned").to_numpy() if "model" in table else np.zeros(len(y), bool)
+    out = {"n": int(len(y)), "judges": {}, "by_group": {}}
+    for name in judges:
+        if name == "phrase":
+            pred = PhraseJudge().judge(table["prompt"], table["response"])
+        elif name == "learned":
+            pred = LearnedJudge.default(labels_path, progress=progress).judge(
+                table["prompt"], table["response"])
+        else:
+            raise ParameterError(f"the held-out check scores the offline response judges "
+                                 f"{RESPONSE_JUDGES}, not {name!r}")
+        pred = np.asarray(pred, dtype=bool)
+        out["judges"][name] = {**agreement(y, pred), "kappa_ci": kappa_interval(y, pred)}
+        out["by_group"][name] = {group: agreement(y[mask], pred[mask])
+                                 for group, mask in (("aligned", aligned), ("changed", ~aligned))
+                                 if mask.any()}
+    if {"first_annotator", "second_annotator"} <= set(table.columns):
+        out["annotators"] = agreement(table["first_annotator"].astype(bool),
+                                      table["second_annotator"].astype(bool))
+    return out
+
+
+AGREEMENT_FORMAT = {"accuracy": "{:.3f}", "precision": "{:.3f}", "recall": "{:.3f}",
+                    "kappa": "{:.3f}", "n": "{:.0f}"}
+"""How chapter 1 prints :func:`agreement_table` (``table.style.format(AGREEMENT_FORMAT)``)."""
+
+
+def agreement_table(by_judge: dict) -> pd.DataFrame:
+    """One row per judge (in :data:`RESPONSE_JUDGES` order, then any others) of
+    ``{NAME: agreement}`` as :func:`validate_judges` or :func:`heldout_agreement` give it:
+    accuracy, precision, recall, kappa, then "kappa 95% CI" as text where a ``kappa_ci`` is
+    given, and n."""
+    names = [n for n in RESPONSE_JUDGES if n in by_judge] + [n for n in by_judge if n not in RESPONSE_JUDGES]
+    table = pd.DataFrame({name: by_judge[name] for name in names}).T
+    columns = ["accuracy", "precision", "recall", "kappa", "n"]
+    if "kappa_ci" in table:
+        table["kappa 95% CI"] = [f"[{low:.2f}, {high:.2f}]" for low, high in table["kappa_ci"]]
+        columns.insert(4, "kappa 95% CI")
+    return table[columns]
+
+
+def accuracy_by_category(predictions: pd.DataFrame, judges: Sequence[str] = RESPONSE_JUDGES
+                         ) -> pd.DataFrame:
+    """Share judged correctly per label category (rows) and judge (columns), plus ``n``.
+
+    ``predictions`` is :func:`validation_predictions`' table (``is_refusal``, ``category`` and a
+    ``pred_<judge>`` column per judge)."""
+    correct = {name: (predictions[f"pred_{name}"] == predictions["is_refusal"])
+               .groupby(predictions["category"]).mean() for name in judges}
+    return pd.DataFrame(correct).assign(n=predictions.groupby("category").size())
