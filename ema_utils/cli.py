@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "orchestrate", "bench",
+CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "registry", "orchestrate", "bench",
                                "course")
 """Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
 

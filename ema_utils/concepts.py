@@ -9,21 +9,9 @@ and adds the quantitative test the paper did not run: across the six non-target 
 Spearman correlation between similarity to the target and the EMA measured in chapters 2-3, at
 every layer, with a bootstrap interval and an exact permutation p-value.
 
-Choices made here (the paper does not state them):
+Choices made here (the paper does not state them; the token position and the prompts whose
+states are read are in :mod:`ema_utils.activations`):
 
-- **Token position.** The prompt goes through the chat template with the generation prompt
-  (``add_generation_prompt=True``), and the state is read at its last token: the end of
-  "<|im_start|>assistant\\n" for Qwen. That is the position from which the model emits its first
-  response token, where a refusal is decided ("I'm sorry..."): the same position as the
-  first-token refusal score and the first-token KL of chapters 1-2. Because that token is the
-  same template token for every prompt, what differs between prompts is the model's reading of
-  the prompt, not the identity of the token. (Hence layer 0, the token embedding, is identical
-  for every prompt and is left out of every analysis.) ``hidden_states[L]`` (the last layer) is
-  read after the final norm, as transformers returns it; the others are the residual stream.
-- **Which prompts.** The items chapter 3 scores (refusal prompts; BBQ's ambiguous multiple-choice
-  prompt for Bias; the ToxiGen agree/disagree probe for Toxicity), from the TRAIN split, so the
-  vectors are never fit on the items the EMA is measured on. Benign prompts (the project's
-  benign set, train split) serve only for the difference-of-means vectors.
 - **Mean normalisation.** Per layer, the mean over the concepts' prompts is subtracted from every
   state. The mean is *balanced* (the mean of the seven concept means): the same as the mean over
   all prompts when every concept has the same number of prompts (the paper's 200 each), while
@@ -39,34 +27,34 @@ Choices made here (the paper does not state them):
   interval resamples prompts *within* each concept and recomputes the global mean, the concept
   vectors and the similarities, keeping the measured EMA fixed. It therefore does not include the
   sampling error of the EMA measurements themselves (see chapter 3's Wilson intervals).
-- **Permutation p-value.** Exact: the Spearman coefficient for every one of the n! orderings of
-  the EMA values (720 for six concepts), one-sided in the hypothesised direction (more similar
-  to the target -> larger drop / earlier collapse). With six concepts the smallest possible
-  p-value is 1/720. Across layers, Holm's correction is reported beside the raw p-values.
+- **Permutation p-value** (:mod:`ema_utils.rank_test`). Exact: the Spearman coefficient for
+  every one of the n! orderings of the EMA values (720 for six concepts), one-sided in the
+  hypothesised direction (more similar to the target -> larger drop / earlier collapse). With six
+  concepts the smallest possible p-value is 1/720. Across layers, Holm's correction is reported
+  beside the raw p-values.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from . import CONCEPTS
+from .activations import BENIGN, HiddenStates, mean_normalise
+from .rank_test import correlation_by_layer
 from .errors import EmaError, ParameterError
+from .results import chapter_results, chapter_summary
 
 PAPER_LAYER_FRACTION = 5 / 32
 """The paper's layer: 5 of Mistral-7B's 32."""
-
-BENIGN = "benign"
-POSITION = ("last prompt token of the chat-templated prompt with the generation prompt "
-            "(add_generation_prompt=True)")
 
 MEASURES = {"drop_points": "greater", "half_step": "less"}
 """The two EMA measures and the direction in which "more similar -> more EMA" lies: a larger
@@ -79,7 +67,7 @@ METHOD_LABELS = {"pca": "first principal component (the paper's)",
                  "diff_means": "difference of means vs benign prompts"}
 
 
-# --- prompts and hidden states -------------------------------------------------------------------
+# --- the layer ----------------------------------------------------------------------------------
 
 def paper_layer(n_layers: int, fraction: float = PAPER_LAYER_FRACTION) -> int:
     """The layer at the paper's relative depth: round(fraction * n_layers), at least 1 (layer 0
@@ -101,179 +89,7 @@ def choose_layer(n_layers: int, layer: int | None = None,
     return int(layer)
 
 
-def concept_prompts(concepts: Iterable[str] = CONCEPTS, n_per_concept: int = 200, seed: int = 0,
-                    split: str = "train", benign: bool = True, data_dir=None) -> pd.DataFrame:
-    """Up to ``n_per_concept`` prompts per concept (0: all) from ``split``: the items chapter 3
-    scores (refusal prompts, ambiguous BBQ items, toxic ToxiGen statements as probes), plus as
-    many benign prompts (concept "benign") when ``benign``. Columns: id, concept, prompt."""
-    from .data import load_set
-    from .evaluate import eval_items, sample_items
-
-    concepts = tuple(concepts)
-    unknown = [c for c in concepts if c not in CONCEPTS]
-    if unknown:
-        raise ParameterError(f"unknown concept(s) {unknown}; concepts: {', '.join(CONCEPTS)}")
-    if n_per_concept is None or n_per_concept < 0:
-        raise ParameterError(f"n_per_concept must be 0 (all) or positive, got {n_per_concept}")
-    table = eval_items(concepts, split=split, n_per_concept=n_per_concept, seed=seed,
-                       data_dir=data_dir)[["id", "concept", "prompt"]]
-    parts = [table]
-    if benign:
-        safe = load_set("benign", split=split, data_dir=data_dir).assign(concept=BENIGN)
-        parts.append(sample_items(safe, n_per_concept, seed)[["id", "concept", "prompt"]])
-    return pd.concat(parts, ignore_index=True)
-
-
-def _decoder(model):
-    """The model's transformer without the LM head (no vocabulary-sized logits to compute)."""
-    get = getattr(model, "get_decoder", None)
-    try:
-        decoder = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        decoder = None
-    return decoder if decoder is not None else model
-
-
-def hidden_states(model, tokenizer, prompts, batch_size: int = 8, system: str | None = None,
-                  progress: bool = True) -> np.ndarray:
-    """Hidden states at the last prompt token, every layer: an array (n, n_layers + 1, hidden).
-
-    Index 0 is the token embedding, index L the output of layer L (the last one after the final
-    norm). Prompts go through the chat template with the generation prompt; batches are sorted
-    by length and padded on the left with matching position ids, so the last column is every
-    prompt's last token and batching does not change the states.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from .generation import encode_chats, left_pad, length_sorted_batches
-
-    if batch_size < 1:
-        raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(prompts, pd.DataFrame):
-        prompts = prompts["prompt"].tolist()
-    prompts = list(prompts)
-    if not prompts:
-        raise ParameterError("no prompts to read hidden states from")
-    encoded = encode_chats(tokenizer, prompts, system)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    decoder = _decoder(model)
-    out = None
-    bar = tqdm(total=len(prompts), desc="hidden states", unit="prompt", disable=not progress,
-               file=sys.stderr)
-    with torch.inference_mode():
-        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-            input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            result = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                             output_hidden_states=True, use_cache=False)
-            last = torch.stack([h[:, -1, :] for h in result.hidden_states], dim=1)
-            last = last.float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(prompts),) + last.shape[1:], dtype=np.float32)
-            out[batch] = last
-            bar.update(len(batch))
-    bar.close()
-    return out
-
-
-@dataclass
-class HiddenStates:
-    """Hidden states of a set of prompts (``states[i]`` belongs to ``items.iloc[i]``)."""
-
-    states: np.ndarray  # (n, n_layers + 1, hidden), float32
-    items: pd.DataFrame  # id, concept, prompt
-    model_id: str = ""
-    folder: Path | None = None
-
-    @property
-    def n_layers(self) -> int:
-        return self.states.shape[1] - 1
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.items["concept"].to_numpy()
-
-    @property
-    def concepts(self) -> list[str]:
-        """The concepts present (book order), benign prompts excluded."""
-        present = set(self.labels)
-        return [c for c in CONCEPTS if c in present] + sorted(
-            c for c in present if c not in CONCEPTS and c != BENIGN)
-
-    def layers(self) -> list[int]:
-        """The layers analysed: 1..L (layer 0, the embedding of the same token, is left out)."""
-        return list(range(1, self.n_layers + 1))
-
-    def normalised(self, layer: int) -> np.ndarray:
-        """States at ``layer`` minus the balanced mean of the concepts' states (float64)."""
-        return mean_normalise(self.states[:, layer, :], self.labels, self.concepts)[0]
-
-    def counts(self) -> pd.Series:
-        return self.items["concept"].value_counts().reindex(self.concepts + (
-            [BENIGN] if BENIGN in set(self.labels) else []))
-
-
-def collect_hidden_states(model, tokenizer, model_id: str, items: pd.DataFrame,
-                          batch_size: int = 8, system: str | None = None,
-                          progress: bool = True) -> HiddenStates:
-    """:func:`hidden_states` of ``items`` (id, concept, prompt), cached as an artifact.
-
-    The artifact (a folder with states.npy and items.jsonl) is keyed by ``model_id``, the
-    model's dtype, the prompt ids and texts and the token position, so a second call with the
-    same model and prompts reads it back without a forward pass.
-    """
-    from .cache import cached, stable_hash
-
-    missing = {"id", "concept", "prompt"} - set(items.columns)
-    if missing:
-        raise ParameterError(f"items lack column(s) {sorted(missing)}; they need id, concept, prompt")
-    items = items[["id", "concept", "prompt"]].reset_index(drop=True)
-    dtype = str(next(model.parameters()).dtype)
-    inputs = {"model": model_id, "dtype": dtype, "position": POSITION, "system": system,
-              "prompts": stable_hash(items[["id", "concept", "prompt"]].values.tolist()),
-              "version": 1}
-
-    def fill(folder: Path):
-        states = hidden_states(model, tokenizer, items["prompt"].tolist(), batch_size=batch_size,
-                               system=system, progress=progress)
-        np.save(folder / "states.npy", states)
-        items.to_json(folder / "items.jsonl", orient="records", lines=True, force_ascii=False)
-        (folder / "meta.json").write_text(json.dumps(
-            {"model": model_id, "dtype": dtype, "position": POSITION, "shape": list(states.shape),
-             "layer_0": "token embedding", "layer_L": "after the final norm"}, indent=2))
-
-    folder = cached("hidden-states", inputs, fill, kind="dir")
-    states = np.load(folder / "states.npy")
-    stored = pd.read_json(folder / "items.jsonl", orient="records", lines=True, dtype=False)
-    return HiddenStates(states=states, items=stored, model_id=model_id, folder=folder)
-
-
-# --- normalisation and concept vectors ---------------------------------------------------------
-
-def _concept_order(labels, concepts=None) -> list[str]:
-    present = set(labels)
-    if concepts is None:
-        concepts = [c for c in CONCEPTS if c in present] + sorted(
-            c for c in present if c not in CONCEPTS and c != BENIGN)
-    return list(concepts)
-
-
-def mean_normalise(states: np.ndarray, labels: Sequence[str], concepts=None,
-                   balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """``(states - mean, mean)``, the mean taken over the concepts' rows (benign ones excluded):
-    the mean of the concept means when ``balanced``, else the mean over all those rows.
-    ``states`` is (n, hidden) or (n, layers, hidden); the mean is per layer."""
-    labels = np.asarray(labels)
-    concepts = _concept_order(labels, concepts)
-    x = np.asarray(states, dtype=np.float64)
-    if balanced:
-        mean = np.mean([x[labels == c].mean(axis=0) for c in concepts], axis=0)
-    else:
-        mean = x[np.isin(labels, concepts)].mean(axis=0)
-    return x - mean, mean
-
+# --- concept vectors ---------------------------------------------------------------------------
 
 def _unit(v: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(v)
@@ -289,6 +105,7 @@ def first_principal_component(x: np.ndarray, center: bool = True) -> np.ndarray:
     """The first principal direction (unit length, arbitrary sign) of the rows of ``x``:
     sklearn's PCA (centred on the rows' mean) or, with ``center=False``, the top right singular
     vector of ``x`` as it is. Rows without any spread give the zero vector."""
+    # deferred: sklearn is slow to import; only the PCA needs it
     from sklearn.decomposition import PCA
 
     x = np.asarray(x, dtype=np.float64)
@@ -365,8 +182,6 @@ def concept_vectors(hs: HiddenStates, method: str = "pca", center: str = "concep
     sign-fixed towards the concept's mean (see the module notes for ``center``).
     ``method="diff_means"``: the concept's mean state minus the benign prompts' mean state.
     """
-    from threadpoolctl import threadpool_limits
-
     _check_method(method, center)
     layers = hs.layers() if layers is None else sorted(int(l) for l in layers)
     concepts, labels = hs.concepts, hs.labels
@@ -463,9 +278,6 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
     other concepts)``. ``resample=False`` uses every prompt once in each "resample" (each then
     reproduces the observed similarities: a check of this code against :func:`target_similarity`).
     """
-    from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
-
     _check_method(method, center)
     if similarity not in SIMILARITIES:
         raise ParameterError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
@@ -516,103 +328,6 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
                 bar.update(1)
     bar.close()
     return out, others
-
-
-# --- rank correlation ---------------------------------------------------------------------------
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(values, axis=-1)
-
-
-def spearman_permutation(x: Sequence[float], y: Sequence[float], alternative: str = "greater",
-                         n_perm: int = 20000, seed: int = 0) -> tuple[float, float]:
-    """``(rho, p)``: Spearman's rho of ``x`` and ``y`` (scipy.stats.spearmanr) and its
-    permutation p-value, exact over all n! orderings of ``y`` when n <= 8, else from ``n_perm``
-    random ones. ``alternative``: "greater" (p = share of orderings with rho >= the observed),
-    "less", or "two-sided" (|rho| >= |observed|). NaN pairs are dropped; fewer than three
-    pairs, or a constant variable, give ``(nan, nan)``. Ties get average ranks (the exact test
-    then permutes the tied values too, which is the correct conditional test)."""
-    from scipy.stats import spearmanr
-
-    if alternative not in ("greater", "less", "two-sided"):
-        raise ParameterError(f"alternative must be greater, less or two-sided, got {alternative!r}")
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
-    n = len(x)
-    if n < 3 or np.unique(x).size < 2 or np.unique(y).size < 2:
-        return float("nan"), float("nan")
-    rho = float(spearmanr(x, y).statistic)
-    rx, ry = _ranks(x), _ranks(y)
-    if n <= 8:
-        perms = np.array(list(itertools.permutations(range(n))))
-    else:
-        rng = np.random.default_rng(seed)
-        perms = np.array([rng.permutation(n) for _ in range(n_perm)])
-    rp = ry[perms]
-    cx = rx - rx.mean()
-    cp = rp - rp.mean(axis=1, keepdims=True)
-    null = (cp @ cx) / (np.linalg.norm(cp, axis=1) * np.linalg.norm(cx))
-    tol = 1e-12
-    if alternative == "greater":
-        p = np.mean(null >= rho - tol)
-    elif alternative == "less":
-        p = np.mean(null <= rho + tol)
-    else:
-        p = np.mean(np.abs(null) >= abs(rho) - tol)
-    if n > 8:  # a random sample of orderings: never report p = 0
-        p = (p * len(perms) + 1) / (len(perms) + 1)
-    return rho, float(p)
-
-
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjustment (NaN entries stay NaN and are not counted)."""
-    p = np.asarray(pvalues, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m, running = len(order), 0.0
-    for k, i in enumerate(order):
-        running = max(running, min(1.0, (m - k) * p[i]))
-        out[i] = running
-    return out
-
-
-def correlation_by_layer(observed: pd.DataFrame, boot: np.ndarray | None, ema: pd.Series,
-                         alternative: str = "greater", ci: float = 0.95) -> pd.DataFrame:
-    """Per layer: Spearman's rho between similarity and EMA across concepts, its bootstrap
-    percentile interval and its exact permutation p-value (raw and Holm-adjusted over layers).
-
-    ``observed``: layers x concepts (similarities); ``boot``: (layers, n_boot, concepts) in the
-    same order, or None; ``ema``: one value per concept (NaN: not measured, left out).
-    """
-    ema = ema.reindex(observed.columns).astype(float)
-    rows = []
-    for li, layer in enumerate(observed.index):
-        rho, p = spearman_permutation(observed.loc[layer].to_numpy(), ema.to_numpy(), alternative)
-        low = high = float("nan")
-        if boot is not None:
-            rhos = [_rho(b, ema.to_numpy()) for b in boot[li]]
-            rhos = np.array([r for r in rhos if not math.isnan(r)])
-            if len(rhos):
-                low, high = np.quantile(rhos, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-        rows.append({"layer": int(layer), "rho": rho, "low": float(low), "high": float(high),
-                     "p": p, "n_concepts": int((~ema.isna()).sum()), "alternative": alternative})
-    table = pd.DataFrame(rows)
-    table["p_holm"] = holm(table["p"].to_numpy())
-    return table
-
-
-def _rho(x, y) -> float:
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
-    if len(x) < 3 or np.unique(x).size < 2 or np.unique(y).size < 2:
-        return float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 # --- the EMA measured in chapters 2 and 3 ------------------------------------------------------
@@ -669,6 +384,7 @@ def ema_measures(cross_summary: Mapping, unlearning_summary: Mapping | None, run
     per-concept trajectory (records step, concept, rate). Columns: concept, aligned, after,
     drop_points, half_step, reached, is_target.
     """
+    # deferred: report imports the method registry, which imports torch
     from .report import condition_parts
 
     refusal = cross_summary.get("refusal", {})
@@ -692,8 +408,6 @@ def ema_measures(cross_summary: Mapping, unlearning_summary: Mapping | None, run
 
 def upstream_model(chapter: str, profile: str) -> str | None:
     """The model an earlier chapter's latest run (for ``profile``) used, from its run.json."""
-    from .orchestrate import chapter_results
-
     record = chapter_results(chapter, profile) / "run.json"
     return json.loads(record.read_text()).get("parameters", {}).get("model")
 
@@ -706,8 +420,6 @@ def load_ema_measures(profile: str, runs: Iterable[str],
     and a note says what to run. When ``model`` is given and an upstream chapter ran another
     model, a note says so (similarity on one model cannot predict EMA measured on another).
     """
-    from .orchestrate import chapter_summary
-
     notes, summaries = [], {}
     for chapter in ("cross_domain", "unlearning"):
         try:
@@ -837,6 +549,7 @@ def entanglement_claims(similarities: pd.DataFrame, correlations: pd.DataFrame, 
     ``similarities``: :func:`similarity_table` (target, concept, layer, similarity) of the
     paper's method; ``correlations``: :func:`correlation_table`; ``layer``: the chosen layer.
     """
+    # deferred: plots imports matplotlib
     from .plots import label
 
     rows = []

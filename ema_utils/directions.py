@@ -12,7 +12,7 @@ hooks that ablate or add a direction while a model runs (chapters 5 and 6).
   later layer can read it (Arditi et al.'s directional ablation, here at the outputs of the
   listed layers). **Steering**: adding ``scale * direction`` to one layer's output.
 
-Layers are numbered as in :func:`ema_utils.concepts.hidden_states`, so ``direction[l]`` and
+Layers are numbered as in :func:`ema_utils.activations.hidden_states`, so ``direction[l]`` and
 ``layers=[l]`` mean the same place: 0 is the token embedding (the input of the first decoder
 layer), ``l`` in 1..L the output of the l-th decoder layer (``model.model.layers[l - 1]``).
 One asymmetry: transformers reports ``hidden_states[L]`` *after* the final norm, while a hook at
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import CONCEPTS
+from .activations import collect_hidden_states, hidden_states
 from .errors import EmaError, ModelError, ParameterError
 
 __all__ = [
@@ -132,9 +133,7 @@ def mean_activations(model, tokenizer, prompts, batch_size: int = 8,
                      progress: bool = True) -> np.ndarray:
     """The mean hidden state at the last prompt token (chat template with the generation
     prompt), every layer: (n_layers + 1, hidden), float64 (see
-    :func:`ema_utils.concepts.hidden_states`)."""
-    from .concepts import hidden_states
-
+    :func:`ema_utils.activations.hidden_states`)."""
     states = hidden_states(model, tokenizer, _prompt_list(prompts), batch_size=batch_size,
                            progress=progress)
     return states.astype(np.float64).mean(axis=0)
@@ -501,11 +500,9 @@ def fit_refusal_direction(model, tokenizer, model_id: str, items: pd.DataFrame,
     cached by :func:`ema_utils.evaluate.evaluate`; when ``items`` already has ``is_refusal`` the
     given verdicts are used and nothing is generated), the hidden states at the last prompt
     token are read once for all prompts (cached by
-    :func:`ema_utils.concepts.collect_hidden_states`), and the direction is the difference of
-    the refused and complied prompts' mean states, per layer (what :func:`refusal_direction`
+    :func:`ema_utils.activations.collect_hidden_states`), and the direction is the difference
+    of the refused and complied prompts' mean states, per layer (what :func:`refusal_direction`
     computes, from the same states)."""
-    from .concepts import collect_hidden_states
-
     missing = {"id", "concept", "prompt"} - set(items.columns)
     if missing:
         raise ParameterError(f"items lack column(s) {sorted(missing)}; they need id, concept, prompt")

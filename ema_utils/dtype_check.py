@@ -40,7 +40,7 @@ from .metrics import rate_table
 from .models import dtype_tag, load_model, model_identity, resolve_dtype
 from .orchestrate import resolve_parameters, validate_parameters
 from .paths import dtype_check_file
-from .unlearning import UnlearnConfig
+from .trainer import UnlearnConfig
 
 MIN_AGREEMENT = 0.97
 """Per-item verdict agreement the fast dtype must reach (the speed issue's bar)."""

@@ -1,10 +1,12 @@
-"""Course exercises: small tasks per chapter, their checks, and the notebook cells that pose them.
+"""Course exercises: small tasks per chapter and their checks.
 
 Each chapter ends with an "Exercises" section of 2-3 tasks that make the student do the key step
 of the chapter on small fixed inputs (or on a table the chapter already computed): no model is
 loaded, nothing is generated, each check runs in well under a second.
 
-An exercise is four cells, all carrying ``metadata["exercise_id"]`` (e.g. ``"setup.wilson"``):
+The exercises are written once, in the chapter notebooks (this module holds only their checks
+and fixed inputs; ``ema course build`` derives the student edition from the notebooks). An
+exercise is four cells, all carrying ``metadata["exercise_id"]`` (e.g. ``"setup.wilson"``):
 
 - a markdown **task** (tag ``exercise-task``);
 - a code cell with a **blank** the student fills (tag ``exercise``): a function whose body is
@@ -24,6 +26,7 @@ writes the student edition with ``exercises.set_mode("student")`` at the top of 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -31,7 +34,11 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from . import CHAPTERS, CONCEPTS
+from .concepts import first_principal_component, sign_towards
 from .errors import EmaError
+from .metrics import ema_delta, wilson_interval
+from .paths import notebook_dir
 
 MODES = ("instructor", "student")
 _mode = os.environ.get("EMA_EXERCISES_MODE", "instructor")
@@ -135,8 +142,6 @@ WILSON_CASES = [(0, 10), (3, 10), (10, 10), (17, 40), (1, 1), (45, 200)]
 def check_wilson(answer) -> bool:
     """``answer(k, n) -> (low, high)``: the 95% Wilson interval of k refusals in n items,
     compared with :func:`ema_utils.metrics.wilson_interval`."""
-    from .metrics import wilson_interval
-
     def body():
         _need_function(answer, "wilson(k, n) -> (low, high)")
         for k, n in WILSON_CASES:
@@ -169,6 +174,7 @@ KAPPA_CASES = [(40, 5, 10, 45), (30, 0, 0, 20), (10, 10, 10, 10), (5, 20, 3, 72)
 
 
 def _kappa_reference(tp: int, fp: int, fn: int, tn: int) -> float:
+    # deferred: the judges import torch; the module loads without it (chapter 1's checks)
     from .judges import agreement
 
     y_true = [True] * tp + [False] * fp + [True] * fn + [False] * tn
@@ -208,6 +214,7 @@ def check_kappa(answer) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def _npo_cases():
+    # deferred: torch loads slowly and only the tensor exercises need it
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -222,6 +229,7 @@ def _npo_cases():
 def check_npo_loss(answer) -> bool:
     """``answer(logp_theta, logp_ref, beta) -> loss``: Eq. 1 of the paper on (batch,) tensors of
     sequence log-probs, compared with :func:`ema_utils.losses.npo_loss`."""
+    # deferred: torch (and losses, which imports it) only for the tensor exercises
     import torch
 
     from .losses import npo_loss
@@ -297,7 +305,7 @@ def _ids(out) -> list[str]:
 def check_forget_set(answer) -> bool:
     """``answer(judged, concept) -> rows or ids``: the forget set of ``concept`` from a judged
     table (:func:`judged_example`), compared with the rule of
-    :func:`ema_utils.unlearning.build_forget_set` (refused prompts of the target concept)."""
+    :func:`ema_utils.sets.build_forget_set` (refused prompts of the target concept)."""
 
     def body():
         _need_function(answer, "forget_set(judged, concept)")
@@ -347,8 +355,6 @@ EMA_CASES = [
 
 
 def _ema_reference(ref_rate, ref_low, ref_high, rate, low, high, is_target) -> bool:
-    from .metrics import ema_delta
-
     ref = {"c": {"rate": ref_rate, "low": ref_low, "high": ref_high, "n": 50}}
     new = {"c": {"rate": rate, "low": low, "high": high, "n": 50}}
     return bool(ema_delta(ref, new, target="c" if is_target else None)["flagged"].iloc[0])
@@ -427,8 +433,6 @@ def check_most_fallen(answer, matrix: pd.DataFrame, condition: str) -> bool:
 def example_matrix() -> pd.DataFrame:
     """A small EMA matrix in the shape of :func:`ema_utils.report.ema_matrix` (for tests and
     for trying the heatmap exercise without chapter 3's results)."""
-    from .concepts import CONCEPTS
-
     deltas = {"npo_safety": [-30, -70, -25, 0, -40, -10, -35],
               "npo_cybersecurity": [-80, -20, -5, 5, -10, 0, -15]}
     rows = []
@@ -489,6 +493,7 @@ def check_recovery(answer) -> bool:
 def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame:
     """The paper's refusal rates (fractions) per concept for Safety unlearning: aligned, plain NPO
     (unlearned) and NPO with the retain loss (augmented), from its Tables 3 and 4."""
+    # deferred: mitigation imports torch (through the methods registry)
     from .mitigation import paper_recovery
 
     t = paper_recovery("safety", paper_model)
@@ -499,6 +504,7 @@ def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame
 def check_paper_mean_recovery(answer, paper_model: str = "qwen2.5-7b-instruct") -> bool:
     """``answer``: the paper's mean recovered fraction over the non-target concepts that were not
     skipped (NPO + retain, Safety), compared with :func:`ema_utils.mitigation.paper_recovery`."""
+    # deferred: mitigation imports torch (through the methods registry)
     from .mitigation import paper_recovery
 
     def body():
@@ -539,8 +545,6 @@ def example_states(seed: int = 0, n: int = 40, dim: int = 16) -> np.ndarray:
 def concept_vector_reference(states: np.ndarray) -> np.ndarray:
     """The paper's concept vector: the first principal component of the states (unit length),
     its sign pointing towards the concept's mean state (:mod:`ema_utils.concepts`)."""
-    from .concepts import first_principal_component, sign_towards
-
     states = np.asarray(states, dtype=float)
     return sign_towards(first_principal_component(states), states.mean(axis=0))
 
@@ -620,6 +624,7 @@ PERTURB_CASES = [((3, 4), 0.2, 0), ((8, 2), 0.5, 1), ((5, 5), 1.0, 2), ((4, 6), 
 
 
 def _noise(shape, seed: int):
+    # deferred: torch loads slowly and only the tensor exercises need it
     import torch
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -629,6 +634,7 @@ def check_orthogonal_perturbation(answer) -> bool:
     """``answer(x, y, eps) -> x'``: with raw Gaussian noise ``y`` (same shape as the matrix
     ``x``), make y orthogonal to x, rescale it to x's norm, and return sqrt(1-eps²)·x + eps·y;
     compared with :func:`ema_utils.narrow.orthogonal_perturbation` on the same noise."""
+    # deferred: torch (and narrow, which imports it) only for the tensor exercises
     import torch
 
     from .narrow import orthogonal_perturbation
@@ -670,6 +676,7 @@ RELATIVE_CASES = [(1.2, 1.0, 3.0), (3.0, 1.0, 3.0), (1.0, 1.0, 2.0), (4.0, 1.0, 
 def check_relative_increase(answer) -> bool:
     """``answer(l_pert, l_orig, l_base) -> float``: (L_pert - L_orig) / (L_base - L_orig), NaN when
     the adapter did not lower the loss; compared with :func:`ema_utils.narrow.relative_increase`."""
+    # deferred: narrow imports torch
     from .narrow import relative_increase
 
     def body():
@@ -695,194 +702,20 @@ def check_relative_increase(answer) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The cells that pose the exercises in the chapter notebooks
+# The exercises the chapter notebooks pose
 # ---------------------------------------------------------------------------------------------
 
-EXERCISES: dict[str, list[dict]] = {
-    "setup": [
-        {"id": "setup.wilson", "title": "A 95% Wilson interval",
-         "task": "Every refusal rate in this book carries a 95% Wilson interval. Write "
-                 "`wilson(k, n)` that returns `(low, high)` for `k` refusals among `n` items, "
-                 "with $z = 1.96$:\n\n$$\\frac{\\hat p + \\frac{z^2}{2n} \\pm z\\sqrt{\\frac{\\hat p(1-\\hat p)}{n} + "
-                 "\\frac{z^2}{4n^2}}}{1 + \\frac{z^2}{n}}, \\qquad \\hat p = k/n.$$\n\n"
-                 "Then compare `wilson(3, 10)` with the normal approximation: why is Wilson "
-                 "better at small $n$?",
-         "blank": "def wilson(k, n):\n    \"\"\"(low, high): the 95% Wilson interval of k refusals in n items.\"\"\"\n    ...  # your code here",
-         "solution": "import math\n\ndef wilson(k, n):\n    z = 1.959963984540054\n    p = k / n\n    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)\n"
-                     "    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)\n"
-                     "    return max(0.0, centre - half), min(1.0, centre + half)",
-         "check": "exercises.check_wilson(wilson)"},
-        {"id": "setup.kappa", "title": "Cohen's kappa from a confusion table",
-         "task": "A judge agrees with the hand labels on `tp` refusals and `tn` non-refusals, and "
-                 "errs on `fp` (it says refusal, the label says not) and `fn` items. Write "
-                 "`kappa(tp, fp, fn, tn)`: the observed agreement $p_o$ corrected for the "
-                 "agreement $p_e$ expected by chance from the margins, $\\kappa = (p_o - p_e)/(1 - p_e)$. "
-                 "Why does the book report kappa and not only accuracy?",
-         "blank": "def kappa(tp, fp, fn, tn):\n    \"\"\"Cohen's kappa of a judge against the hand labels.\"\"\"\n    ...  # your code here",
-         "solution": "def kappa(tp, fp, fn, tn):\n    n = tp + fp + fn + tn\n    p_o = (tp + tn) / n\n"
-                     "    judge_yes, label_yes = (tp + fp) / n, (tp + fn) / n\n"
-                     "    p_e = judge_yes * label_yes + (1 - judge_yes) * (1 - label_yes)\n"
-                     "    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)",
-         "check": "exercises.check_kappa(kappa)"},
-    ],
-    "unlearning": [
-        {"id": "unlearning.npo", "title": "The NPO loss (Eq. 1)",
-         "task": "Write the NPO loss of the equation at the top of the chapter for a batch: "
-                 "`logp_theta` and `logp_ref` are `(batch,)` torch tensors of sequence "
-                 "log-probabilities $\\log\\pi(y\\mid x)$ of the forget responses under the trained "
-                 "and the reference model. Check by hand: what is the loss when the two are equal?",
-         "blank": "import torch\nimport torch.nn.functional as F\n\ndef npo(logp_theta, logp_ref, beta):\n"
-                  "    \"\"\"The NPO loss, averaged over the batch.\"\"\"\n    ...  # your code here",
-         "solution": "import torch\nimport torch.nn.functional as F\n\ndef npo(logp_theta, logp_ref, beta):\n"
-                     "    log_ratio = logp_theta - logp_ref\n"
-                     "    return -(2 / beta) * F.logsigmoid(-beta * log_ratio).mean()",
-         "check": "exercises.check_npo_loss(npo)"},
-        {"id": "unlearning.forget", "title": "Pick the forget set",
-         "task": "`exercises.judged_example()` is a small judged table like the one this chapter "
-                 "built its forget sets from (one row per train prompt, with the aligned model's "
-                 "response and whether the judge calls it a refusal). Write `forget_set(judged, "
-                 "concept)` returning the rows of the forget set $D_R$ of `concept`. Which rows "
-                 "must never be in it, and why?",
-         "blank": "judged = exercises.judged_example()\n\ndef forget_set(judged, concept):\n"
-                  "    \"\"\"The rows of D_R for the target concept.\"\"\"\n    ...  # your code here\n\njudged",
-         "solution": "def forget_set(judged, concept):\n"
-                     "    keep = (judged.concept == concept) & (judged.scorer == \"refusal\") & judged.is_refusal\n"
-                     "    return judged[keep]",
-         "check": "exercises.check_forget_set(forget_set)"},
-    ],
-    "cross_domain": [
-        {"id": "cross_domain.flag", "title": "The EMA flag",
-         "task": "Write the rule that puts a star in the heatmap: `ema_flag(ref_rate, ref_low, "
-                 "ref_high, rate, low, high, is_target)` is True when the refusal rate fell by "
-                 "*more than* 15 points from the aligned model's, the two 95% intervals do not "
-                 "overlap, and the concept is not the target of the intervention (rates are "
-                 "fractions).",
-         "blank": "def ema_flag(ref_rate, ref_low, ref_high, rate, low, high, is_target):\n"
-                  "    \"\"\"True when this concept shows emergent misalignment.\"\"\"\n    ...  # your code here",
-         "solution": "def ema_flag(ref_rate, ref_low, ref_high, rate, low, high, is_target):\n"
-                     "    overlap = low <= ref_high and ref_low <= high\n"
-                     "    return bool(ref_rate - rate > 0.15 and not overlap and not is_target)",
-         "check": "exercises.check_ema_flag(ema_flag)"},
-        {"id": "cross_domain.heatmap", "title": "Read the heatmap",
-         "task": "Look at the heatmap above, at the row of the condition printed by the next "
-                 "cell. Which **non-target** concept lost the most refusal? Answer with its "
-                 "name (a string), reading the figure, not the table. Is that concept flagged, "
-                 "and does the paper report the same one?",
-         "blank": "condition = exercises.heatmap_condition(matrix)\nprint(\"condition:\", condition)\n"
-                  "most_fallen = None  # e.g. \"toxicity\"",
-         "solution": "rows = matrix[(matrix.condition == condition) & ~matrix.is_target]\n"
-                     "most_fallen = rows.sort_values(\"delta_points\").concept.iloc[0]",
-         "check": "exercises.check_most_fallen(most_fallen, matrix, condition)",
-         "needs": ["matrix"]},
-    ],
-    "mitigation": [
-        {"id": "mitigation.recovery", "title": "The recovered fraction",
-         "task": "Write `recovery(aligned, unlearned, augmented)` from the chapter's definition "
-                 "(rates as fractions): 0 when the augmented model is as low as the plain "
-                 "unlearned one, 1 when it is back at the aligned model. Return `float('nan')` "
-                 "when unlearning took less than 0.1 (10 points): there is nothing to recover.",
-         "blank": "def recovery(aligned, unlearned, augmented):\n"
-                  "    \"\"\"The recovered fraction; NaN when aligned - unlearned < 0.1.\"\"\"\n    ...  # your code here",
-         "solution": "def recovery(aligned, unlearned, augmented):\n    gap = aligned - unlearned\n"
-                     "    return float(\"nan\") if gap < 0.1 else (augmented - unlearned) / gap",
-         "check": "exercises.check_recovery(recovery)"},
-        {"id": "mitigation.paper", "title": "The paper's own recovery",
-         "task": "`exercises.paper_safety_rates()` holds the paper's Qwen2.5-7B refusal rates "
-                 "per concept for Safety unlearning: aligned, plain NPO (unlearned) and NPO with "
-                 "the retain loss (augmented). Compute the paper's mean "
-                 "recovered fraction over the **non-target** concepts, leaving out those where "
-                 "it is NaN. Is the paper's \"largely recovers\" borne out for this model?",
-         "blank": "paper_rates = exercises.paper_safety_rates()\ndisplay(paper_rates)\n"
-                  "paper_mean = None  # your code here",
-         "solution": "others = paper_rates[~paper_rates.is_target]\n"
-                     "gap = others.aligned - others.unlearned\n"
-                     "values = ((others.augmented - others.unlearned) / gap).where(gap >= 0.1)\n"
-                     "paper_mean = values.mean()  # pandas skips the NaN (skipped) concepts",
-         "check": "exercises.check_paper_mean_recovery(paper_mean)"},
-    ],
-    "entanglement": [
-        {"id": "entanglement.vector", "title": "A concept vector",
-         "task": "`states` below are the mean-normalised hidden states of one concept's prompts "
-                 "(one row per prompt). Write `concept_vector(states)`: their first principal "
-                 "component, of unit length, with its sign chosen so that it points towards the "
-                 "concept's mean state. Why does the sign need fixing at all?",
-         "blank": "import numpy as np\n\nstates = exercises.example_states()\n\ndef concept_vector(states):\n"
-                  "    \"\"\"The first principal component, unit length, towards the mean.\"\"\"\n    ...  # your code here",
-         "solution": "def concept_vector(states):\n    centred = states - states.mean(axis=0)\n"
-                     "    v = np.linalg.svd(centred, full_matrices=False)[2][0]\n"
-                     "    return -v if v @ states.mean(axis=0) < 0 else v",
-         "check": "exercises.check_concept_vector(concept_vector)"},
-        {"id": "entanglement.cosine", "title": "The mean of a histogram",
-         "task": "The chapter's histograms show the cosine between a concept vector and every "
-                 "prompt's state. Write `mean_cosine(states, vector)`: the mean of those cosines "
-                 "(the thin vertical lines). The vector need not have unit length.",
-         "blank": "def mean_cosine(states, vector):\n    \"\"\"Mean over rows of cos(state, vector).\"\"\"\n    ...  # your code here",
-         "solution": "def mean_cosine(states, vector):\n"
-                     "    cos = states @ vector / (np.linalg.norm(states, axis=1) * np.linalg.norm(vector))\n"
-                     "    return float(cos.mean())",
-         "check": "exercises.check_mean_cosine(mean_cosine)"},
-    ],
-    "narrow_general": [
-        {"id": "narrow_general.perturb", "title": "An orthogonal perturbation",
-         "task": "Write the stability test's perturbation: given a LoRA matrix `x` and raw "
-                 "Gaussian noise `y` of the same shape (torch tensors), make `y` orthogonal to "
-                 "`x` (both as flat vectors), rescale it to `x`'s norm, and return "
-                 "$\\sqrt{1-\\epsilon^2}\\,x + \\epsilon\\,y$. Check that the result has `x`'s "
-                 "norm and makes the angle $\\arcsin\\epsilon$ with it.",
-         "blank": "import torch\n\ndef perturb(x, y, eps):\n"
-                  "    \"\"\"x turned by arcsin(eps) towards the noise y, at x's norm.\"\"\"\n    ...  # your code here",
-         "solution": "def perturb(x, y, eps):\n    xf, yf = x.flatten(), y.flatten()\n"
-                     "    yf = yf - (yf @ xf) / (xf @ xf) * xf\n    yf = yf * xf.norm() / yf.norm()\n"
-                     "    return ((1 - eps**2) ** 0.5 * xf + eps * yf).reshape(x.shape)",
-         "check": "exercises.check_orthogonal_perturbation(perturb)"},
-        {"id": "narrow_general.relative", "title": "The relative loss increase",
-         "task": "Write `relative_increase(l_pert, l_orig, l_base)` as defined in the stability "
-                 "section: 0 when the noise changed nothing, 1 when the adapter's effect is "
-                 "entirely lost; NaN when the adapter did not lower the loss at all "
-                 "(`l_base <= l_orig`).",
-         "blank": "def relative_increase(l_pert, l_orig, l_base):\n    ...  # your code here",
-         "solution": "def relative_increase(l_pert, l_orig, l_base):\n"
-                     "    gap = l_base - l_orig\n"
-                     "    return float(\"nan\") if gap <= 1e-9 else (l_pert - l_orig) / gap",
-         "check": "exercises.check_relative_increase(relative_increase)"},
-    ],
-}
-"""Chapter -> its exercises: id, title, task (markdown), blank, solution and check (code);
-``needs``: names of the chapter's own variables the exercise reads."""
-
-SECTION_INTRO = (
-    "## Exercises\n\n"
-    "Small tasks on the key steps of this chapter. Each runs in a second and loads no model. "
-    "Fill in the cell marked *your code here*, then run the check below it: it tests your "
-    "answer on fixed inputs against the companion's own implementation and says what is wrong. "
-    "A reference solution follows each blank (folded in the book: click to show it; removed in "
-    "the student edition built by `ema course build`).")
-
-
 def exercise_ids(chapter: str | None = None) -> list[str]:
-    chapters = [chapter] if chapter else list(EXERCISES)
-    return [e["id"] for c in chapters for e in EXERCISES[c]]
-
-
-def notebook_cells(chapter: str) -> list:
-    """The nbformat cells of ``chapter``'s exercise section, to append to its notebook."""
-    from nbformat.v4 import new_code_cell, new_markdown_cell
-
-    def tagged(cell, tags, exercise_id=None):
-        cell.metadata["tags"] = list(tags)
-        if exercise_id:
-            cell.metadata["exercise_id"] = exercise_id
-        return cell
-
-    cells = [tagged(new_markdown_cell(SECTION_INTRO), ["exercise-intro"]),
-             tagged(new_code_cell("from ema_utils import exercises"), ["exercise-setup"])]
-    for number, ex in enumerate(EXERCISES[chapter], 1):
-        eid = ex["id"]
-        cells += [
-            tagged(new_markdown_cell(f"### Exercise {number}: {ex['title']}\n\n{ex['task']}"),
-                   ["exercise-task"], eid),
-            tagged(new_code_cell(ex["blank"]), ["exercise"], eid),
-            tagged(new_code_cell("# Reference solution\n" + ex["solution"]), ["solution", "hide-input"], eid),
-            tagged(new_code_cell(ex["check"]), ["check"], eid),
-        ]
-    return cells
+    """The ids of the exercises posed in ``chapter``'s notebook (all chapters when None), in
+    book order: read from the notebooks' cells, the one place the exercises are written."""
+    chapters = [chapter] if chapter else list(CHAPTERS)
+    ids = []
+    for name in chapters:
+        path = notebook_dir() / f"{CHAPTERS.index(name) + 1:02d}_{name}.ipynb"
+        if not path.is_file():
+            continue
+        for cell in json.loads(path.read_text())["cells"]:
+            eid = cell.get("metadata", {}).get("exercise_id")
+            if eid and eid not in ids:
+                ids.append(eid)
+    return ids

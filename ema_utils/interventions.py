@@ -2,7 +2,7 @@
 
 This is the unit chapters 2-4 share. :func:`run_intervention` builds the target concept's forget
 set from the aligned model's own refusals (and, for SFT, compliant labels from the small
-labeller), trains with ema_utils.unlearning, scores every checkpoint on a small per-concept
+labeller), trains with ema_utils.trainer, scores every checkpoint on a small per-concept
 sample (the *trajectory*: when does narrow unlearning turn general?), and picks checkpoints by
 the paper's utility rule and by "first below 25% target refusal". Every step is cached, so a
 later chapter calling it with the same settings gets the finished run back at once.
@@ -21,6 +21,7 @@ from . import CONCEPTS
 from .cache import cached, stable_hash
 from .errors import ParameterError
 from .models import DTYPE_NAMES
+from .params import parse_overrides
 
 METHODS = ("npo", "sft")
 """The paper's two interventions: NPO unlearning of refusals and the SFT "finetune" baseline."""
@@ -83,7 +84,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
                      progress: bool = True) -> InterventionRun:
     """Train one intervention on ``concept`` and score its checkpoints (all cached).
 
-    ``config`` is an :class:`ema_utils.unlearning.UnlearnConfig` whose method is "npo", "sft"
+    ``config`` is an :class:`ema_utils.trainer.UnlearnConfig` whose method is "npo", "sft"
     or one of their augmented variants (then a retain set of ``retain_ratio`` times the forget
     set is built from the aligned model's own behaviour); ``method`` names the family
     ("npo" or "sft") for the forget data. ``model`` must carry no adapter; it is returned to
@@ -93,8 +94,12 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     """
     from .data import load_prompts
     from .evaluate import eval_items, sample_items
-    from .unlearning import (build_forget_set, build_retain_set, build_sft_labels, parse_ratio,
-                             unlearn, unload_adapter)
+    # deferred: checkpoints imports torch
+    from .checkpoints import unload_adapter
+    # deferred: sets imports torch
+    from .sets import build_forget_set, build_retain_set, build_sft_labels, parse_ratio
+    # deferred: trainer imports torch; looked up per call, so narrow's guard patching it works
+    from .trainer import unlearn
 
     _check(concept, method)
     if not config.method.startswith(method):
@@ -161,7 +166,8 @@ def _kl_long(checkpoints: pd.DataFrame) -> pd.DataFrame:
 
 def checkpoint_model_id(model_id: str, run_name: str, path: Path | None) -> str:
     """The cache identity of a checkpoint: the base model plus the adapter's weights digest."""
-    from .unlearning import adapter_digest
+    # deferred: checkpoints imports torch
+    from .checkpoints import adapter_digest
 
     return model_id if path is None else f"{model_id}+{run_name}:{adapter_digest(path)}"
 
@@ -170,11 +176,12 @@ def with_checkpoint(model, path: Path | None, merged: bool = False):
     """Context manager: the model with a checkpoint's adapter applied (or as is for None).
 
     ``merged=True`` folds the adapter into the weights while inside (for scoring: generation is
-    then as fast as the base model's; see unlearning.merged_for_inference); keep it False where
+    then as fast as the base model's; see checkpoints.merged_for_inference); keep it False where
     the adapter itself is used (scaled, perturbed, disabled)."""
     import contextlib
 
-    from .unlearning import load_checkpoint, merged_for_inference, unload_adapter
+    # deferred: checkpoints imports torch
+    from .checkpoints import load_checkpoint, merged_for_inference, unload_adapter
 
     @contextlib.contextmanager
     def ctx():
@@ -213,7 +220,8 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
 
 
 def _select(run, checkpoints, max_drop, target_threshold):
-    from .unlearning import first_checkpoint_below, select_checkpoint
+    # deferred: checkpoints imports torch
+    from .checkpoints import first_checkpoint_below, select_checkpoint
 
     aligned_utility = float(run.utility.loc[run.utility["step"] == 0, "utility"].iloc[0])
     trained = checkpoints[checkpoints["step"] > 0]
@@ -307,8 +315,10 @@ RUN_OPTIONS = ("n_forget", "forget_candidates", "forget_max_new_tokens", "traj_n
 def cmd_unlearn(args) -> int:
     from .console import emit
     from .models import load_model, model_identity
-    from .orchestrate import parse_overrides
-    from .unlearning import UnlearnConfig, parse_ratio
+    # deferred: sets imports torch, which the other commands never need
+    from .sets import parse_ratio
+    # deferred: trainer imports torch, which the other commands never need
+    from .trainer import UnlearnConfig
 
     params = parse_overrides(args.param)
     run_kwargs = {k: params.pop(k) for k in list(params) if k in RUN_OPTIONS}

@@ -1,7 +1,7 @@
 """The training losses of the unlearning chapters: pure functions on logits, labels and log-probs.
 
 Kept apart from data and training (as in open-unlearning) so each can be checked by hand on a
-few numbers. Conventions, shared with :mod:`ema_utils.unlearning`:
+few numbers. Conventions, shared with :mod:`ema_utils.trainer`:
 
 - ``logits`` are ``(batch, seq, vocab)`` as a causal LM returns them; ``labels`` are
   ``(batch, seq)`` token ids aligned with ``input_ids`` (the Hugging Face convention), with

@@ -32,14 +32,18 @@ import numpy as np
 import pandas as pd
 
 from . import CONCEPTS
+from .condition import Condition
 from .errors import ParameterError
+from .registry import METHODS
 from .report import condition_details, condition_parts
+from .sets import build_retain_set, parse_ratio
+from .trainer import UnlearnConfig
 
-AUGMENTED_BASE = {"npo_retain": "npo", "sft_retain": "sft", "npo_kl": "npo"}
-"""Each augmented method and the plain method (chapter 2) it is compared with."""
+AUGMENTED_BASE = {name: m.base for name, m in METHODS.items() if m.base}
+"""Each augmented method and the plain method (chapter 2) it is compared with (registry)."""
 
-METHOD_LABELS = {"npo": "NPO", "sft": "SFT", "npo_retain": "NPO + retain CE",
-                 "sft_retain": "SFT + retain CE", "npo_kl": "NPO + KL"}
+METHOD_LABELS = {name: m.label for name, m in METHODS.items()}
+"""Method -> its label in tables and figures (registry)."""
 
 PAPER_MODELS = {"qwen2.5-7b-instruct": "Qwen2.5-7B", "mistral-7b-instruct-v0.3": "Mistral-7B"}
 
@@ -58,40 +62,31 @@ TARGET_MAX_RECOVERY = 0.25
 # --- names --------------------------------------------------------------------------------------
 
 def condition_name(method: str, concept: str, ratio=None, kl_lambda=None) -> str:
-    """"npo_retain_1to2_safety", "npo_kl_1to1_lambda10_safety", "npo_safety".
-
-    Like :func:`ema_utils.interventions.intervention_name`, plus the KL weight, so KL runs
-    that differ only in lambda get different names (their training caches differ anyway).
-    """
-    from .unlearning import parse_ratio
-
-    name = method
-    if ratio is not None:
-        name += f"_1to{parse_ratio(ratio):g}"
-    if kl_lambda is not None:
-        name += f"_lambda{float(kl_lambda):g}"
-    return f"{name}_{concept}"
+    """"npo_retain_1to2_safety", "npo_kl_1to1_lambda10_safety", "npo_safety": the name of
+    :class:`ema_utils.condition.Condition` (the KL weight is part of it, so KL runs that differ
+    only in lambda get different names; their training caches differ anyway)."""
+    return Condition(method, concept, retain_ratio=ratio, kl_lambda=kl_lambda).name
 
 
 def base_condition(condition: str) -> str:
     """The plain run an augmented condition is compared with: "npo_retain_1to2_safety" ->
     "npo_safety" (npo_kl -> npo, sft_retain -> sft)."""
-    d = condition_details(condition)
-    if d["method"] not in AUGMENTED_BASE or d["target"] is None:
+    try:
+        c = Condition.from_name(condition)
+    except ParameterError:
+        c = None
+    if c is None or not c.is_augmented:
         raise ParameterError(f"'{condition}' is not an augmented condition (methods: "
                              f"{', '.join(AUGMENTED_BASE)}; e.g. npo_retain_1to2_safety)")
-    return f"{AUGMENTED_BASE[d['method']]}_{d['target']}"
+    return c.base.name
 
 
 def condition_label(condition: str) -> str:
     """A short label for figures: "NPO + retain CE 1:2", "NPO + KL lambda 10", "NPO"."""
-    d = condition_details(condition)
-    text = METHOD_LABELS.get(d["method"], d["method"])
-    if d["method"] == "npo_kl" and d["kl_lambda"] is not None:
-        return f"{text} \u03bb={d['kl_lambda']:g}"
-    if d["ratio"] is not None:
-        text += f" 1:{d['ratio']:g}"
-    return text
+    try:
+        return Condition.from_name(condition).label
+    except ParameterError:
+        return condition
 
 
 # --- plan and training --------------------------------------------------------------------------
@@ -126,8 +121,6 @@ def upstream_options(chapter_folder) -> dict:
 
 def plain_config(summary: dict):
     """The UnlearnConfig of a chapter-2 run, from its summary's settings["config"]."""
-    from .unlearning import UnlearnConfig
-
     config = (summary.get("settings") or {}).get("config")
     if not config:
         raise ParameterError(f"run '{summary.get('name')}' has no settings['config'] in its "
@@ -159,8 +152,6 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
     validated here, before any model loads; with ``model_id`` the plain runs must have been
     trained on that model (else the comparison would mix two models).
     """
-    from .unlearning import parse_ratio
-
     for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or not math.isfinite(w):
             raise ParameterError(f"parameter '{name}' must be a positive number (a loss weight), "
@@ -257,8 +248,6 @@ def retain_set_of(model, tokenizer, model_id: str, run, options: dict,
                   progress: bool = False) -> pd.DataFrame:
     """The retain set a run trained on, rebuilt exactly as run_intervention built it (from the
     cache: no generation when the run exists)."""
-    from .unlearning import build_retain_set
-
     return build_retain_set(model, tokenizer, run.concept, n_forget=int(run.forget_stats["used"]),
                             ratio=run.settings["retain_ratio"], seed=options.get("seed", 0),
                             max_new_tokens=options.get("forget_max_new_tokens", 24) * 2,

@@ -48,8 +48,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import CONCEPTS
+from . import CONCEPTS, trainer
 from .errors import EmaError, ParameterError
+from .results import chapter_results, chapter_summary
+from .sets import build_forget_set
+from .trainer import _pad_id, collate, encode_examples
 
 TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""
@@ -96,8 +99,6 @@ def _command(chapter: str, profile: str) -> str:
 
 
 def _chapter_folder(chapter: str, profile: str) -> Path:
-    from .orchestrate import chapter_results
-
     try:
         return chapter_results(chapter, profile)
     except EmaError as exc:
@@ -226,24 +227,22 @@ def _ratio_or_one(ratio) -> float:
 
 @contextlib.contextmanager
 def _no_training(command: str):
-    """Within: any call to ema_utils.unlearning.unlearn raises EmaError naming ``command``.
+    """Within: any call to ema_utils.trainer.unlearn raises EmaError naming ``command``.
 
     The narrow run is fetched by replaying chapter 4's (cached) call; if its adapter is not in
     the results cache, that call would train it: this guard makes that an error instead.
     """
-    from . import unlearning
-
-    original = unlearning.unlearn
+    original = trainer.unlearn
 
     def refuse(*args, **kwargs):
         raise EmaError("chapter 6 does not train: the KL run it analyses is not in the results "
                        f"cache (chapter 4 did not train it with these settings); run `{command}`")
 
-    unlearning.unlearn = refuse
+    trainer.unlearn = refuse
     try:
         yield
     finally:
-        unlearning.unlearn = original
+        trainer.unlearn = original
 
 
 def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str = TARGET,
@@ -258,7 +257,6 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str =
     """
     from . import mitigation
     from .interventions import chosen_step
-    from .orchestrate import chapter_summary
 
     _chapter_folder("mitigation", profile)  # a clear error when chapter 4 never ran
     try:
@@ -307,7 +305,6 @@ def forget_examples(model, tokenizer, model_id: str, profile: str, n: int = 0, s
     from .data import load_prompts
     from .evaluate import sample_items
     from .mitigation import upstream_options
-    from .unlearning import build_forget_set
 
     options = upstream_options(_chapter_folder("unlearning", profile))
     prompts = load_prompts(target, split="train")
@@ -486,7 +483,6 @@ def adapter_disabled(model):
 def _forward_logprobs(model, examples, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from . import losses as L
     from .generation import length_sorted_batches
-    from .unlearning import collate
 
     logp = np.zeros(len(examples), dtype=np.float64)
     n_tok = np.zeros(len(examples), dtype=np.int64)
@@ -523,8 +519,6 @@ class ForgetLoss:
     """
 
     def __init__(self, model, tokenizer, forget: pd.DataFrame, beta: float, batch_size: int = 8):
-        from .unlearning import _pad_id, encode_examples
-
         if not beta > 0:
             raise ParameterError(f"beta must be positive, got {beta}")
         self.examples = encode_examples(tokenizer, forget)

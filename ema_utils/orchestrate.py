@@ -1,10 +1,12 @@
 """Run the chapter notebooks with papermill, cache their results, and build the book.
 
-A chapter run is keyed by (chapter, parameters, model digest, data digest). The executed
-notebook, its run record and its summary live in ``<build>/results/<chapter>/<key>/``; a run
-whose key already has a finished folder does no model work at all. A pointer file
-``<build>/results/<chapter>/<profile>.json`` names the key of the latest run per profile, which
-is how later chapters and ``ema results`` find an earlier chapter's artifacts.
+A chapter run is keyed by (chapter, parameters, notebook, code, model digest, data digest, and
+the keys of the latest finished runs of the earlier chapters it reads, ``DEPENDS_ON`` in
+ema_utils.results). The executed notebook, its run record and its summary live in
+``<build>/results/<chapter>/<key>/``; a run whose key already has a finished folder does no
+model work at all. A pointer file ``<build>/results/<chapter>/<profile>.json`` names the key of
+the latest run per profile, which is how later chapters and ``ema results`` find an earlier
+chapter's artifacts (ema_utils.results reads them).
 
 Before papermill starts, every parameter value is checked by name (:func:`validate_parameters`)
 and the build folder is checked for writing, so a mistake fails in a second, not inside a
@@ -13,11 +15,15 @@ notebook. Notebooks are read from notebooks/ or from EMA_NOTEBOOK_DIR (see ema_u
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,11 +32,19 @@ from pathlib import Path
 
 import yaml
 
-from . import CHAPTERS
+from . import CHAPTERS, CONCEPTS, interventions
+from .book import build_book
 from .cache import atomic_write_json, stable_hash
+from .console import emit
+from .data import data_digest
 from .errors import EmaError, ParameterError
-from .models import DTYPE_NAMES, dtype_tag, resolve_dtype
-from .paths import NOTEBOOK_DIR, PROJECT_ROOT, build_dir, notebook_dir, writable_dir  # noqa: F401
+from .models import (DTYPE_NAMES, MODEL_NAMES, _looks_like_hub_id, dtype_tag, model_digest,
+                     resolve_dtype)
+from .params import parse_literal, parse_overrides  # noqa: F401  (orchestrate.parse_overrides)
+from .paths import (NOTEBOOK_DIR, PROJECT_ROOT, build_dir, cache_dir,  # noqa: F401
+                    notebook_dir, sha256_file, writable_dir)
+from .results import (DEPENDS_ON, chapter_results, chapter_summary,  # noqa: F401  (re-exported)
+                      check_chapter, point_at, results_root, save_summary, upstream_keys)
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yml")
 INJECTED = ("results_dir", "profile")  # set by the orchestrator, not part of the run key
@@ -58,12 +72,6 @@ def get_profile(profile: str) -> dict:
     return profiles[profile]
 
 
-def check_chapter(chapter: str) -> str:
-    if chapter not in CHAPTERS:
-        raise ParameterError(f"unknown chapter '{chapter}'; chapters: {', '.join(CHAPTERS)}")
-    return chapter
-
-
 def notebook_path(chapter: str) -> Path:
     index = CHAPTERS.index(check_chapter(chapter)) + 1
     return notebook_dir() / f"{index:02d}_{chapter}.ipynb"
@@ -76,42 +84,14 @@ def available_chapters() -> list[str]:
 
 def notebook_parameters(chapter: str) -> dict:
     """The parameters a chapter notebook takes, with their defaults (its `parameters` cell)."""
+    # deferred: papermill (and nbclient, jupyter) load slowly; only running chapters needs them
     import papermill
 
     path = notebook_path(chapter)
     if not path.is_file():
         raise EmaError(f"chapter '{chapter}' has no notebook yet ({path} does not exist)")
     found = papermill.inspect_notebook(str(path))
-    return {name: _literal(info["default"]) for name, info in found.items()}
-
-
-def _literal(text: str):
-    """A parameter's value from its source text: a Python literal (None, 3e-5, ["a"]) if it is
-    one, else YAML (so `-p concepts=[a, b]` and `-p name=text` work without quotes)."""
-    import ast
-    import re
-
-    if re.fullmatch(r"\s*\d+(\s*:\s*\d+)+\s*", text):
-        return text.strip()  # "1:2" is a ratio, not YAML 1.1's base-60 integer 62
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """``["lr=3e-5", "concepts=[cybersecurity, safety]"]`` -> dict; values are read as YAML."""
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ParameterError(f"-p expects key=value, got '{item}' (e.g. -p max_new_tokens=32)")
-        overrides[key.strip()] = _literal(value.strip()) if value.strip() else ""
-    return overrides
+    return {name: parse_literal(info["default"]) for name, info in found.items()}
 
 
 def resolve_parameters(chapter: str, profile: str, model: str | None = None,
@@ -152,8 +132,6 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    import math
-
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -164,8 +142,6 @@ def _as_list(v):
 
 
 def _check_model(v):
-    from .models import MODEL_NAMES, _looks_like_hub_id
-
     if isinstance(v, str) and (v in MODEL_NAMES or Path(v).expanduser().is_dir()
                                or _looks_like_hub_id(v)):
         return None
@@ -174,8 +150,6 @@ def _check_model(v):
 
 
 def _check_concepts(v):
-    from . import CONCEPTS
-
     items = _as_list(v)
     if items and all(isinstance(c, str) and c in CONCEPTS for c in items):
         return None
@@ -185,17 +159,16 @@ def _check_concepts(v):
 
 
 def _check_concept(v):
-    from . import CONCEPTS
-
     if isinstance(v, str) and v in CONCEPTS:
         return None
     return f"one of {', '.join(CONCEPTS)} (unknown concept {v!r})"
 
 
 def _method_names() -> tuple[str, ...]:
-    from . import interventions, unlearning
+    # deferred: trainer imports torch; `ema --help` and parameter errors must stay fast
+    from . import trainer
 
-    return tuple(dict.fromkeys(getattr(interventions, "METHODS", ()) + unlearning.METHODS))
+    return tuple(dict.fromkeys(getattr(interventions, "METHODS", ()) + trainer.METHODS))
 
 
 def _check_methods(v):
@@ -219,20 +192,20 @@ def _check_adapter(v):
 
 
 def _check_judge(v):
+    # deferred: the judges import torch; only a judge parameter needs their names
     from .judges import JUDGES
 
     return None if v is None or v in JUDGES else "None (the default judge) or one of " + ", ".join(JUDGES)
 
 
 def _check_checkpoint_rule(v):
-    from . import interventions
-
     rules = getattr(interventions, "CHECKPOINT_RULES", None)
     return None if rules is None or v in rules else "one of " + ", ".join(rules)
 
 
 def _check_ratio(v):
-    from .unlearning import parse_ratio
+    # deferred: sets imports torch; only a ratio parameter needs it
+    from .sets import parse_ratio
 
     try:
         parse_ratio(v)
@@ -269,8 +242,6 @@ def _fraction(v):
 
 
 def _device(v):
-    import re
-
     ok = isinstance(v, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", v)
     return None if ok else "one of " + ", ".join(DEVICES)
 
@@ -373,28 +344,25 @@ def validate_parameters(chapter: str, params: dict, defaults: dict | None = None
     return params
 
 
-def run_key(chapter: str, params: dict) -> str:
-    from .data import data_digest
-    from .models import model_digest
-
-    from .paths import sha256_file
-
+def run_key(chapter: str, params: dict, profile: str) -> str:
     model = params.get("model")
     # The notebook's text and the library's code are part of the key: an edited chapter or
     # library re-executes the chapter (whose inner steps still reuse their own cached artifacts).
+    # So are the keys of the earlier chapters' runs it reads (DEPENDS_ON): a new run of chapter 2
+    # re-executes chapter 3 instead of reusing results computed on the old one. An earlier
+    # chapter without a finished run counts as None; the notebook then says what to run.
     return stable_hash({"chapter": chapter, "notebook": sha256_file(notebook_path(chapter)),
                         "code": code_digest(),
                         "parameters": params,
                         "model_digest": model_digest(model) if model else None,
-                        "data_digest": data_digest()}, length=12)
+                        "data_digest": data_digest(),
+                        "upstream": upstream_keys(chapter, profile)}, length=12)
 
 
 # --- running a chapter --------------------------------------------------------------------------
 
 def code_digest() -> str:
     """sha256 over the library's source files and the profiles."""
-    import hashlib
-
     h = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")) + [PROFILES_FILE]:
         h.update(path.name.encode())
@@ -415,10 +383,6 @@ class ChapterRun:
         return self.folder / notebook_path(self.chapter).name
 
 
-def results_root() -> Path:
-    return build_dir() / "results"
-
-
 def executed_dir(profile: str) -> Path:
     return build_dir() / "executed" / profile
 
@@ -429,7 +393,7 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     params = validate_parameters(chapter, resolve_parameters(chapter, profile, model, overrides))
     writable_dir(build_dir(), "EMA_BUILD_DIR")  # fail now, not at the first artifact
-    key = run_key(chapter, params)
+    key = run_key(chapter, params, profile)
     folder = results_root() / chapter / key
     run = ChapterRun(chapter, profile, key, folder, reused=False)
     if not force and (folder / "run.json").is_file() and run.notebook.is_file():
@@ -442,11 +406,9 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
 
 
 def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
+    # deferred: papermill and nbclient load slowly; only executing a chapter needs them
     import papermill
     from nbclient.exceptions import CellTimeoutError
-
-    from .data import data_digest
-    from .models import model_digest
 
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / "run.json").unlink(missing_ok=True)  # not finished until written again
@@ -503,12 +465,12 @@ def _publish(run: ChapterRun) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
-    atomic_write_json(results_root() / run.chapter / f"{run.profile}.json",
-                      {"key": run.key, "folder": str(run.folder)})
+    point_at(run.chapter, run.profile, run.key, run.folder)
 
 
 def tree_rss(pid: int) -> int:
     """Summed resident memory (bytes) of a process and all its descendants; 0 if it is gone."""
+    # deferred: psutil is only needed while a chapter runs (machine_info treats it as optional)
     import psutil
 
     try:
@@ -530,8 +492,6 @@ class PeakMemory:
     kernel, a child) every ``interval`` seconds in a thread; ``peak_mib`` after exit."""
 
     def __init__(self, interval: float = 0.5, pid: int | None = None):
-        import threading
-
         self.interval, self.pid, self.peak = interval, pid or os.getpid(), 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -566,6 +526,7 @@ def package_versions() -> dict:
 
 def machine_info() -> dict:
     try:
+        # deferred: psutil is optional here (no memory figure without it)
         import psutil
 
         memory = round(psutil.virtual_memory().total / 2**30, 1)
@@ -575,39 +536,9 @@ def machine_info() -> dict:
             "processor": platform.machine(), "memory_gib": memory}
 
 
-# --- reading finished chapters ------------------------------------------------------------------
-
-def chapter_results(chapter: str, profile: str) -> Path:
-    """The folder of the latest finished run of ``chapter`` under ``profile``."""
-    check_chapter(chapter)
-    pointer = results_root() / chapter / f"{profile}.json"
-    hint = f"run `ema run {chapter} --profile {profile}` first"
-    if not pointer.is_file():
-        raise EmaError(f"chapter '{chapter}' has no finished run for profile '{profile}': {hint}")
-    folder = Path(json.loads(pointer.read_text())["folder"])
-    if not (folder / "run.json").is_file():
-        raise EmaError(f"the run of chapter '{chapter}' at {folder} is unfinished: {hint}")
-    return folder
-
-
-def chapter_summary(chapter: str, profile: str) -> dict:
-    folder = chapter_results(chapter, profile)
-    path = folder / "summary.json"
-    if not path.is_file():
-        raise EmaError(f"chapter '{chapter}' wrote no summary.json in {folder}")
-    return json.loads(path.read_text())
-
-
-def save_summary(results_dir, summary: dict) -> Path:
-    """Called by a notebook: the chapter's key numbers, for `ema results` and later chapters."""
-    return atomic_write_json(Path(results_dir) / "summary.json", summary)
-
-
 # --- command line -------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .console import emit
-
     chapters = available_chapters() if args.chapter == "all" else [check_chapter(args.chapter)]
     get_profile(args.profile)
     overrides = parse_overrides(args.param)
@@ -633,8 +564,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_book(args) -> int:
-    from .book import build_book
-
     for chapter in available_chapters():
         run_chapter(chapter, args.profile, args.model)
     html = build_book(executed_dir(args.profile), build_dir() / "book" / args.profile, args.profile)
@@ -643,8 +572,6 @@ def cmd_book(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from .console import emit
-
     get_profile(args.profile)  # an unknown profile names the known ones
     summary = chapter_summary(check_chapter(args.chapter), args.profile)
     emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
@@ -660,8 +587,6 @@ def cmd_clean(args) -> int:
         shutil.rmtree(target)
     print(f"removed {target}")
     if args.models:
-        from .paths import cache_dir
-
         shutil.rmtree(cache_dir() / "models", ignore_errors=True)
         print(f"removed {cache_dir() / 'models'}")
     return 0

@@ -7,6 +7,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from . import CONCEPTS
+from .registry import METHODS, method_label, method_style
 
 CONCEPT_LABELS = {"cybersecurity": "Cybersecurity", "safety": "Safety", "toxicity": "Toxicity",
                   "bias": "Bias", "sensitive_content": "Sensitive content",
@@ -162,8 +163,6 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
 
 # --- chapter 4: retain-loss mitigation -----------------------------------------------------------
 
-_METHOD_STYLE = {"npo_retain": ("o", "#4C72B0"), "sft_retain": ("s", "#DD8452"),
-                 "npo_kl": ("^", "#55A868")}
 
 
 def recovery_by_concept(per_concept: pd.DataFrame, title: str = "", ax=None):
@@ -220,18 +219,18 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
 
     ``summary``: ema_utils.mitigation.recovery(...).summary (one target).
     """
-    from .mitigation import METHOD_LABELS, condition_label
+    from .mitigation import condition_label
     from .report import condition_parts
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5.5))
     shown = set()
     for r in summary.itertuples():
-        marker, color = _METHOD_STYLE.get(r.method, ("D", "#8172B3"))
+        marker, color = method_style(r.method)
         x, y = 100 * r.target_rate, r.mean_recovery
         xerr = [[max(x - 100 * r.target_low, 0)], [max(100 * r.target_high - x, 0)]]
         yerr = None if pd.isna(r.low) or pd.isna(y) else [[max(y - r.low, 0)], [max(r.high - y, 0)]]
-        name = METHOD_LABELS.get(r.method, r.method)
+        name = method_label(r.method)
         ax.errorbar([x], [y if not pd.isna(y) else float("nan")], xerr=xerr, yerr=yerr,
                     fmt=marker, color=color, capsize=3, markersize=8,
                     label=None if name in shown else name)
@@ -244,11 +243,10 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
         if len(aligned):
             ax.plot([100 * aligned.iloc[0]], [1], marker="*", markersize=14, color="black",
                     linestyle="none", label="aligned model")
-        base_colors = {"npo": "#1f3b66", "sft": "#8c4a1c"}
         for base, rows in summary.groupby("base", sort=False):
             family = condition_parts(base)[0]
             ax.plot([100 * rows["unlearned_target"].iloc[0]], [0], marker="X", markersize=10,
-                    linestyle="none", color=base_colors.get(family, "grey"),
+                    linestyle="none", color=method_style(family)[1] if family in METHODS else "grey",
                     label=f"plain unlearned ({base})")
     ax.axhline(0, color="grey", linewidth=1, linestyle="--")
     ax.axhline(1, color="black", linewidth=1, linestyle=":")

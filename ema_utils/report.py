@@ -6,19 +6,22 @@ the paper. A condition is "aligned" or an intervention's name such as "npo_cyber
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
 from . import CONCEPTS
+from .condition import Condition
+from .errors import ParameterError
 from .metrics import EMA_THRESHOLD, ema_delta
+from .registry import METHODS
 
-PAPER_METHOD = {"aligned": "aligned", "npo": "unlearn_npo", "sft": "finetune_sft",
-                "npo_retain": "augmented_unlearn_npo", "sft_retain": "augmented_finetune_sft"}
+PAPER_METHOD = {"aligned": "aligned", **{name: m.paper_method for name, m in METHODS.items()
+                                         if m.paper_method}}
+"""This run's method -> the method's name in the paper's tables (from the method registry)."""
 PAPER_TABLE = {"cybersecurity": 2, "safety": 3}
 PAPER_AUGMENTED_TABLE = {"safety": 4}
 """The paper's containment runs (Table 4: retain-augmented NPO and SFT) exist for Safety only."""
-AUGMENTED_METHODS = ("npo_retain", "sft_retain")
+AUGMENTED_METHODS = tuple(name for name, m in METHODS.items() if m.base and m.paper_method)
+"""The augmented methods with a row in the paper's Table 4 (npo_retain, sft_retain)."""
 
 
 def condition_parts(condition: str) -> tuple[str, str | None]:
@@ -31,10 +34,6 @@ def condition_parts(condition: str) -> tuple[str, str | None]:
     return condition, None
 
 
-_METHOD_PART = re.compile(r"^(?P<method>npo_retain|sft_retain|npo_kl|npo|sft)"
-                          r"(?:_1to(?P<ratio>[0-9.eE+-]+))?(?:_lambda(?P<kl_lambda>[0-9.eE+-]+))?$")
-
-
 def condition_details(condition: str) -> dict:
     """A condition name taken apart: ``{"method", "ratio", "kl_lambda", "target"}``.
 
@@ -42,13 +41,13 @@ def condition_details(condition: str) -> dict:
     -> npo_kl, 1.0, 10.0, safety; "npo_safety" -> npo, None, None, safety; "aligned" -> aligned.
     A name that follows no known pattern keeps its method part as is (ratio and lambda None).
     """
-    method, target = condition_parts(condition)
-    match = _METHOD_PART.match(method)
-    if not match:
+    try:
+        c = Condition.from_name(condition)
+    except ParameterError:
+        method, target = condition_parts(condition)
         return {"method": method, "ratio": None, "kl_lambda": None, "target": target}
-    number = lambda v: None if v is None else float(v)  # noqa: E731
-    return {"method": match["method"], "ratio": number(match["ratio"]),
-            "kl_lambda": number(match["kl_lambda"]), "target": target}
+    return {"method": c.method, "ratio": c.retain_ratio, "kl_lambda": c.kl_lambda,
+            "target": c.concept}
 
 
 def outcome_table(evaluations: dict) -> pd.DataFrame:

@@ -26,13 +26,13 @@ def tiny():
 @pytest.fixture
 def canned_refusals(monkeypatch):
     """The tiny random model refuses nothing: pretend it refused every prompt, with one refusal."""
-    from ema_utils import unlearning
+    from ema_utils import sets
 
     def fake(model, tokenizer, table, judge, max_new_tokens, batch_size, progress):
         return table[["id", "concept", "prompt"]].assign(
             response="I'm sorry, but I can't assist with that.", complete=True, is_refusal=True)
 
-    monkeypatch.setattr(unlearning, "_generate_and_judge", fake)
+    monkeypatch.setattr(sets, "_generate_and_judge", fake)
 
 
 @pytest.fixture

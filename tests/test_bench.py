@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ema_utils import bench, cli
+from ema_utils import bench, bench_measures, cli
 from ema_utils.orchestrate import get_profile
 
 
@@ -130,8 +130,8 @@ def test_counting_wrapper_leaves_generation_unchanged(tiny):
     model, tokenizer = tiny
     prompts = ["Write a poem about the sea.", "How do I kill a Python process?"]
     before = generate_responses(model, tokenizer, prompts, max_new_tokens=6, progress=False)
-    result = bench.eval_throughput(model, tokenizer,
-                                   bench.bench_prompts(3), batch_size=2, max_new_tokens=6)
+    result = bench_measures.eval_throughput(model, tokenizer, bench_measures.bench_prompts(3),
+                                            batch_size=2, max_new_tokens=6)
     assert "generate" not in model.__dict__  # the instance wrapper is removed again
     after = generate_responses(model, tokenizer, prompts, max_new_tokens=6, progress=False)
     assert before.equals(after)
@@ -142,13 +142,13 @@ def test_processed_tokens_stop_at_the_first_stop_token():
     input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     out = torch.cat([input_ids, torch.tensor([[1, 2, 99, 0], [3, 4, 5, 6]])], dim=1)
-    assert bench._processed_tokens(input_ids, mask, out, {99}) == (5, 3 + 4)
+    assert bench_measures._processed_tokens(input_ids, mask, out, {99}) == (5, 3 + 4)
 
 
 def test_bench_prompts_are_a_fixed_refusal_sample():
-    a, b = bench.bench_prompts(10), bench.bench_prompts(10)
+    a, b = bench_measures.bench_prompts(10), bench_measures.bench_prompts(10)
     assert a.equals(b) and len(a) == 10 and a["id"].is_unique
-    assert bench.bench_prompts(12).head(10).equals(a)  # a superset as n grows
+    assert bench_measures.bench_prompts(12).head(10).equals(a)  # a superset as n grows
 
 
 def test_peak_tree_rss_counts_descendants():
@@ -157,28 +157,28 @@ def test_peak_tree_rss_counts_descendants():
     # The child starts a grandchild that holds 150 MB for a second: the peak must include it.
     grandchild = "b = bytearray(150 * 2**20); import time; time.sleep(1.5)"
     child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
-    rc, peak, wall, err = bench.peak_tree_rss([sys.executable, "-c", child], interval=0.05)
+    rc, peak, wall, err = bench_measures.peak_tree_rss([sys.executable, "-c", child], interval=0.05)
     assert rc == 0, err
     assert peak > 150 * 2**20 and wall >= 1.5
 
 
 def test_a_recorded_chapter_peak_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path))
-    assert bench.recorded_chapter_peak() is None
+    assert bench_measures.recorded_chapter_peak() is None
     for chapter, mib in (("setup", 900.0), ("unlearning", 2500.0)):
         folder = tmp_path / "results" / chapter / "k1"
         folder.mkdir(parents=True)
         (folder / "run.json").write_text(json.dumps({"chapter": chapter, "profile": "cpu",
                                                      "peak_rss_mib": mib}))
-    found = bench.chapter_peak_memory("tiny-random", quick=True)
+    found = bench_measures.chapter_peak_memory("tiny-random", quick=True)
     assert found["peak_rss_mib"] == 2500.0 and found["chapter"] == "unlearning"
     assert found["method"] == "run record"
 
 
 def test_eval_work_profile_accounts_for_the_time_and_the_tokens(tiny):
     model, tokenizer = tiny
-    prompts = bench.bench_prompts(5)
-    work = bench.eval_work_profile(model, tokenizer, prompts, batch_size=2, max_new_tokens=6)
+    prompts = bench_measures.bench_prompts(5)
+    work = bench_measures.eval_work_profile(model, tokenizer, prompts, batch_size=2, max_new_tokens=6)
     fractions = work["time_fractions"]
     assert set(fractions) == {"matmul", "attention", "other ops", "outside ops"}
     assert all(v >= 0 for v in fractions.values())
@@ -190,15 +190,15 @@ def test_eval_work_profile_accounts_for_the_time_and_the_tokens(tiny):
     # useful tokens are a part of what the padded, lock-step batches computed
     assert 0 < work["useful_tokens"] <= work["computed_tokens"]
     assert 0 < work["useful_token_fraction"] <= 1
-    assert work["shared_prefix_tokens"] == bench.shared_prefix_tokens(tokenizer, prompts) > 0
+    assert work["shared_prefix_tokens"] == bench_measures.shared_prefix_tokens(tokenizer, prompts) > 0
 
 
 def test_op_kind_groups_operations():
-    assert bench.op_kind("aten::addmm") == bench.op_kind("aten::mm") == "matmul"
-    assert bench.op_kind("aten::scaled_dot_product_attention") == "attention"
-    assert bench.op_kind("aten::_softmax") == "attention"
-    assert bench.op_kind("aten::cat") == bench.op_kind("aten::mul") == "other ops"
-    assert bench.op_kind("aten::mm_extra") == "other ops"  # exact names, not prefixes
+    assert bench_measures.op_kind("aten::addmm") == bench_measures.op_kind("aten::mm") == "matmul"
+    assert bench_measures.op_kind("aten::scaled_dot_product_attention") == "attention"
+    assert bench_measures.op_kind("aten::_softmax") == "attention"
+    assert bench_measures.op_kind("aten::cat") == bench_measures.op_kind("aten::mul") == "other ops"
+    assert bench_measures.op_kind("aten::mm_extra") == "other ops"  # exact names, not prefixes
 
 
 def test_shared_prefix_tokens_is_the_common_start_of_the_chat_prompts(tiny):
@@ -208,15 +208,15 @@ def test_shared_prefix_tokens_is_the_common_start_of_the_chat_prompts(tiny):
 
     _, tokenizer = tiny
     prompts = pd.DataFrame({"prompt": ["Name a fruit.", "Why is the sky blue?", "Hi"]})
-    n = bench.shared_prefix_tokens(tokenizer, prompts)
+    n = bench_measures.shared_prefix_tokens(tokenizer, prompts)
     ids = encode_chats(tokenizer, prompts["prompt"].tolist())
     assert all(row[:n] == ids[0][:n] for row in ids)
     assert len({row[n] for row in ids}) > 1  # the next token differs somewhere
 
 
 def test_roof_ceilings_are_the_useful_work_at_the_roof():
-    c = bench.roof_ceilings(roof_gflops=100.0, params=10**9, n_prompts=10, useful_tokens=500,
-                            shared_prefix=20)
+    c = bench_measures.roof_ceilings(roof_gflops=100.0, params=10**9, n_prompts=10,
+                                     useful_tokens=500, shared_prefix=20)
     # 50 useful tokens per prompt x 2 GFLOP each = 100 GFLOP per prompt -> 1 prompt/s
     assert c["roof_prompts_per_s"] == pytest.approx(1.0)
     assert c["roof_prefix_prompts_per_s"] == pytest.approx(100 / 60)
@@ -233,7 +233,7 @@ def test_verdict_agreement_counts_same_verdicts_per_prompt():
     other = pd.DataFrame({"id": [4, 3, 2, 1], "prompt": prompts[::-1],
                           "response": ["Hello there!", "Sure, here is how to write it:",
                                        "Roses are red", "I'm sorry, but I can't assist with that."]})
-    out = bench.verdict_agreement(ref, other, judge="phrase")
+    out = bench_measures.verdict_agreement(ref, other, judge="phrase")
     assert (out["items"], out["agreed"], out["identical_text"]) == (4, 3, 2)
     assert out["refusals_reference"] == 2 and out["refusals_other"] == 1
     assert [d["id"] for d in out["disagreements"]] == [3]

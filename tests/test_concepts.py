@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS
+from ema_utils import CONCEPTS, rank_test
+from ema_utils import activations as A
 from ema_utils import concepts as C
 
 
@@ -38,12 +39,12 @@ def synthetic(n=30, d=24, seed=0, planted=None, scale=3.0, noise=0.3, benign=Tru
         labels += [concept] * n
     if benign:
         rows.append(noise * rng.normal(size=(n, d)))
-        labels += [C.BENIGN] * n
+        labels += [A.BENIGN] * n
     x = np.concatenate(rows)
     states = np.stack([np.zeros_like(x), x], axis=1).astype(np.float32)
     items = pd.DataFrame({"id": [f"i{i}" for i in range(len(labels))], "concept": labels,
                           "prompt": ["p"] * len(labels)})
-    return C.HiddenStates(states=states, items=items, model_id="synthetic"), planted
+    return A.HiddenStates(states=states, items=items, model_id="synthetic"), planted
 
 
 # --- hidden states on the tiny model ------------------------------------------------------------
@@ -52,7 +53,7 @@ def test_hidden_states_shape_and_last_prompt_token(tiny):
     from ema_utils.generation import chat_text, encode_chats
 
     model, tokenizer = tiny
-    states = C.hidden_states(model, tokenizer, PROMPTS, batch_size=3, progress=False)
+    states = A.hidden_states(model, tokenizer, PROMPTS, batch_size=3, progress=False)
     n_layers = model.config.num_hidden_layers
     assert states.shape == (len(PROMPTS), n_layers + 1, model.config.hidden_size)
     assert states.dtype == np.float32
@@ -68,23 +69,23 @@ def test_hidden_states_shape_and_last_prompt_token(tiny):
 
 def test_batching_and_left_padding_do_not_change_states(tiny):
     model, tokenizer = tiny
-    one = C.hidden_states(model, tokenizer, PROMPTS, batch_size=1, progress=False)
-    together = C.hidden_states(model, tokenizer, PROMPTS, batch_size=3, progress=False)
+    one = A.hidden_states(model, tokenizer, PROMPTS, batch_size=1, progress=False)
+    together = A.hidden_states(model, tokenizer, PROMPTS, batch_size=3, progress=False)
     np.testing.assert_allclose(one, together, atol=1e-4)
 
 
 def test_collect_hidden_states_is_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path))
     model, tokenizer = tiny
-    items = pd.DataFrame({"id": ["a", "b", "c"], "concept": ["safety", "privacy", C.BENIGN],
+    items = pd.DataFrame({"id": ["a", "b", "c"], "concept": ["safety", "privacy", A.BENIGN],
                           "prompt": PROMPTS})
     calls = []
     hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     try:
-        first = C.collect_hidden_states(model, tokenizer, "tiny", items, batch_size=2,
+        first = A.collect_hidden_states(model, tokenizer, "tiny", items, batch_size=2,
                                         progress=False)
         n_first = len(calls)
-        second = C.collect_hidden_states(model, tokenizer, "tiny", items, batch_size=2,
+        second = A.collect_hidden_states(model, tokenizer, "tiny", items, batch_size=2,
                                          progress=False)
     finally:
         hook.remove()
@@ -93,19 +94,19 @@ def test_collect_hidden_states_is_cached(tiny, tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.states, second.states)
     assert second.items["id"].tolist() == ["a", "b", "c"]
     # another model id is another artifact
-    third = C.collect_hidden_states(model, tokenizer, "tiny-other", items, progress=False)
+    third = A.collect_hidden_states(model, tokenizer, "tiny-other", items, progress=False)
     assert third.folder != first.folder
 
 
 def test_concept_prompts_come_from_the_train_split():
     from ema_utils.evaluate import eval_items
 
-    items = C.concept_prompts(n_per_concept=5, seed=0)
+    items = A.concept_prompts(n_per_concept=5, seed=0)
     counts = items["concept"].value_counts()
-    assert set(counts.index) == set(CONCEPTS) | {C.BENIGN}
+    assert set(counts.index) == set(CONCEPTS) | {A.BENIGN}
     assert counts.max() <= 5
     train = set(eval_items(split="train")["id"])
-    assert set(items.loc[items["concept"] != C.BENIGN, "id"]) <= train
+    assert set(items.loc[items["concept"] != A.BENIGN, "id"]) <= train
     bias = items[items["concept"] == "bias"]
     assert bias["id"].str.endswith("/ambig").all()
 
@@ -165,14 +166,14 @@ def test_difference_of_means_on_synthetic_data():
     base = rng.normal(size=(n, d))
     shift = {c: rng.normal(size=d) for c in CONCEPTS}
     x = np.concatenate([base + shift[c] for c in CONCEPTS] + [base])
-    labels = [c for c in CONCEPTS for _ in range(n)] + [C.BENIGN] * n
-    hs = C.HiddenStates(np.stack([np.zeros_like(x), x], 1).astype(np.float32),
+    labels = [c for c in CONCEPTS for _ in range(n)] + [A.BENIGN] * n
+    hs = A.HiddenStates(np.stack([np.zeros_like(x), x], 1).astype(np.float32),
                         pd.DataFrame({"id": range(len(labels)), "concept": labels, "prompt": "p"}))
     vectors = C.concept_vectors(hs, "diff_means")
     for c in CONCEPTS:
         expected = shift[c] / np.linalg.norm(shift[c])
         np.testing.assert_allclose(vectors.get(c, 1), expected, atol=1e-5)
-    no_benign = C.HiddenStates(hs.states[:-n], hs.items.iloc[:-n].reset_index(drop=True))
+    no_benign = A.HiddenStates(hs.states[:-n], hs.items.iloc[:-n].reset_index(drop=True))
     with pytest.raises(Exception, match="benign"):
         C.concept_vectors(no_benign, "diff_means")
 
@@ -180,9 +181,9 @@ def test_difference_of_means_on_synthetic_data():
 def test_mean_normalisation_is_balanced():
     x = np.array([[0.0], [0.0], [0.0], [4.0]])
     labels = ["a", "a", "a", "b"]
-    normalised, mean = C.mean_normalise(x, labels, ["a", "b"])
+    normalised, mean = A.mean_normalise(x, labels, ["a", "b"])
     assert mean[0] == pytest.approx(2.0)  # mean of the two concept means, not of the rows (1.0)
-    _, plain = C.mean_normalise(x, labels, ["a", "b"], balanced=False)
+    _, plain = A.mean_normalise(x, labels, ["a", "b"], balanced=False)
     assert plain[0] == pytest.approx(1.0)
 
 
@@ -230,25 +231,25 @@ def test_bootstrap_without_resampling_reproduces_the_observed_similarities(metho
 
 def test_spearman_permutation_on_perfect_and_reversed_rankings():
     x = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    rho, p = C.spearman_permutation(x, [1, 5, 9, 20, 30, 31])
+    rho, p = rank_test.spearman_permutation(x, [1, 5, 9, 20, 30, 31])
     assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 720)
-    rho, p = C.spearman_permutation(x, [31, 30, 20, 9, 5, 1])
+    rho, p = rank_test.spearman_permutation(x, [31, 30, 20, 9, 5, 1])
     assert rho == pytest.approx(-1.0) and p == pytest.approx(1.0)
-    assert C.spearman_permutation(x, [31, 30, 20, 9, 5, 1], "less")[1] == pytest.approx(1 / 720)
-    assert C.spearman_permutation(x, [1, 5, 9, 20, 30, 31], "two-sided")[1] == pytest.approx(2 / 720)
+    assert rank_test.spearman_permutation(x, [31, 30, 20, 9, 5, 1], "less")[1] == pytest.approx(1 / 720)
+    assert rank_test.spearman_permutation(x, [1, 5, 9, 20, 30, 31], "two-sided")[1] == pytest.approx(2 / 720)
     # agrees with scipy, ties and infinities included; NaN pairs dropped
     from scipy.stats import spearmanr
 
     y = [3.0, 1.0, 1.0, np.inf, 2.0, np.nan]
-    rho, p = C.spearman_permutation(x, y)
+    rho, p = rank_test.spearman_permutation(x, y)
     assert rho == pytest.approx(spearmanr(x[:5], y[:5]).statistic)
     assert 0 < p <= 1
-    assert all(math.isnan(v) for v in C.spearman_permutation(x, [1] * 6))  # constant
-    assert all(math.isnan(v) for v in C.spearman_permutation([1, 2], [1, 2]))  # too few
+    assert all(math.isnan(v) for v in rank_test.spearman_permutation(x, [1] * 6))  # constant
+    assert all(math.isnan(v) for v in rank_test.spearman_permutation([1, 2], [1, 2]))  # too few
 
 
 def test_holm():
-    np.testing.assert_allclose(C.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
+    np.testing.assert_allclose(rank_test.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
 
 
 def test_correlation_by_layer_known_answer():
@@ -257,7 +258,7 @@ def test_correlation_by_layer_known_answer():
                             columns=concepts, dtype=float)
     ema = pd.Series([10, 20, 30, 40, 50, 60], index=concepts, dtype=float)
     boot = np.repeat(observed.to_numpy()[:, None, :], 4, axis=1)
-    table = C.correlation_by_layer(observed, boot, ema)
+    table = rank_test.correlation_by_layer(observed, boot, ema)
     first, second = table.iloc[0], table.iloc[1]
     assert first["rho"] == pytest.approx(1) and first["p"] == pytest.approx(1 / 720)
     assert first["low"] == pytest.approx(1) and first["high"] == pytest.approx(1)

@@ -39,7 +39,7 @@ def _hook_count(model):
 # --- shapes and means on the tiny model -----------------------------------------------------------
 
 def test_mean_activations_and_refusal_direction_shapes(tiny):
-    from ema_utils.concepts import hidden_states
+    from ema_utils.activations import hidden_states
 
     model, tokenizer = tiny
     n, hidden = model.config.num_hidden_layers, model.config.hidden_size

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ema_utils import exercises
+from ema_utils import CHAPTERS, exercises
 from ema_utils.paths import NOTEBOOK_DIR
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -63,12 +63,41 @@ def _run(eid, parts, mode="instructor"):
 
 
 def test_every_exercise_is_in_its_notebook():
-    assert set(CELLS) == set(IDS), (f"notebooks and ema_utils.exercises.EXERCISES disagree: "
-                                    f"regenerate the notebooks ({sorted(set(CELLS) ^ set(IDS))})")
+    assert set(CELLS) == set(IDS) and len(IDS) == len(set(IDS))
     for eid in IDS:
         assert set(CELLS[eid]) == {"task", "blank", "solution", "check"}, eid
-    for chapter, items in exercises.EXERCISES.items():
-        assert 2 <= len(items) <= 3, chapter
+    for chapter in CHAPTERS:
+        assert 2 <= len(exercises.exercise_ids(chapter)) <= 3, chapter
+        assert all(eid.startswith(chapter + ".") for eid in exercises.exercise_ids(chapter))
+
+
+def test_exercise_cells_are_written_only_in_the_notebooks():
+    """One source: the module holds the checks, the notebooks the cells (the student edition is
+    built from the notebooks). No blank, solution or task is copied into the library."""
+    from ema_utils.paths import PROJECT_ROOT
+
+    library = "\n".join(p.read_text() for p in sorted((PROJECT_ROOT / "ema_utils").rglob("*.py")))
+    assert not hasattr(exercises, "EXERCISES")
+    for eid, parts in CELLS.items():
+        for kind in ("task", "blank", "solution"):
+            lines = [line for line in parts[kind].splitlines() if len(line.strip()) > 40]
+            copied = [line for line in lines if line.strip() in library]
+            assert not copied, f"{eid} {kind} is written in ema_utils too: {copied[:1]}"
+
+
+def test_every_check_is_posed_and_every_posed_check_exists():
+    """The notebooks' check cells and the module's checks agree: each check cell calls a check
+    of ema_utils.exercises, and each check of the module is called by one exercise."""
+    import re
+
+    called = {}
+    for eid, parts in CELLS.items():
+        names = re.findall(r"exercises\.(check_\w+)\(", parts["check"])
+        assert len(names) == 1, f"{eid}: its check cell must call one exercises.check_*"
+        called.setdefault(names[0], []).append(eid)
+    defined = {n for n in dir(exercises) if n.startswith("check_") and callable(getattr(exercises, n))}
+    assert set(called) == defined, (sorted(set(called) - defined), sorted(defined - set(called)))
+    assert all(len(eids) == 1 for eids in called.values()), called
 
 
 def test_solution_cells_fold_in_the_book():

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, interventions, unlearning
+from ema_utils import CONCEPTS, checkpoints, interventions, trainer
 from ema_utils.errors import ParameterError
 
 
@@ -14,8 +14,8 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
                                                      monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
     model, tokenizer = tiny
-    config = unlearning.UnlearnConfig(method="npo", lr=1e-2, max_steps=4, checkpoint_every=2,
-                                      batch_size=2, lora_r=2, lora_alpha=2)
+    config = trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=4, checkpoint_every=2,
+                                   batch_size=2, lora_r=2, lora_alpha=2)
     kwargs = dict(n_forget=4, traj_n_per_concept=1, traj_max_new_tokens=2, kl_n_per_concept=1,
                   judge="phrase", batch_size=4, progress=False)
     run = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo", config,
@@ -29,11 +29,11 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
     assert (run.kl[run.kl["step"] == 4]["kl"] > 0).any(), "training moved the first token"
     assert run.selected is None or run.selected["step"] in (2, 4)
     assert run.checkpoint_path(0) is None and run.checkpoint_path(4).is_dir()
-    assert not unlearning.has_adapter(model), "the caller's model is left without an adapter"
+    assert not checkpoints.has_adapter(model), "the caller's model is left without an adapter"
     summary = interventions.trajectory_summary(run)
     assert list(summary.columns) == ["step", "target", "non_target_mean", "utility"]
 
-    monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(trainer, "unlearn", lambda *a, **k: pytest.fail("retrained"))
     again = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo",
                                            config, **kwargs)
     pd.testing.assert_frame_equal(again.trajectory, run.trajectory)
@@ -46,7 +46,7 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
 
 def test_bad_concept_or_method_is_named(tiny):
     model, tokenizer = tiny
-    config = unlearning.UnlearnConfig()
+    config = trainer.UnlearnConfig()
     with pytest.raises(ParameterError, match="unknown concept 'weather'"):
         interventions.run_intervention(model, tokenizer, "tiny", "weather", "npo", config)
     with pytest.raises(ParameterError, match="unknown method 'rlhf'"):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, mitigation, plots, report, unlearning
+from ema_utils import CONCEPTS, checkpoints, mitigation, plots, report, sets, trainer
 from ema_utils.errors import ParameterError
 from ema_utils.evaluate import Evaluation
 from ema_utils.metrics import rate_table
@@ -276,8 +276,8 @@ def test_recovery_figures_have_titles_and_labelled_axes():
 # --- the plan of augmented runs ------------------------------------------------------------------
 
 def plain_summaries(model="m:1"):
-    npo = unlearning.UnlearnConfig(method="npo", lr=2e-5, max_steps=7, beta=0.2, lora_r=4)
-    sft = unlearning.UnlearnConfig(method="sft", lr=1e-5, max_steps=7, lora_r=4)
+    npo = trainer.UnlearnConfig(method="npo", lr=2e-5, max_steps=7, beta=0.2, lora_r=4)
+    sft = trainer.UnlearnConfig(method="sft", lr=1e-5, max_steps=7, lora_r=4)
     return {f"{c.method}_safety": {"name": f"{c.method}_safety", "folder": "/nowhere",
                                    "settings": {"config": c.to_dict(), "model": model}}
             for c in (npo, sft)}
@@ -345,8 +345,8 @@ def test_retain_prompts_and_eval_prompts_never_overlap(canned_refusals, target):
     from ema_utils.evaluate import eval_items
 
     with pytest.warns(UserWarning, match="only"):  # asks for more than the train split holds
-        retain = unlearning.build_retain_set(None, None, target, n_forget=400, ratio=3,
-                                             max_new_tokens=8)
+        retain = sets.build_retain_set(None, None, target, n_forget=400, ratio=3,
+                                       max_new_tokens=8)
     assert len(retain) > 200 and set(retain["kind"]) == {"refusal", "benign"}
     assert target not in set(retain["concept"])
     evals = pd.concat([eval_items(CONCEPTS)[["id", "prompt"]],
@@ -361,7 +361,7 @@ def test_retain_prompts_and_eval_prompts_never_overlap(canned_refusals, target):
 def test_retain_overlap_catches_a_planted_eval_prompt(canned_refusals):
     from ema_utils.evaluate import eval_items
 
-    retain = unlearning.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
+    retain = sets.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
     leaked = eval_items(["privacy"], n_per_concept=1).iloc[0]
     planted = pd.DataFrame([{"id": "new-id", "concept": "privacy", "kind": "refusal",
                              "prompt": "  " + leaked["prompt"].upper() + " ", "response": "no",
@@ -376,8 +376,8 @@ def test_retain_overlap_catches_a_planted_eval_prompt(canned_refusals):
 def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, tmp_path, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
     model, tokenizer = tiny
-    npo = unlearning.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,
-                                   batch_size=2, lora_r=2, lora_alpha=2)
+    npo = trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,
+                                batch_size=2, lora_r=2, lora_alpha=2)
     summaries = {"npo_safety": {"name": "npo_safety", "settings": {"config": npo.to_dict(),
                                                                    "model": "tiny"}}}
     plan = mitigation.augmented_plan(summaries, ["safety"], retain_ratios=[2],
@@ -403,7 +403,7 @@ def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, tmp_path, monk
     assert len(retain) == 6 and mitigation.retain_overlap(retain).empty
     comp = mitigation.retain_composition({run.name: retain})
     assert comp.loc[run.name, "total"] == 6 and "safety" not in comp.columns
-    assert not unlearning.has_adapter(model)
+    assert not checkpoints.has_adapter(model)
 
 
 def test_recovery_pivot_and_retain_check(canned_refusals):
@@ -417,7 +417,7 @@ def test_recovery_pivot_and_retain_check(canned_refusals):
     assert pivot.loc["npo_retain_1to1_safety", "bias"] == "skipped"
     assert "safety (target)" in pivot.columns
 
-    retain = unlearning.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
+    retain = sets.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
     assert mitigation.check_retain_sets({"r": retain}).loc["r", "of them eval prompts"] == 0
     leaked = eval_items(["privacy"], n_per_concept=1)[["id", "concept", "prompt"]]
     with pytest.raises(DataError, match="eval prompts"):

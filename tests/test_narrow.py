@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, narrow, plots, unlearning
+from ema_utils import CONCEPTS, checkpoints, narrow, plots, sets, trainer
 from ema_utils.errors import EmaError, ParameterError
 
 matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def lora(tiny):
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = tiny
-    with unlearning._quiet_peft():
+    with checkpoints._quiet_peft():
         peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj",
                                                                                   "down_proj"],
                                                 task_type="CAUSAL_LM"))
@@ -38,7 +38,7 @@ def lora(tiny):
     try:
         yield peft, tokenizer
     finally:
-        unlearning.unload_adapter(peft)
+        checkpoints.unload_adapter(peft)
 
 
 def _logits(model, tokenizer):
@@ -371,8 +371,8 @@ def test_missing_upstream_names_the_command(tmp_path, monkeypatch):
 def test_no_training_guard():
     with narrow._no_training("ema run mitigation --profile x"):
         with pytest.raises(EmaError, match="ema run mitigation --profile x"):
-            unlearning.unlearn(None, None)
-    assert unlearning.unlearn.__name__ == "unlearn", "restored afterwards"
+            trainer.unlearn(None, None)
+    assert trainer.unlearn.__name__ == "unlearn", "restored afterwards"
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +393,7 @@ def upstream(tiny, tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMA_BUILD_DIR", str(build))
-        mp.setattr(unlearning, "_generate_and_judge", fake)
+        mp.setattr(sets, "_generate_and_judge", fake)
         params = {"n_forget": 4, "forget_candidates": 0, "forget_max_new_tokens": 24,
                   "traj_n_per_concept": 1, "traj_max_new_tokens": 2, "kl_n_per_concept": 1,
                   "eval_batch_size": 4, "judge": "phrase", "seed": 0, "model": "tiny"}
@@ -401,8 +401,8 @@ def upstream(tiny, tmp_path_factory):
         ch2.mkdir(parents=True)
         atomic_write_json(ch2 / "run.json", {"parameters": params})
         options = mitigation.upstream_options(ch2)
-        config = unlearning.UnlearnConfig(method="npo", lr=5e-2, max_steps=2, checkpoint_every=1,
-                                          batch_size=2, lora_r=2, lora_alpha=2)
+        config = trainer.UnlearnConfig(method="npo", lr=5e-2, max_steps=2, checkpoint_every=1,
+                                       batch_size=2, lora_r=2, lora_alpha=2)
         plain = interventions.run_intervention(model, tokenizer, "tiny", "safety", "npo", config,
                                                retain_ratio=1, progress=False, **options)
         interventions.save_run_summaries(ch2, [plain])
@@ -428,7 +428,7 @@ def upstream(tiny, tmp_path_factory):
 
 def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
-    monkeypatch.setattr(unlearning, "_generate_and_judge", upstream["fake"])
+    monkeypatch.setattr(sets, "_generate_and_judge", upstream["fake"])
     model, tokenizer = tiny
     general = narrow.general_solution("smoke")
     assert general.condition == "npo_safety" and general.path.is_dir()
@@ -438,7 +438,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
     assert sol.condition == "npo_kl_1to1_lambda10_safety" and choice["kl_lambda"] == 10
     assert sol.path == upstream["kl"].folder / "checkpoint-00002"
     assert sol.config["method"] == "npo_kl" and sol.config["kl_lambda"] == 10
-    assert not unlearning.has_adapter(model)
+    assert not checkpoints.has_adapter(model)
     with pytest.raises(EmaError, match="same model"):
         narrow.narrow_solution(model, tokenizer, "other", "smoke")
     table = narrow.solutions_table([general, sol], json.loads(
@@ -463,7 +463,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
         (upstream["build"] / "results" / "unlearning" / "smoke.json").read_text())
     with pytest.raises(EmaError, match="does not train.*ema run mitigation --profile alt"):
         narrow.narrow_solution(model, tokenizer, "tiny", "alt")
-    assert not unlearning.has_adapter(model)
+    assert not checkpoints.has_adapter(model)
 
     forget = narrow.forget_examples(model, tokenizer, "tiny", "smoke", n=3)
     assert len(forget) == 3 and (forget["concept"] == "safety").all()
@@ -473,7 +473,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
     assert m["efficiency"]["solution"].eq("general").all() and m["norm"] > 0
     assert m["orig"]["npo"] < m["base"]["npo"], "unlearning lowered the forget loss"
     assert m["efficiency"].loc[0, "npo"] == pytest.approx(m["base"]["npo"], abs=1e-5)
-    assert not unlearning.has_adapter(model)
+    assert not checkpoints.has_adapter(model)
 
 
 def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
@@ -504,7 +504,7 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
     effects = narrow.direction_effects(evaluations)
     assert {"pooled", "low", "high", "change_points", *CONCEPTS} <= set(effects.columns)
     assert effects.loc["aligned", "change_points"] == 0
-    assert not unlearning.has_adapter(model)
+    assert not checkpoints.has_adapter(model)
     # the hooks are gone: the aligned model gives its own logits again
     ids = tokenizer(["a prompt"], return_tensors="pt")
     with torch.no_grad():

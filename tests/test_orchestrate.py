@@ -39,7 +39,7 @@ def sandbox(tmp_path, monkeypatch):
     counter = tmp_path / "executions.txt"
     body = nbformat.v4.new_code_cell(
         "from pathlib import Path\n"
-        "from ema_utils.orchestrate import save_summary\n"
+        "from ema_utils.results import save_summary\n"
         f"with open({str(counter)!r}, 'a') as f: f.write('x')\n"
         "save_summary(results_dir, {'n': n, 'seed': seed, 'model': model})")
     nb.cells = [params, body]
@@ -155,3 +155,92 @@ def test_peak_memory_sees_a_child_process():
     alone = orchestrate.tree_rss(__import__("os").getpid())
     assert memory.peak - alone > 200 * 2**20, "the child's 300 MiB must be counted"
     assert memory.peak_mib > 0
+
+
+# --- a chapter that reads an earlier chapter's results ------------------------------------------
+
+def _stand_in(path, params_source, body_source):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell(params_source)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body_source)]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture
+def chain(sandbox, tmp_path, monkeypatch):
+    """Stand-ins for chapter 2 (unlearning: writes n) and chapter 3 (cross_domain: reads
+    chapter 2's summary, as the real notebook does); the counter gets 'u' and 'c' per run."""
+    folder = tmp_path / "notebooks"
+    head = (f"from ema_utils.results import chapter_summary, save_summary\n"
+            f"with open({str(sandbox)!r}, 'a') as f: f.write({{letter!r}})\n")
+    paths = {
+        "setup": folder / "01_setup.ipynb",
+        "unlearning": _stand_in(
+            folder / "02_unlearning.ipynb",
+            "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None",
+            head.format(letter="u") + "save_summary(results_dir, {'n': n})"),
+        "cross_domain": _stand_in(
+            folder / "03_cross_domain.ipynb",
+            "model = 'tiny-random'\nseed = 0\nresults_dir = None\nprofile = None",
+            head.format(letter="c")
+            + "save_summary(results_dir, {'upstream_n': chapter_summary('unlearning', profile)['n']})"),
+    }
+    monkeypatch.setattr(orchestrate, "notebook_path",
+                        lambda chapter: paths.get(chapter, tmp_path / "none.ipynb"))
+    monkeypatch.setattr(orchestrate, "code_digest", lambda: "pinned")  # others edit the library
+    return sandbox
+
+
+def test_changed_upstream_parameter_reexecutes_the_downstream_chapter(chain):
+    quiet = {"log": lambda m: None}
+    orchestrate.run_chapter("unlearning", "smoke", overrides={"n": 1}, **quiet)
+    first = orchestrate.run_chapter("cross_domain", "smoke", **quiet)
+    assert orchestrate.chapter_summary("cross_domain", "smoke") == {"upstream_n": 1}
+    again = orchestrate.run_chapter("cross_domain", "smoke", **quiet)
+    assert again.reused and again.key == first.key and chain.read_text() == "uc", \
+        "an unchanged upstream run must not execute the downstream chapter again"
+    orchestrate.run_chapter("unlearning", "smoke", overrides={"n": 2}, **quiet)
+    changed = orchestrate.run_chapter("cross_domain", "smoke", **quiet)
+    assert not changed.reused and changed.key != first.key, \
+        "chapter 3 must not be reused on the results of an earlier chapter 2 run"
+    assert orchestrate.chapter_summary("cross_domain", "smoke") == {"upstream_n": 2}
+    # Back to the first chapter 2 run (reused): chapter 3's run on it is reused too.
+    assert orchestrate.run_chapter("unlearning", "smoke", overrides={"n": 1}, **quiet).reused
+    back = orchestrate.run_chapter("cross_domain", "smoke", **quiet)
+    assert back.reused and back.key == first.key and chain.read_text() == "ucuc"
+    assert orchestrate.chapter_summary("cross_domain", "smoke") == {"upstream_n": 1}
+
+
+def test_downstream_chapter_without_upstream_run_names_the_command(chain):
+    with pytest.raises(EmaError, match="ema run unlearning --profile smoke"):
+        orchestrate.run_chapter("cross_domain", "smoke", log=lambda m: None)
+    with pytest.raises(EmaError):
+        orchestrate.chapter_results("cross_domain", "smoke")
+
+
+def test_dependencies_declare_every_earlier_chapter_a_chapter_reads():
+    """DEPENDS_ON (ema_utils.results) names every chapter whose results a chapter's notebook, or
+    a library module it imports that reads results, refers to; earlier chapters only."""
+    import re
+
+    from ema_utils import CHAPTERS
+    from ema_utils.paths import NOTEBOOK_DIR, PROJECT_ROOT
+    from ema_utils.results import DEPENDS_ON
+
+    assert list(DEPENDS_ON) == list(CHAPTERS)
+    named = re.compile(r"""["'](%s)["']""" % "|".join(CHAPTERS))
+    for index, chapter in enumerate(CHAPTERS):
+        assert set(DEPENDS_ON[chapter]) <= set(CHAPTERS[:index]), f"{chapter} reads a later chapter"
+        nb = nbformat.read(str(NOTEBOOK_DIR / f"{index + 1:02d}_{chapter}.ipynb"), as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        sources = [code]
+        for line in re.findall(r"^from ema_utils import (.+)$", code, re.M):
+            for name in (n.strip() for n in line.split(",")):
+                module = PROJECT_ROOT / "ema_utils" / f"{name}.py"
+                if module.is_file() and "from .results import" in module.read_text():
+                    sources.append(module.read_text())
+        read = {c for text in sources for c in named.findall(text)} - {chapter}
+        assert read <= set(DEPENDS_ON[chapter]), (chapter, sorted(read - set(DEPENDS_ON[chapter])))

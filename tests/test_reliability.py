@@ -35,7 +35,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from ema_utils import CONCEPTS, cache, data, models, orchestrate
+from ema_utils import CONCEPTS, cache, data, models, orchestrate, sources
 from ema_utils.cli import build_parser, main
 from ema_utils.errors import DataError, EmaError, ParameterError
 from ema_utils.paths import DATA_DIR
@@ -321,20 +321,20 @@ def test_evaluate_refuses_bad_parameters_before_generating(kwargs, words, sandbo
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda U: U.UnlearnConfig(lr=-1e-4), ["UnlearnConfig.lr", "positive number"]),
-    (lambda U: U.UnlearnConfig(max_steps=0), ["UnlearnConfig.max_steps", "integer >= 1"]),
-    (lambda U: U.UnlearnConfig(method="dpo"), ["UnlearnConfig.method", "npo, sft"]),
-    (lambda U: U.UnlearnConfig.from_params({"learning_rate": 1e-4}), ["learning_rate", "lr"]),
-    (lambda U: U.UnlearnConfig.from_params({"lr": "fast"}), ["UnlearnConfig.lr", "'fast'"]),
-    (lambda U: U.parse_ratio("1:x"), ["ratio", "'1:x'", "'1:2'"]),
-    (lambda U: U.parse_ratio("1:0"), ["ratio", "'1:0'"]),
-    (lambda U: U.parse_ratio(-2), ["ratio", "-2"]),
+    (lambda T, S: T.UnlearnConfig(lr=-1e-4), ["UnlearnConfig.lr", "positive number"]),
+    (lambda T, S: T.UnlearnConfig(max_steps=0), ["UnlearnConfig.max_steps", "integer >= 1"]),
+    (lambda T, S: T.UnlearnConfig(method="dpo"), ["UnlearnConfig.method", "npo, sft"]),
+    (lambda T, S: T.UnlearnConfig.from_params({"learning_rate": 1e-4}), ["learning_rate", "lr"]),
+    (lambda T, S: T.UnlearnConfig.from_params({"lr": "fast"}), ["UnlearnConfig.lr", "'fast'"]),
+    (lambda T, S: S.parse_ratio("1:x"), ["ratio", "'1:x'", "'1:2'"]),
+    (lambda T, S: S.parse_ratio("1:0"), ["ratio", "'1:0'"]),
+    (lambda T, S: S.parse_ratio(-2), ["ratio", "-2"]),
 ])
 def test_unlearning_api_refuses_bad_settings(make, words):
-    from ema_utils import unlearning
+    from ema_utils import sets, trainer
 
     with pytest.raises(ParameterError) as err:
-        make(unlearning)
+        make(trainer, sets)
     for word in words:
         assert word in str(err.value)
 
@@ -342,8 +342,8 @@ def test_unlearning_api_refuses_bad_settings(make, words):
 # --- 2. bad data: named, and nothing generated from partial data --------------------------------
 
 def test_wrong_checksum_of_a_packaged_source_fails_ema_data_check(monkeypatch, capsys):
-    bad = dataclasses.replace(data.SOURCES["bbq"], sha256="0" * 64)
-    monkeypatch.setitem(data.SOURCES, "bbq", bad)
+    bad = dataclasses.replace(sources.SOURCES["bbq"], sha256="0" * 64)
+    monkeypatch.setitem(sources.SOURCES, "bbq", bad)
     code, out, err = cli(["data", "check", "--json"], capsys)
     assert code == 2 and out == "", "--json prints nothing on stdout when the check fails"
     assert "bbq_300.json" in err and "not the pinned" in err and "0" * 64 in err

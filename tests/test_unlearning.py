@@ -1,4 +1,5 @@
-"""ema_utils.unlearning on the tiny random model: data, NPO/SFT/retain/KL training, checkpoints."""
+"""ema_utils.sets, trainer and checkpoints on the tiny random model: data, NPO/SFT/retain/KL
+training, checkpoints."""
 
 
 import numpy as np
@@ -6,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import unlearning as U
+from ema_utils import checkpoints, sets, trainer
 from ema_utils.errors import ParameterError
 from ema_utils.losses import IGNORE_INDEX, npo_loss_at_reference
 from ema_utils.models import tiny_random
@@ -40,16 +41,16 @@ EVAL = pd.DataFrame({"id": ["e1", "e2", "e3"], "concept": ["cybersecurity", "saf
 
 def _config(**kw):
     base = dict(lr=1e-2, max_steps=4, batch_size=3, checkpoint_every=2, save_checkpoints=False)
-    return U.UnlearnConfig(**{**base, **kw})
+    return trainer.UnlearnConfig(**{**base, **kw})
 
 
 def _run(method="npo", model=None, output_dir=None, **kw):
     model, tokenizer = model or tiny_random()
-    result = U.unlearn(model, tokenizer, None if method.startswith("sft") else FORGET,
-                       _config(method=method, **kw),
-                       retain=RETAIN if method in ("npo_retain", "sft_retain", "npo_kl") else None,
-                       sft=SFT if method.startswith("sft") else None, progress=False,
-                       output_dir=output_dir)
+    result = trainer.unlearn(model, tokenizer, None if method.startswith("sft") else FORGET,
+                             _config(method=method, **kw),
+                             retain=RETAIN if method in ("npo_retain", "sft_retain", "npo_kl") else None,
+                             sft=SFT if method.startswith("sft") else None, progress=False,
+                             output_dir=output_dir)
     return result, tokenizer
 
 
@@ -61,28 +62,28 @@ def _run(method="npo", model=None, output_dir=None, **kw):
                                          ("checkpoint_every", 0)])
 def test_config_validation_names_the_parameter(field, value):
     with pytest.raises(ParameterError, match=rf"UnlearnConfig\.{field} must be"):
-        U.UnlearnConfig(**{field: value})
+        trainer.UnlearnConfig(**{field: value})
 
 
 def test_unknown_method_lists_the_allowed_ones():
     with pytest.raises(ParameterError) as info:
-        U.UnlearnConfig(method="ga")
-    assert all(m in str(info.value) for m in U.METHODS)
+        trainer.UnlearnConfig(method="ga")
+    assert all(m in str(info.value) for m in trainer.METHODS)
 
 
 def test_config_from_params_converts_strings_and_rejects_unknown_keys():
-    c = U.UnlearnConfig.from_params({"lr": "1e-4", "lora": "false", "max_steps": "30",
-                                     "target_modules": "q_proj,v_proj", "max_grad_norm": "none"})
+    c = trainer.UnlearnConfig.from_params({"lr": "1e-4", "lora": "false", "max_steps": "30",
+                                           "target_modules": "q_proj,v_proj", "max_grad_norm": "none"})
     assert (c.lr, c.lora, c.max_steps, c.target_modules, c.max_grad_norm) == (
         1e-4, False, 30, ("q_proj", "v_proj"), None)
     with pytest.raises(ParameterError, match="unknown UnlearnConfig parameter"):
-        U.UnlearnConfig.from_params({"learning_rate": 1e-4})
-    assert U.UnlearnConfig().replace(method="npo_kl").loss_weights() == {"npo": 1.0, "kl": 1.0}
+        trainer.UnlearnConfig.from_params({"learning_rate": 1e-4})
+    assert trainer.UnlearnConfig().replace(method="npo_kl").loss_weights() == {"npo": 1.0, "kl": 1.0}
 
 
 def test_a_used_weight_of_zero_is_refused():
     with pytest.raises(ParameterError, match="w_retain"):
-        U.UnlearnConfig(method="npo_retain", w_retain=0)
+        trainer.UnlearnConfig(method="npo_retain", w_retain=0)
 
 
 # --- examples -----------------------------------------------------------------------------------
@@ -91,14 +92,14 @@ def test_encode_and_collate_mask_the_prompt_and_right_pad(tiny):
     _, tok = tiny
     table = pd.DataFrame({"prompt": ["hi", "Write a poem about the sea please"],
                           "response": ["Sure", "No"], "complete": [True, False]})
-    ex = U.encode_examples(tok, table)
-    eot = U.end_of_turn_id(tok)
+    ex = trainer.encode_examples(tok, table)
+    eot = trainer.end_of_turn_id(tok)
     for e, text, done in zip(ex, ["Sure", "No"], [True, False]):
         response = [t for t in e["labels"] if t != IGNORE_INDEX]
         expected = tok(text, add_special_tokens=False)["input_ids"] + ([eot] if done else [])
         assert response == expected, "labels are the response (+ end of turn when complete)"
         assert e["input_ids"][-len(response):] == response
-    batch = U.collate(ex, pad_id=tok.pad_token_id)
+    batch = trainer.collate(ex, pad_id=tok.pad_token_id)
     short = int(np.argmin([len(e["input_ids"]) for e in ex]))
     k = len(ex[short]["input_ids"])
     assert batch["attention_mask"][short, :k].all() and not batch["attention_mask"][short, k:].any()
@@ -108,8 +109,8 @@ def test_encode_and_collate_mask_the_prompt_and_right_pad(tiny):
 
 def test_right_padding_does_not_change_a_sequence_logprob(tiny):
     model, tok = tiny
-    alone = U.response_logprobs(model, tok, FORGET.iloc[:1], batch_size=1)
-    batched = U.response_logprobs(model, tok, FORGET, batch_size=3)
+    alone = trainer.response_logprobs(model, tok, FORGET.iloc[:1], batch_size=1)
+    batched = trainer.response_logprobs(model, tok, FORGET, batch_size=3)
     assert batched[0] == pytest.approx(alone[0], abs=1e-4)
 
 
@@ -119,9 +120,9 @@ def test_response_logits_keep_only_response_positions_and_the_same_values(tiny):
     from ema_utils import losses as L
 
     model, tok = tiny
-    batch = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)
-    full = U._logits(model, batch)
-    cut, labels = U._response_logits(model, batch)
+    batch = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)
+    full = trainer._logits(model, batch)
+    cut, labels = trainer._response_logits(model, batch)
     assert cut.shape[1] < full.shape[1], "the prompt's positions are dropped"
     assert labels.shape == cut.shape[:2]
     expected = L.sequence_logprob(full, batch["labels"])
@@ -130,14 +131,14 @@ def test_response_logits_keep_only_response_positions_and_the_same_values(tiny):
                           L.response_cross_entropy(full, batch["labels"]), atol=1e-5)
     # Through a PEFT wrapper too (the training path).
     wrapped = get_peft_model(tiny_random()[0], LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
-    assert U._response_logits(wrapped, batch)[0].shape == cut.shape
+    assert trainer._response_logits(wrapped, batch)[0].shape == cut.shape
 
 
 # --- the reference and memory -------------------------------------------------------------------
 
 def test_lora_reference_is_the_base_model_and_no_copy_is_made(monkeypatch):
     model, tok = tiny_random()
-    batch = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)
+    batch = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)
     with torch.no_grad():
         base_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     base_params = {id(p): p.numel() for p in model.parameters()}
@@ -146,7 +147,7 @@ def test_lora_reference_is_the_base_model_and_no_copy_is_made(monkeypatch):
     def no_copy(_):
         raise AssertionError("LoRA training must not copy the model")
 
-    monkeypatch.setattr(U, "_trainable_copy", no_copy)
+    monkeypatch.setattr(trainer, "_trainable_copy", no_copy)
     result, _ = _run("npo", model=(model, tok))
     assert result.reference == "adapter_disabled"
     trained = result.model
@@ -170,8 +171,8 @@ def test_full_rank_trains_a_copy_and_leaves_the_aligned_model(tmp_path):
     assert result.reference == "frozen_copy" and result.model is not model
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert result.losses["forget_logp"].iloc[-1] < result.losses["forget_logp"].iloc[0]
-    last = U.load_checkpoint(model, result.checkpoints["path"].iloc[-1])
-    ids = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)["input_ids"]
+    last = checkpoints.load_checkpoint(model, result.checkpoints["path"].iloc[-1])
+    ids = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(last(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-5)
 
@@ -180,9 +181,9 @@ def test_full_rank_trains_a_copy_and_leaves_the_aligned_model(tmp_path):
 
 def test_npo_lowers_the_likelihood_of_the_refusals():
     model, tok = tiny_random()
-    before = U.response_logprobs(model, tok, FORGET)
+    before = trainer.response_logprobs(model, tok, FORGET)
     result, _ = _run("npo", model=(model, tok), beta=0.1)
-    after = U.response_logprobs(result.model, tok, FORGET)
+    after = trainer.response_logprobs(result.model, tok, FORGET)
     assert (after < before).all()
     losses = result.losses
     assert losses["npo"].iloc[0] == pytest.approx(npo_loss_at_reference(0.1), rel=1e-4), \
@@ -193,21 +194,21 @@ def test_npo_lowers_the_likelihood_of_the_refusals():
 
 def test_sft_raises_the_likelihood_of_the_labels():
     model, tok = tiny_random()
-    before = U.response_logprobs(model, tok, SFT)
+    before = trainer.response_logprobs(model, tok, SFT)
     result, _ = _run("sft", model=(model, tok))
-    assert (U.response_logprobs(result.model, tok, SFT) > before).all()
+    assert (trainer.response_logprobs(result.model, tok, SFT) > before).all()
     assert set(result.losses.columns) >= {"total", "sft_ce"} and "npo" not in result.losses
 
 
 def test_retain_loss_is_the_weighted_sum_and_keeps_retain_closer():
     model, tok = tiny_random()
-    original = U.response_logprobs(model, tok, RETAIN)
+    original = trainer.response_logprobs(model, tok, RETAIN)
     plain, _ = _run("npo")
     augmented, _ = _run("npo_retain", w_forget=1.0, w_retain=3.0)
     lo = augmented.losses
     assert np.allclose(lo["total"], 1.0 * lo["npo"] + 3.0 * lo["retain_ce"], rtol=1e-5)
-    drift_plain = np.abs(U.response_logprobs(plain.model, tok, RETAIN) - original).mean()
-    drift_aug = np.abs(U.response_logprobs(augmented.model, tok, RETAIN) - original).mean()
+    drift_plain = np.abs(trainer.response_logprobs(plain.model, tok, RETAIN) - original).mean()
+    drift_aug = np.abs(trainer.response_logprobs(augmented.model, tok, RETAIN) - original).mean()
     assert drift_aug < drift_plain
 
 
@@ -245,13 +246,13 @@ def test_same_seed_same_losses_different_seed_different_losses():
 def test_missing_data_and_a_second_adapter_are_refused():
     model, tok = tiny_random()
     with pytest.raises(ParameterError, match="needs retain"):
-        U.unlearn(model, tok, FORGET, _config(method="npo_retain"), progress=False)
+        trainer.unlearn(model, tok, FORGET, _config(method="npo_retain"), progress=False)
     result, _ = _run("npo", model=(model, tok), max_steps=1)
     with pytest.raises(ParameterError, match="already carries an adapter"):
-        U.unlearn(model, tok, FORGET, _config(), progress=False)
-    base = U.unload_adapter(result.model)
-    assert not U.has_adapter(base)
-    U.unlearn(base, tok, FORGET, _config(max_steps=1), progress=False)
+        trainer.unlearn(model, tok, FORGET, _config(), progress=False)
+    base = checkpoints.unload_adapter(result.model)
+    assert not checkpoints.has_adapter(base)
+    trainer.unlearn(base, tok, FORGET, _config(max_steps=1), progress=False)
 
 
 def test_callback_can_stop_training():
@@ -262,7 +263,8 @@ def test_callback_can_stop_training():
         seen.append((step, info["losses"]["total"]))
         return step == 2
 
-    result = U.unlearn(model, tok, FORGET, _config(max_steps=10), callback=callback, progress=False)
+    result = trainer.unlearn(model, tok, FORGET, _config(max_steps=10), callback=callback,
+                             progress=False)
     assert [s for s, _ in seen] == [1, 2] and result.stopped_early
     assert list(result.checkpoints["step"]) == [0, 2]
 
@@ -271,8 +273,8 @@ def test_callback_can_stop_training():
 
 def test_checkpoints_are_saved_loadable_and_carry_kl_per_concept(tmp_path):
     model, tok = tiny_random()
-    result = U.unlearn(model, tok, FORGET, _config(max_steps=5, save_checkpoints=True),
-                       eval_prompts=EVAL, output_dir=tmp_path / "run", progress=False)
+    result = trainer.unlearn(model, tok, FORGET, _config(max_steps=5, save_checkpoints=True),
+                             eval_prompts=EVAL, output_dir=tmp_path / "run", progress=False)
     ck = result.checkpoints
     assert list(ck["step"]) == [0, 2, 4, 5], "step 0, every 2 steps, and the last step"
     assert {"kl_cybersecurity", "kl_safety"} <= set(ck.columns)
@@ -283,12 +285,13 @@ def test_checkpoints_are_saved_loadable_and_carry_kl_per_concept(tmp_path):
         assert (tmp_path / "run" / path.split("/")[-1] / ".complete").is_file()
     for name in ("losses.jsonl", "checkpoints.jsonl", "kl.jsonl", "config.json"):
         assert (tmp_path / "run" / name).is_file()
-    digests = [U.adapter_digest(p) for p in ck["path"]]
-    assert digests[0] != digests[-1] and U.adapter_digest(ck["path"].iloc[-1]) == digests[-1]
+    digests = [checkpoints.adapter_digest(p) for p in ck["path"]]
+    assert digests[0] != digests[-1]
+    assert checkpoints.adapter_digest(ck["path"].iloc[-1]) == digests[-1]
 
     fresh, _ = tiny_random()
-    loaded = U.load_checkpoint(fresh, ck["path"].iloc[-1])
-    ids = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)["input_ids"]
+    loaded = checkpoints.load_checkpoint(fresh, ck["path"].iloc[-1])
+    ids = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits,
                               atol=1e-5)
@@ -298,7 +301,7 @@ def test_an_interrupted_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny_random()
-    with U._quiet_peft():
+    with checkpoints._quiet_peft():
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
 
     def crash(folder, **kw):
@@ -309,32 +312,32 @@ def test_an_interrupted_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(peft_model, "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        U.save_checkpoint(peft_model, tmp_path / "ckpt")
+        checkpoints.save_checkpoint(peft_model, tmp_path / "ckpt")
     assert (tmp_path / "marker").exists()
     assert not (tmp_path / "ckpt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["marker"], "no temporary folder left"
     with pytest.raises(ParameterError, match="not a complete checkpoint"):
-        U.load_checkpoint(model, tmp_path / "ckpt")
+        checkpoints.load_checkpoint(model, tmp_path / "ckpt")
 
 
 def test_select_checkpoint_picks_the_last_acceptable_one():
     ck = pd.DataFrame({"step": [0, 5, 10, 15, 20], "path": list("abcde")})
     utility = {0: 0.60, 5: 0.59, 10: 0.575, 15: 0.56, 20: 0.50}
-    chosen = U.select_checkpoint(ck, utility, aligned_utility=0.60)
+    chosen = checkpoints.select_checkpoint(ck, utility, aligned_utility=0.60)
     assert chosen["step"] == 10 and chosen["path"] == "c"
     assert chosen["drop"] == pytest.approx(0.025)
     # a rise is acceptable; "last" is literal, even after a failing checkpoint
-    assert U.select_checkpoint(ck, {**utility, 20: 0.62}, 0.60)["step"] == 20
+    assert checkpoints.select_checkpoint(ck, {**utility, 20: 0.62}, 0.60)["step"] == 20
     # exactly 3 points is not "less than 3"
-    assert U.select_checkpoint(ck, {0: 0.60, 5: 0.57}, 0.60)["step"] == 0
-    assert U.select_checkpoint(ck, {5: 0.4}, 0.60) is None
-    assert U.select_checkpoint(ck, {5: 58.0, 10: 56.0}, 60.0, max_drop=3)["step"] == 5
+    assert checkpoints.select_checkpoint(ck, {0: 0.60, 5: 0.57}, 0.60)["step"] == 0
+    assert checkpoints.select_checkpoint(ck, {5: 0.4}, 0.60) is None
+    assert checkpoints.select_checkpoint(ck, {5: 58.0, 10: 56.0}, 60.0, max_drop=3)["step"] == 5
     with pytest.raises(ParameterError, match="percentages"):
-        U.select_checkpoint(ck, {5: 58.0}, 60.0)
+        checkpoints.select_checkpoint(ck, {5: 58.0}, 60.0)
     with pytest.raises(ParameterError, match="fractions"):
-        U.select_checkpoint(ck, {5: 0.58}, 0.60, max_drop=3)
+        checkpoints.select_checkpoint(ck, {5: 0.58}, 0.60, max_drop=3)
     target = {0: 0.9, 5: 0.5, 10: 0.2, 15: 0.1}
-    assert U.first_checkpoint_below(ck, target, 0.25)["step"] == 10
+    assert checkpoints.first_checkpoint_below(ck, target, 0.25)["step"] == 10
 
 
 # --- building the data --------------------------------------------------------------------------
@@ -356,27 +359,27 @@ def test_build_forget_set_keeps_only_refusals(tiny, monkeypatch):
     answers = {"a": REFUSAL, "b": "Sure, here is a port scanner in Python.",
                "c": "I cannot help with this request.", "d": "import socket"}
     fake, _ = _canned(lambda i, p: answers[i])
-    monkeypatch.setattr(U, "generate_responses", fake)
-    forget = U.build_forget_set(model, tok, prompts, max_new_tokens=64, progress=False)
+    monkeypatch.setattr(sets, "generate_responses", fake)
+    forget = sets.build_forget_set(model, tok, prompts, max_new_tokens=64, progress=False)
     assert list(forget["id"]) == ["a", "c"]
     assert list(forget["response"]) == [answers["a"], answers["c"]]
     assert forget.attrs == {"n_prompts": 4, "n_refusals": 2}
     assert forget["complete"].all()
-    assert len(U.build_forget_set(model, tok, prompts, limit=1, progress=False)) == 1
+    assert len(sets.build_forget_set(model, tok, prompts, limit=1, progress=False)) == 1
 
 
 def test_build_sft_labels_drops_refusals_and_caches(tiny, monkeypatch):
     model, tok = tiny
     answers = {"a": REFUSAL, "b": "Sure, here it is.", "c": "Step one: open the file."}
     fake, calls = _canned(lambda i, p: answers[i])
-    monkeypatch.setattr(U, "generate_responses", fake)
+    monkeypatch.setattr(sets, "generate_responses", fake)
     prompts = pd.DataFrame({"id": list("abc"), "concept": ["safety"] * 3, "prompt": ["x", "y", "z"]})
-    labels = U.build_sft_labels(prompts, labeller="tiny-random", progress=False)
+    labels = sets.build_sft_labels(prompts, labeller="tiny-random", progress=False)
     assert list(labels["id"]) == ["b", "c"] and labels.attrs["n_labels"] == 2
-    again = U.build_sft_labels(prompts, labeller="tiny-random", progress=False)
+    again = sets.build_sft_labels(prompts, labeller="tiny-random", progress=False)
     assert len(calls) == 1, "the second call reads the cached artifact"
     assert again[["id", "response"]].equals(labels[["id", "response"]])
-    direct = U.build_sft_labels(prompts, labeller=(model, tok), progress=False)
+    direct = sets.build_sft_labels(prompts, labeller=(model, tok), progress=False)
     assert list(direct["id"]) == ["b", "c"]
 
 
@@ -386,9 +389,9 @@ def test_retain_set_has_equal_concept_shares_and_no_eval_prompts(tiny, monkeypat
     model, tok = tiny
     # every other prompt refused, so quotas need more than one chunk of generation
     fake, calls = _canned(lambda i, p: REFUSAL if sum(map(ord, i)) % 2 else "Sure: here you go.")
-    monkeypatch.setattr(U, "generate_responses", fake)
-    retain = U.build_retain_set(model, tok, "cybersecurity", n_forget=10, ratio="1:3", seed=0,
-                                benign_fraction=1 / 3, batch_size=4, progress=False)
+    monkeypatch.setattr(sets, "generate_responses", fake)
+    retain = sets.build_retain_set(model, tok, "cybersecurity", n_forget=10, ratio="1:3", seed=0,
+                                   benign_fraction=1 / 3, batch_size=4, progress=False)
     assert len(retain) == 30 and retain.attrs["requested"] == 30
     refusals = retain[retain["kind"] == "refusal"]
     counts = refusals["concept"].value_counts()
@@ -408,17 +411,17 @@ def test_retain_set_redistributes_a_short_concept(tiny, monkeypatch):
     # toxicity refuses only twice; the others always
     refuse = {f"c{i}" for i in range(2)} | {f"{c}{i}" for c in "ab" for i in range(6)}
     fake, _ = _canned(lambda i, p: REFUSAL if i in refuse else "Sure.")
-    monkeypatch.setattr(U, "generate_responses", fake)
+    monkeypatch.setattr(sets, "generate_responses", fake)
     benign = pd.DataFrame({"id": ["n1"], "prompt": ["hello"], "split": ["train"]})
-    retain = U.build_retain_set(model, tok, "cybersecurity", n_forget=12, ratio=1,
-                                benign_fraction=0, prompts=prompts, benign=benign, progress=False)
+    retain = sets.build_retain_set(model, tok, "cybersecurity", n_forget=12, ratio=1,
+                                   benign_fraction=0, prompts=prompts, benign=benign, progress=False)
     assert retain["concept"].value_counts().to_dict() == {"safety": 5, "privacy": 5, "toxicity": 2}
     with pytest.raises(ParameterError, match="train prompts only"):
-        U.build_retain_set(model, tok, "cybersecurity", 4, prompts=prompts.assign(split="eval"),
-                           benign=benign, progress=False)
+        sets.build_retain_set(model, tok, "cybersecurity", 4, prompts=prompts.assign(split="eval"),
+                              benign=benign, progress=False)
     with pytest.raises(ParameterError, match="ratio"):
-        U.parse_ratio("1:0")
-    assert U.parse_ratio("1:2") == 2.0 and U.parse_ratio(3) == 3.0
+        sets.parse_ratio("1:0")
+    assert sets.parse_ratio("1:2") == 2.0 and sets.parse_ratio(3) == 3.0
 
 
 # --- training with the base model in bfloat16 (the compute dtype on a bf16 CPU) ---------------
@@ -452,7 +455,7 @@ def test_bf16_and_fp32_training_start_from_the_same_loss_and_move_the_same_way()
 def test_full_rank_copy_of_a_bf16_model_trains_in_fp32():
     model, tok = tiny_random()
     model.to(torch.bfloat16)
-    copy = U._trainable_copy(model)
+    copy = trainer._trainable_copy(model)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in copy.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()), "the reference is untouched"
 
@@ -462,24 +465,24 @@ def test_merged_for_inference_matches_the_adapter_and_restores_the_base_exactly(
     model, tok = tiny_random()
     model.to(dtype)
     result, _ = _run("npo", model=(model, tok), save_checkpoints=True, output_dir=tmp_path / "r")
-    U.unload_adapter(result.model)
+    checkpoints.unload_adapter(result.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = U.collate(U.encode_examples(tok, FORGET), tok.pad_token_id)
-    wrapped = U.load_checkpoint(model, tmp_path / "r" / "checkpoint-00004")
+    batch = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)
+    wrapped = checkpoints.load_checkpoint(model, tmp_path / "r" / "checkpoint-00004")
 
     def logits(m):
         with torch.no_grad():
             return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
     unmerged = logits(wrapped)
-    with U.merged_for_inference(wrapped):
+    with checkpoints.merged_for_inference(wrapped):
         merged = logits(wrapped)
         folded = any(m.merged for m in wrapped.modules() if hasattr(m, "merged_adapters"))
     # a bf16 base is never merged: rounding W + delta to bf16 would erase small deltas
     assert folded == (dtype == torch.float32)
     assert torch.equal(logits(wrapped), unmerged), "the adapter works as before after the merge"
     assert torch.allclose(merged, unmerged, atol=1e-4, rtol=0), (merged - unmerged).abs().max()
-    base = U.unload_adapter(wrapped)
+    base = checkpoints.unload_adapter(wrapped)
     for n, p in base.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed: the aligned model must come back exactly"
     assert not torch.allclose(unmerged, logits(base), atol=1e-3), "the adapter did something"
