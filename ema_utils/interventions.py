@@ -22,9 +22,11 @@ from .cache import cached, stable_hash
 from .errors import ParameterError
 from .models import DTYPE_NAMES
 from .params import parse_overrides
+from .registry import get_method, plain_methods
 
-METHODS = ("npo", "sft")
-"""The paper's two interventions: NPO unlearning of refusals and the SFT "finetune" baseline."""
+METHODS = plain_methods()
+"""The plain methods of the registry when the CLI is built: the paper's two interventions, NPO
+unlearning of refusals and the SFT "finetune" baseline."""
 
 
 @dataclass
@@ -70,8 +72,8 @@ def intervention_name(method: str, concept: str, retain_ratio: float | None = No
 def _check(concept: str, method: str) -> None:
     if concept not in CONCEPTS:
         raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
-    if method not in METHODS:
-        raise ParameterError(f"unknown method '{method}'; methods: {', '.join(METHODS)}")
+    if method not in plain_methods():
+        raise ParameterError(f"unknown method '{method}'; methods: {', '.join(plain_methods())}")
 
 
 def run_intervention(model, tokenizer, model_id: str, concept: str, method: str, config,
@@ -102,7 +104,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     from .trainer import unlearn
 
     _check(concept, method)
-    if not config.method.startswith(method):
+    if get_method(config.method).family != method:
         raise ParameterError(f"config.method '{config.method}' does not match method '{method}'")
     ratio = parse_ratio(retain_ratio)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -115,7 +117,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     stats = {"train_prompts": forget.attrs.get("n_prompts"), "refused": forget.attrs.get("n_refusals"),
              "used": int(len(forget))}
     sft = None
-    if method == "sft":
+    if config.uses_sft:
         sft = build_sft_labels(forget[["id", "concept", "prompt"]], batch_size=batch_size,
                                max_new_tokens=forget_max_new_tokens * 2, progress=progress)
         stats["sft_labels"] = int(len(sft))

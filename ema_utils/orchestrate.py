@@ -38,6 +38,7 @@ from .cache import atomic_write_json, stable_hash
 from .console import emit
 from .data import data_digest
 from .errors import EmaError, ParameterError
+from .registry import METHODS
 from .models import (DTYPE_NAMES, MODEL_NAMES, _looks_like_hub_id, dtype_tag, model_digest,
                      resolve_dtype)
 from .params import parse_literal, parse_overrides  # noqa: F401  (orchestrate.parse_overrides)
@@ -165,10 +166,7 @@ def _check_concept(v):
 
 
 def _method_names() -> tuple[str, ...]:
-    # deferred: trainer imports torch; `ema --help` and parameter errors must stay fast
-    from . import trainer
-
-    return tuple(dict.fromkeys(getattr(interventions, "METHODS", ()) + trainer.METHODS))
+    return tuple(METHODS)
 
 
 def _check_methods(v):

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import losses as L
 from .console import emit
 from .errors import ParameterError
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_KINDS = ("forget", "sft", "retain")
 """The data sets a method can train on, in the order a step reads them: the model's own
@@ -155,6 +156,9 @@ def method_style(name: str) -> tuple[str, str]:
 
 def npo_term(step: Step) -> torch.Tensor:
     """NPO on the forget batch against the reference log-probs; records the forget log-prob."""
+    # deferred: losses imports torch; the registry is read by `ema --help` and parameter checks
+    from . import losses as L
+
     logp = L.sequence_logprob(*step.response_logits(step.model, step.batches["forget"]))
     step.extra["forget_logp"] = logp.detach().mean()
     return L.npo_loss(logp, step.ref_logp.to(logp), step.config.beta)
@@ -162,11 +166,17 @@ def npo_term(step: Step) -> torch.Tensor:
 
 def cross_entropy_term(step: Step, kind: str) -> torch.Tensor:
     """Token-mean cross-entropy of the responses of the ``kind`` batch (sft or retain)."""
+    # deferred: losses imports torch; the registry is read by `ema --help` and parameter checks
+    from . import losses as L
+
     return L.response_cross_entropy(*step.response_logits(step.model, step.batches[kind]))
 
 
 def kl_term(step: Step) -> torch.Tensor:
     """KL(P_ref || P_theta) on the retain batch, over response tokens or every position."""
+    # deferred: losses imports torch; the registry is read by `ema --help` and parameter checks
+    from . import losses as L
+
     batch = step.batches["retain"]
     # Full-width logits: the KL's mask may cover every position (kl_positions "all").
     logits = step.logits(step.model, batch)

@@ -2,22 +2,12 @@
 
 Read it top to bottom, like nanoGPT's train.py: :func:`unlearn` is one run in one function
 (config -> data -> model and adapter -> optimizer -> the loop of steps -> save), and the small
-helpers it calls follow it. It trains one method on the tables of :mod:`ema_utils.sets`:
-
-============ ===================================================================
-method        loss per step
-============ ===================================================================
-npo           w_forget * NPO(forget)                        (the paper's Eq. 1)
-sft           w_sft * CE(sft labels)                        (the "finetune" baseline)
-npo_retain    w_forget * NPO(forget) + w_retain * CE(retain)
-sft_retain    w_retain * CE(retain) + w_sft * CE(sft labels)
-npo_kl        w_forget * NPO(forget) + kl_lambda * KL(P_ref || P_theta) on retain
-============ ===================================================================
-
-The losses themselves are pure functions in :mod:`ema_utils.losses`; which parts each method
-adds up is wired in one marked place below (``METHOD_PARTS`` and :func:`_loss_parts`). Every
-``checkpoint_every`` steps (and at step 0) the adapter is saved (:mod:`ema_utils.checkpoints`,
-which also holds the paper's checkpoint rule) and the first-token KL to the aligned model is
+helpers it calls follow it. It trains one method of the registry (:mod:`ema_utils.registry`, ``ema methods``: npo, sft,
+npo_retain, sft_retain, npo_kl; each a small loss function over one step's batches and the
+config fields that weigh its parts) on the tables of :mod:`ema_utils.sets`. The losses
+themselves are pure functions in :mod:`ema_utils.losses`. Every ``checkpoint_every`` steps (and
+at step 0) the adapter is saved (:mod:`ema_utils.checkpoints`, which also holds the paper's
+checkpoint rule) and the first-token KL to the aligned model is
 measured per concept (the paper's Fig. 2).
 
 The reference model pi_ref of NPO and of the KL term is the aligned model. With LoRA it is the
@@ -51,61 +41,12 @@ from .checkpoints import _quiet_peft, has_adapter, save_checkpoint
 from .errors import ParameterError
 from .generation import encode_chats, length_sorted_batches
 from .judges import first_token_distribution, first_token_kl
-
-METHODS = ("npo", "sft", "npo_retain", "sft_retain", "npo_kl")
-"""The training objectives :func:`unlearn` knows (see the module's table)."""
+from .registry import METHODS, Step, get_method
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """LoRA on every attention and MLP projection (Qwen2, Llama and Mistral names), as in the pilot."""
 
 KL_POSITIONS = ("response", "all")
-
-
-# === method-specific loss wiring ================================================================
-# The only place that knows what each method's loss is made of: METHOD_PARTS (the parts and the
-# config field weighing each) and _loss_parts (how one micro-batch's parts are computed).
-# UnlearnConfig's uses_* properties and loss_weights read METHOD_PARTS.
-
-METHOD_PARTS: dict[str, dict[str, str]] = {
-    "npo": {"npo": "w_forget"},
-    "sft": {"sft_ce": "w_sft"},
-    "npo_retain": {"npo": "w_forget", "retain_ce": "w_retain"},
-    "sft_retain": {"retain_ce": "w_retain", "sft_ce": "w_sft"},
-    "npo_kl": {"npo": "w_forget", "kl": "kl_lambda"},
-}
-"""Per method: loss part -> the config field holding its weight."""
-
-
-def _loss_parts(c: UnlearnConfig, model, batches: dict[str, dict], ref_logp, reference
-                ) -> tuple[dict, dict]:
-    """The loss parts of one micro-batch (with graph) and the forget log-prob (without).
-
-    ``batches``: the collated micro-batch of each set the method trains on; ``ref_logp``:
-    pi_ref(y|x) of the forget batch; ``reference()``: a context giving the aligned model.
-    Forward passes run in the order forget, sft, retain.
-    """
-    parts, extra = {}, {}
-    if c.uses_forget:
-        logp = L.sequence_logprob(*_response_logits(model, batches["forget"]))
-        parts["npo"] = L.npo_loss(logp, ref_logp.to(logp), c.beta)
-        extra["forget_logp"] = logp.detach().mean()
-    if c.uses_sft:
-        parts["sft_ce"] = L.response_cross_entropy(*_response_logits(model, batches["sft"]))
-    if c.uses_retain:
-        batch = batches["retain"]
-        if c.method == "npo_kl":
-            # Full-width logits: the KL's mask may cover every position (kl_positions "all").
-            logits = _logits(model, batch)
-            with reference() as ref:
-                ref_logits = _logits(ref, batch)
-            mask = (L.response_positions(batch["labels"]) if c.kl_positions == "response"
-                    else batch["attention_mask"].bool())
-            parts["kl"] = L.token_kl(ref_logits, logits, mask)
-        else:
-            parts["retain_ce"] = L.response_cross_entropy(*_response_logits(model, batch))
-    return parts, extra
-
-# === end of the method-specific loss wiring =====================================================
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -167,7 +108,7 @@ class UnlearnConfig:
                 bad(name, f"an integer >= {minimum}" + (" or None" if allow_none else ""))
 
         if self.method not in METHODS:
-            bad("method", f"one of {', '.join(METHODS)}")
+            bad("method", f"one of {', '.join(METHODS)} (the method registry; `ema methods`)")
         number("beta", positive=True)
         number("lr", positive=True)
         integer("epochs", 1)
@@ -201,7 +142,10 @@ class UnlearnConfig:
             bad("save_checkpoints", "True or False")
         integer("eval_batch_size", 1)
         integer("seed", 0)
-        for part, weight in METHOD_PARTS[self.method].items():
+        for part, weight in METHODS[self.method].weights.items():
+            if not hasattr(self, weight):
+                raise ParameterError(f"method {self.method!r} weighs its {part} loss by "
+                                     f"UnlearnConfig.{weight}, which does not exist")
             if getattr(self, weight) == 0:
                 bad(weight, f"> 0 for method {self.method!r} (it weighs the {part} loss)")
 
@@ -209,19 +153,19 @@ class UnlearnConfig:
 
     @property
     def uses_forget(self) -> bool:
-        return "npo" in METHOD_PARTS[self.method]
+        return "forget" in METHODS[self.method].data
 
     @property
     def uses_sft(self) -> bool:
-        return "sft_ce" in METHOD_PARTS[self.method]
+        return "sft" in METHODS[self.method].data
 
     @property
     def uses_retain(self) -> bool:
-        return any(p in METHOD_PARTS[self.method] for p in ("retain_ce", "kl"))
+        return "retain" in METHODS[self.method].data
 
     def loss_weights(self) -> dict[str, float]:
         """``{part: weight}`` of this method's objective (the input of losses.combine)."""
-        return {part: float(getattr(self, w)) for part, w in METHOD_PARTS[self.method].items()}
+        return {part: float(getattr(self, w)) for part, w in METHODS[self.method].weights.items()}
 
     def to_dict(self) -> dict:
         """A JSON-able dict (for cache keys and the run record)."""
@@ -404,7 +348,7 @@ def unlearn(model, tokenizer, forget: pd.DataFrame | None = None, config: Unlear
             "retain": _Cycler(len(data["retain"]), c.retain_batch_size or c.batch_size, c.seed + 1)
             if c.uses_retain else None,
         }
-        weights = c.loss_weights()
+        method, weights = get_method(c.method), c.loss_weights()
         total = _total_steps(c, len(data["forget"] if c.uses_forget else data["sft"]))
         loss_rows, ckpt_rows = [], [checkpoint(0)]
         model.train()
@@ -420,10 +364,13 @@ def unlearn(model, tokenizer, forget: pd.DataFrame | None = None, config: Unlear
                     idx = {k: cy.next() for k, cy in cyclers.items() if cy is not None}
                     batches = {k: collate([data[k][i] for i in ids], pad_id, device)
                                for k, ids in idx.items()}
-                    # the loss parts (npo, sft_ce, retain_ce, kl), their weighted sum, backward
-                    parts, extra = _loss_parts(c, model, batches,
-                                               ref_logp[idx["forget"]] if c.uses_forget else None,
-                                               reference)
+                    # the method's loss parts (e.g. npo, retain_ce), their weighted sum, backward
+                    step_input = Step(model=model, config=c, batches=batches,
+                                      ref_logp=ref_logp[idx["forget"]] if c.uses_forget else None,
+                                      reference=reference, logits=_logits,
+                                      response_logits=_response_logits)
+                    parts = method.loss(step_input)
+                    extra = step_input.extra
                     loss = L.combine(parts, weights)
                     (loss / c.grad_accum).backward()
                     for k, v in {"total": loss, **parts, **extra}.items():
