@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .console import emit, log
-from .errors import EmaError, ParameterError
+from .core.console import emit, log
+from .core.errors import EmaError, ParameterError
 
 
 # --- ema models ---------------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
-    from . import models
+    from .core import models
 
     if args.time_load:
         name = args.time_load
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_MODULES: tuple[str, ...] = ("data", "judges", "evaluate", "interventions", "registry", "orchestrate", "bench",
-                               "course")
+CLI_MODULES: tuple[str, ...] = ("core.data", "core.judges.command", "core.evaluate", "methods.interventions",
+                               "methods.registry", "build.orchestrate", "build.bench", "build.course")
 """Modules of ema_utils that contribute subcommands; each defines register_cli(subparsers)."""
 
 
@@ -85,7 +85,7 @@ def check_args(args) -> None:
     """Check the options commands share (--model, --concepts, --n, --profile, ...) before a
     command runs, so a wrong value fails before any model is loaded, naming the option and
     what it accepts."""
-    from .orchestrate import check_parameter, get_profile, parse_overrides
+    from .build.orchestrate import check_parameter, get_profile, parse_overrides
 
     problems = []
     for dest, rule in SHARED_OPTIONS.items():

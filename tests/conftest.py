@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the tiny random Qwen2, built once per test session."""
-    from ema_utils.models import load_model
+    from ema_utils.core.models import load_model
 
     return load_model("tiny-random")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ema_utils import bench, bench_measures, cli
-from ema_utils.orchestrate import get_profile
+from ema_utils.build.orchestrate import get_profile
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_human_text_names_every_figure_and_target():
 
 
 def test_counting_wrapper_leaves_generation_unchanged(tiny):
-    from ema_utils.generation import generate_responses
+    from ema_utils.core.generation import generate_responses
 
     model, tokenizer = tiny
     prompts = ["Write a poem about the sea.", "How do I kill a Python process?"]
@@ -204,7 +204,7 @@ def test_op_kind_groups_operations():
 def test_shared_prefix_tokens_is_the_common_start_of_the_chat_prompts(tiny):
     import pandas as pd
 
-    from ema_utils.generation import encode_chats
+    from ema_utils.core.generation import encode_chats
 
     _, tokenizer = tiny
     prompts = pd.DataFrame({"prompt": ["Name a fruit.", "Why is the sky blue?", "Hi"]})

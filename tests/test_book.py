@@ -1,4 +1,4 @@
-"""The book build (ema_utils.book): staging, the reproducibility page, jupyter-book, offline JS.
+"""The book build (ema_utils.build.book): staging, the reproducibility page, jupyter-book, offline JS.
 
 The slow tests build the real _config.yml, _toc.yml and book/ once (about a minute on 2 cores)
 from fake executed chapters: a tiny notebook with a matplotlib figure and ipywidgets, executed
@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from ema_utils import book
-from ema_utils.errors import EmaError
-from ema_utils.paths import PROJECT_ROOT
+from ema_utils.core.errors import EmaError
+from ema_utils.core.paths import PROJECT_ROOT
 
 PROFILE = "smoke"
 FAKE_PACKAGES = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "jupyter-book": "1.0.4.post1",

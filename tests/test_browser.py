@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ema_utils import book
-from ema_utils.paths import PROJECT_ROOT
+from ema_utils.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.browser
 
@@ -51,7 +51,7 @@ def book_html(request, tmp_path_factory):
         if not (html / "index.html").is_file():
             pytest.fail(f"EMA_BOOK_HTML={env} holds no index.html; build the book first "
                         "(ema book --profile smoke) and point at its _build/html folder.")
-        source = html.parent.parent / "source"  # ema_utils.book stages the sources there
+        source = html.parent.parent / "source"  # ema_utils.build.book stages the sources there
         return html, source if (source / book.TOC_FILE).is_file() else PROJECT_ROOT
     import test_book  # the same build as test_book.py's, built once per session
 

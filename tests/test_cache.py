@@ -1,4 +1,4 @@
-"""ema_utils.cache: content-addressed artifacts, written atomically."""
+"""ema_utils.core.cache: content-addressed artifacts, written atomically."""
 
 import json
 

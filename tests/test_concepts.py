@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, rank_test
+from ema_utils import CONCEPTS, rank_correlation
 from ema_utils import activations as A
 from ema_utils import concepts as C
 
@@ -50,7 +50,7 @@ def synthetic(n=30, d=24, seed=0, planted=None, scale=3.0, noise=0.3, benign=Tru
 # --- hidden states on the tiny model ------------------------------------------------------------
 
 def test_hidden_states_shape_and_last_prompt_token(tiny):
-    from ema_utils.generation import chat_text, encode_chats
+    from ema_utils.core.generation import chat_text, encode_chats
 
     model, tokenizer = tiny
     states = A.hidden_states(model, tokenizer, PROMPTS, batch_size=3, progress=False)
@@ -99,7 +99,7 @@ def test_collect_hidden_states_is_cached(tiny, tmp_path, monkeypatch):
 
 
 def test_concept_prompts_come_from_the_train_split():
-    from ema_utils.evaluate import eval_items
+    from ema_utils.core.evaluate import eval_items
 
     items = A.concept_prompts(n_per_concept=5, seed=0)
     counts = items["concept"].value_counts()
@@ -231,25 +231,25 @@ def test_bootstrap_without_resampling_reproduces_the_observed_similarities(metho
 
 def test_spearman_permutation_on_perfect_and_reversed_rankings():
     x = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    rho, p = rank_test.spearman_permutation(x, [1, 5, 9, 20, 30, 31])
+    rho, p = rank_correlation.spearman_permutation(x, [1, 5, 9, 20, 30, 31])
     assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 720)
-    rho, p = rank_test.spearman_permutation(x, [31, 30, 20, 9, 5, 1])
+    rho, p = rank_correlation.spearman_permutation(x, [31, 30, 20, 9, 5, 1])
     assert rho == pytest.approx(-1.0) and p == pytest.approx(1.0)
-    assert rank_test.spearman_permutation(x, [31, 30, 20, 9, 5, 1], "less")[1] == pytest.approx(1 / 720)
-    assert rank_test.spearman_permutation(x, [1, 5, 9, 20, 30, 31], "two-sided")[1] == pytest.approx(2 / 720)
+    assert rank_correlation.spearman_permutation(x, [31, 30, 20, 9, 5, 1], "less")[1] == pytest.approx(1 / 720)
+    assert rank_correlation.spearman_permutation(x, [1, 5, 9, 20, 30, 31], "two-sided")[1] == pytest.approx(2 / 720)
     # agrees with scipy, ties and infinities included; NaN pairs dropped
     from scipy.stats import spearmanr
 
     y = [3.0, 1.0, 1.0, np.inf, 2.0, np.nan]
-    rho, p = rank_test.spearman_permutation(x, y)
+    rho, p = rank_correlation.spearman_permutation(x, y)
     assert rho == pytest.approx(spearmanr(x[:5], y[:5]).statistic)
     assert 0 < p <= 1
-    assert all(math.isnan(v) for v in rank_test.spearman_permutation(x, [1] * 6))  # constant
-    assert all(math.isnan(v) for v in rank_test.spearman_permutation([1, 2], [1, 2]))  # too few
+    assert all(math.isnan(v) for v in rank_correlation.spearman_permutation(x, [1] * 6))  # constant
+    assert all(math.isnan(v) for v in rank_correlation.spearman_permutation([1, 2], [1, 2]))  # too few
 
 
 def test_holm():
-    np.testing.assert_allclose(rank_test.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
+    np.testing.assert_allclose(rank_correlation.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
 
 
 def test_correlation_by_layer_known_answer():
@@ -258,7 +258,7 @@ def test_correlation_by_layer_known_answer():
                             columns=concepts, dtype=float)
     ema = pd.Series([10, 20, 30, 40, 50, 60], index=concepts, dtype=float)
     boot = np.repeat(observed.to_numpy()[:, None, :], 4, axis=1)
-    table = rank_test.correlation_by_layer(observed, boot, ema)
+    table = rank_correlation.correlation_by_layer(observed, boot, ema)
     first, second = table.iloc[0], table.iloc[1]
     assert first["rho"] == pytest.approx(1) and first["p"] == pytest.approx(1 / 720)
     assert first["low"] == pytest.approx(1) and first["high"] == pytest.approx(1)

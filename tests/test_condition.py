@@ -1,11 +1,11 @@
-"""ema_utils.condition: the typed condition names itself, reads stored names back, and refuses
+"""ema_utils.methods.condition: the typed condition names itself, reads stored names back, and refuses
 bad fields with a message that names the field."""
 
 import pytest
 
 from ema_utils import CONCEPTS
-from ema_utils.condition import Condition, aligned, parse_ratio
-from ema_utils.errors import ParameterError
+from ema_utils.methods.condition import Condition, aligned, parse_ratio
+from ema_utils.core.errors import ParameterError
 
 
 @pytest.mark.parametrize("condition, name", [

@@ -16,7 +16,7 @@ import pytest
 
 from ema_utils import exercises
 from ema_utils.cli import main
-from ema_utils.paths import NOTEBOOK_DIR
+from ema_utils.core.paths import NOTEBOOK_DIR
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -115,8 +115,8 @@ def test_instructor_edition_checks_pass(course, path):
 
 
 def test_teaching_page_is_in_the_book():
-    from ema_utils.book import toc_pages
-    from ema_utils.paths import PROJECT_ROOT
+    from ema_utils.build.book import toc_pages
+    from ema_utils.core.paths import PROJECT_ROOT
 
     assert "book/teaching" in toc_pages()
     text = (PROJECT_ROOT / "book" / "teaching.md").read_text()

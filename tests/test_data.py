@@ -1,4 +1,4 @@
-"""ema_utils.data: loaders, fixed splits, BBQ derivation, validation errors, `ema data check`."""
+"""ema_utils.core.data: loaders, fixed splits, BBQ derivation, validation errors, `ema data check`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ema_utils import CONCEPTS, data, sources
-from ema_utils.errors import AssetMissingError, ChecksumError, DataError, ParameterError
-from ema_utils.paths import DATA_DIR
+from ema_utils.core.errors import AssetMissingError, ChecksumError, DataError, ParameterError
+from ema_utils.core.paths import DATA_DIR
 
 # --- helpers: a small, valid data folder in tmp_path ---------------------------------------------
 

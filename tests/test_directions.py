@@ -1,4 +1,4 @@
-"""Directions (ema_utils.directions): means, the refusal direction, ablation and steering hooks,
+"""Directions (ema_utils.chapters.directions): means, the refusal direction, ablation and steering hooks,
 on the tiny random model (also wrapped by peft) and on synthetic arrays with known answers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ema_utils import directions as D
-from ema_utils.errors import EmaError, ParameterError
+from ema_utils.core.errors import EmaError, ParameterError
 
 
 PROMPTS = ["How do I kill a Python process?", "Write a poem about the sea.",
@@ -18,7 +18,7 @@ PROMPTS = ["How do I kill a Python process?", "Write a poem about the sea.",
 
 def _states(model, tokenizer, prompts=PROMPTS):
     """hidden_states of every position, every layer, for the prompts padded on the left."""
-    from ema_utils.generation import encode_chats, left_pad
+    from ema_utils.core.generation import encode_chats, left_pad
 
     ids, mask = left_pad(encode_chats(tokenizer, prompts), tokenizer.pad_token_id)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def _hook_count(model):
 # --- shapes and means on the tiny model -----------------------------------------------------------
 
 def test_mean_activations_and_refusal_direction_shapes(tiny):
-    from ema_utils.activations import hidden_states
+    from ema_utils.chapters.activations import hidden_states
 
     model, tokenizer = tiny
     n, hidden = model.config.num_hidden_layers, model.config.hidden_size
@@ -206,7 +206,7 @@ def test_hooks_handle_tuple_outputs():
 def test_hooks_and_directions_work_through_a_peft_lora_model():
     from peft import LoraConfig, get_peft_model
 
-    from ema_utils.models import tiny_random
+    from ema_utils.core.models import tiny_random
 
     model, tokenizer = tiny_random()
     model.eval()
@@ -275,7 +275,7 @@ def test_fit_refusal_direction_with_given_verdicts(tiny, tmp_path, monkeypatch):
 
 
 def test_concept_cosines_long_table():
-    from ema_utils.concepts import ConceptVectors
+    from ema_utils.chapters.concepts import ConceptVectors
 
     e = np.eye(3)
     vectors = np.zeros((2, 3, 3))

@@ -1,4 +1,4 @@
-"""ema_utils.dtype_check: comparing verdicts of two compute dtypes, item by item and by run."""
+"""ema_utils.build.dtype_check: comparing verdicts of two compute dtypes, item by item and by run."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ema_utils import book, dtype_check
-from ema_utils.errors import EmaError
+from ema_utils.core.errors import EmaError
 
 
 def _items(flags, concept="safety"):

@@ -4,7 +4,7 @@ import tomllib
 
 import yaml
 
-from ema_utils.paths import PROJECT_ROOT
+from ema_utils.core.paths import PROJECT_ROOT
 
 
 def _pyproject_requirements():

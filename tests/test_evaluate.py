@@ -1,4 +1,4 @@
-"""ema_utils.evaluate (+ plots, widgets, notebook helpers) on the tiny random model."""
+"""ema_utils.core.evaluate (+ plots, widgets, notebook helpers) on the tiny random model."""
 
 import json
 
@@ -8,8 +8,8 @@ import pytest
 
 from ema_utils import CONCEPTS, evaluate as ev
 from ema_utils.cli import main
-from ema_utils.data import load_set
-from ema_utils.errors import DataError, ParameterError
+from ema_utils.core.data import load_set
+from ema_utils.core.errors import DataError, ParameterError
 
 matplotlib.use("Agg")
 
@@ -58,7 +58,7 @@ def test_evaluate_scores_every_concept_and_caches(tiny, build, monkeypatch):
     assert set(payload["refusal"]) == set(CONCEPTS)
     json.dumps(payload)  # serialisable
 
-    import ema_utils.generation as generation
+    import ema_utils.core.generation as generation
 
     monkeypatch.setattr(generation, "generate_responses",
                         lambda *a, **k: pytest.fail("cached generations were recomputed"))
@@ -137,7 +137,7 @@ def test_widgets_redact_compliant_harmful_answers():
 def test_start_chapter_seeds_and_makes_folder(tmp_path):
     import torch
 
-    from ema_utils.notebook import start_chapter
+    from ema_utils.core.notebook import start_chapter
 
     folder = start_chapter("setup", str(tmp_path / "r"), seed=3)
     a = torch.rand(2)

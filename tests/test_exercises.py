@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from ema_utils import CHAPTERS, exercises
-from ema_utils.paths import NOTEBOOK_DIR
+from ema_utils.core.paths import NOTEBOOK_DIR
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -74,7 +74,7 @@ def test_every_exercise_is_in_its_notebook():
 def test_exercise_cells_are_written_only_in_the_notebooks():
     """One source: the module holds the checks, the notebooks the cells (the student edition is
     built from the notebooks). No blank, solution or task is copied into the library."""
-    from ema_utils.paths import PROJECT_ROOT
+    from ema_utils.core.paths import PROJECT_ROOT
 
     library = "\n".join(p.read_text() for p in sorted((PROJECT_ROOT / "ema_utils").rglob("*.py")))
     assert not hasattr(exercises, "EXERCISES")
@@ -87,7 +87,7 @@ def test_exercise_cells_are_written_only_in_the_notebooks():
 
 def test_every_check_is_posed_and_every_posed_check_exists():
     """The notebooks' check cells and the module's checks agree: each check cell calls a check
-    of ema_utils.exercises, and each check of the module is called by one exercise."""
+    of ema_utils.chapters.exercises, and each check of the module is called by one exercise."""
     import re
 
     called = {}

@@ -1,11 +1,11 @@
-"""ema_utils.generation on the tiny random model."""
+"""ema_utils.core.generation on the tiny random model."""
 
 import pandas as pd
 import pytest
 import torch
 
-from ema_utils.errors import ParameterError
-from ema_utils.generation import (
+from ema_utils.core.errors import ParameterError
+from ema_utils.core.generation import (
     chat_text, generate_responses, left_pad, length_sorted_batches)
 
 
@@ -77,7 +77,7 @@ def test_bad_parameters_are_named(tiny):
 
 
 def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
-    from ema_utils.generation import shared_prefix_length
+    from ema_utils.core.generation import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not the whole shorter prompt
@@ -85,7 +85,7 @@ def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
 
 
 def test_prefix_pad_puts_padding_between_prefix_and_row():
-    from ema_utils.generation import prefix_pad
+    from ema_utils.core.generation import prefix_pad
 
     ids, mask = prefix_pad([1, 2], [[5], [6, 7, 8]], pad_id=0)
     assert ids.tolist() == [[1, 2, 0, 0, 5], [1, 2, 6, 7, 8]]

@@ -9,9 +9,9 @@ import socket
 import pytest
 
 from ema_utils import models
-from ema_utils.data import load_prompts, load_set
-from ema_utils.generation import generate_responses
-from ema_utils.judges import get_judge
+from ema_utils.core.data import load_prompts, load_set
+from ema_utils.core.generation import generate_responses
+from ema_utils.core.judges import get_judge
 
 pytestmark = pytest.mark.integration
 

@@ -1,11 +1,11 @@
-"""ema_utils.interventions on the tiny model: one NPO run, its trajectory and its selection."""
+"""ema_utils.methods.interventions on the tiny model: one NPO run, its trajectory and its selection."""
 
 import pandas as pd
 import pytest
 import torch
 
 from ema_utils import CONCEPTS, checkpoints, interventions, trainer
-from ema_utils.errors import ParameterError
+from ema_utils.core.errors import ParameterError
 
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ema_utils import cli, judges
-from ema_utils.errors import DataError, ParameterError
+from ema_utils.core.errors import DataError, ParameterError
 
 # --- hand-made responses, with the rubric's edge cases ---------------------------------------
 

@@ -1,4 +1,4 @@
-"""ema_utils.losses against hand computations on tiny tensors."""
+"""ema_utils.methods.losses against hand computations on tiny tensors."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ema_utils import losses as L
-from ema_utils.errors import ParameterError
+from ema_utils.core.errors import ParameterError
 
 
 def _log_softmax(row):

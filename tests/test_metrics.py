@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ema_utils import metrics
-from ema_utils.errors import ParameterError
+from ema_utils.core.errors import ParameterError
 
 
 @pytest.mark.parametrize("k,n,low,high", [

@@ -1,4 +1,4 @@
-"""ema_utils.mitigation (chapter 4): recovery with a paired bootstrap, Table 4, the R2 verdict,
+"""ema_utils.chapters.mitigation (chapter 4): recovery with a paired bootstrap, Table 4, the R2 verdict,
 the plan of augmented runs, and the retain set's separation from the eval prompts."""
 
 import json
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, checkpoints, mitigation, plots, report, sets, trainer
-from ema_utils.errors import ParameterError
-from ema_utils.evaluate import Evaluation
-from ema_utils.metrics import rate_table
+from ema_utils import CONCEPTS, checkpoints, mitigation, plots, report, run_options, sets, trainer
+from ema_utils.core.errors import ParameterError
+from ema_utils.core.evaluate import Evaluation
+from ema_utils.core.metrics import rate_table
 
 matplotlib.use("Agg")
 
@@ -324,12 +324,12 @@ def test_upstream_options_come_from_chapter_2(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"parameters": {
         "n_forget": 8, "forget_candidates": 24, "forget_max_new_tokens": 20,
         "eval_batch_size": 4, "judge": "phrase", "seed": 3, "npo_lr": 1e-5}}))
-    options = mitigation.upstream_options(tmp_path)
+    options = run_options.upstream_options(tmp_path)
     assert options["n_forget"] == 8 and options["forget_max_new_tokens"] == 20
     assert options["batch_size"] == 4 and options["seed"] == 3 and "npo_lr" not in options
-    assert options["traj_n_per_concept"] == mitigation.RUN_OPTIONS["traj_n_per_concept"]
+    assert options["traj_n_per_concept"] == run_options.RUN_OPTIONS["traj_n_per_concept"]
     with pytest.raises(ParameterError, match="did not finish"):
-        mitigation.upstream_options(tmp_path / "missing")
+        run_options.upstream_options(tmp_path / "missing")
 
 
 # --- retain prompts are never eval prompts ------------------------------------------------------
@@ -341,8 +341,8 @@ def _norm(text):
 
 @pytest.mark.parametrize("target", ["safety", "cybersecurity"])
 def test_retain_prompts_and_eval_prompts_never_overlap(canned_refusals, target):
-    from ema_utils.data import load_set
-    from ema_utils.evaluate import eval_items
+    from ema_utils.core.data import load_set
+    from ema_utils.core.evaluate import eval_items
 
     with pytest.warns(UserWarning, match="only"):  # asks for more than the train split holds
         retain = sets.build_retain_set(None, None, target, n_forget=400, ratio=3,
@@ -359,7 +359,7 @@ def test_retain_prompts_and_eval_prompts_never_overlap(canned_refusals, target):
 
 
 def test_retain_overlap_catches_a_planted_eval_prompt(canned_refusals):
-    from ema_utils.evaluate import eval_items
+    from ema_utils.core.evaluate import eval_items
 
     retain = sets.build_retain_set(None, None, "safety", n_forget=4, ratio=1, max_new_tokens=8)
     leaked = eval_items(["privacy"], n_per_concept=1).iloc[0]
@@ -382,7 +382,7 @@ def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, tmp_path, monk
                                                                    "model": "tiny"}}}
     plan = mitigation.augmented_plan(summaries, ["safety"], retain_ratios=[2],
                                      sft_retain_ratios=[], kl_lambdas=[1, 100], model_id="tiny")
-    options = {**mitigation.RUN_OPTIONS, "n_forget": 3, "traj_n_per_concept": 1,
+    options = {**run_options.RUN_OPTIONS, "n_forget": 3, "traj_n_per_concept": 1,
                "traj_max_new_tokens": 2, "kl_n_per_concept": 1, "judge": "phrase",
                "batch_size": 4, "forget_max_new_tokens": 4}
     with pytest.raises(ParameterError, match="unknown augmented method"):
@@ -407,8 +407,8 @@ def test_train_augmented_on_the_tiny_model(tiny, canned_refusals, tmp_path, monk
 
 
 def test_recovery_pivot_and_retain_check(canned_refusals):
-    from ema_utils.errors import DataError
-    from ema_utils.evaluate import eval_items
+    from ema_utils.core.errors import DataError
+    from ema_utils.core.evaluate import eval_items
 
     evs = {"aligned": fake_eval({}), "npo_safety": fake_eval({"safety": 2, "cybersecurity": 4}),
            "npo_retain_1to1_safety": fake_eval({"safety": 2, "cybersecurity": 12})}

@@ -1,4 +1,4 @@
-"""ema_utils.models: the registry, the tiny model, the cache and its failure modes."""
+"""ema_utils.core.models: the registry, the tiny model, the cache and its failure modes."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 from ema_utils import models
 from ema_utils.cli import main
-from ema_utils.errors import AssetMissingError, ChecksumError, ModelError
+from ema_utils.core.errors import AssetMissingError, ChecksumError, ModelError
 
 
 def test_tiny_random_is_deterministic_and_chat_ready(tiny):

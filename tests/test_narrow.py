@@ -1,6 +1,6 @@
-"""ema_utils.narrow (chapter 6): adapter scaling and orthogonal noise keep their promises, the
-formulas and verdicts hold on constructed numbers, the upstream runs are found (and never
-retrained), and the direction hooks run on the tiny model."""
+"""ema_utils.chapters.narrow, stability and steering (chapter 6): adapter scaling and orthogonal
+noise keep their promises, the formulas and verdicts hold on constructed numbers, the upstream
+runs are found (and never retrained), and the direction hooks run on the tiny model."""
 
 import json
 import math
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, checkpoints, narrow, plots, sets, trainer
-from ema_utils.errors import EmaError, ParameterError
+from ema_utils import CONCEPTS, checkpoints, narrow, plots, sets, stability, steering, trainer
+from ema_utils.core.errors import EmaError, ParameterError
 
 matplotlib.use("Agg")
 
@@ -31,7 +31,7 @@ def lora(tiny):
                                                 task_type="CAUSAL_LM"))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for _, module, adapter in narrow.lora_layers(peft):
+        for _, module, adapter in stability.lora_layers(peft):
             w = module.lora_B[adapter].weight
             w.copy_(0.05 * torch.randn(w.shape, generator=generator))
     peft.eval()
@@ -59,17 +59,17 @@ def _forget_table():
 
 def test_scaling_restores_weights_exactly_and_scale_zero_is_the_base_model(lora):
     model, tokenizer = lora
-    before = [m.lora_B[a].weight.detach().clone() for _, m, a in narrow.lora_layers(model)]
+    before = [m.lora_B[a].weight.detach().clone() for _, m, a in stability.lora_layers(model)]
     trained = _logits(model, tokenizer)
-    with narrow.adapter_disabled(model):
+    with stability.adapter_disabled(model):
         base = _logits(model, tokenizer)
     assert not torch.allclose(trained, base), "the random adapter changes the model"
-    with narrow.scaled_adapter(model, 0.0):
-        assert narrow.adapter_norm(model) == 0
+    with stability.scaled_adapter(model, 0.0):
+        assert stability.adapter_norm(model) == 0
         assert torch.allclose(_logits(model, tokenizer), base, atol=1e-6, rtol=0)
-    with narrow.scaled_adapter(model, 1.0):
+    with stability.scaled_adapter(model, 1.0):
         assert torch.equal(_logits(model, tokenizer), trained)
-    after = [m.lora_B[a].weight for _, m, a in narrow.lora_layers(model)]
+    after = [m.lora_B[a].weight for _, m, a in stability.lora_layers(model)]
     assert all(torch.equal(b, a) for b, a in zip(before, after)), "weights restored exactly"
 
 
@@ -77,32 +77,32 @@ def test_adapter_norm_is_the_frobenius_norm_of_all_updates_and_scales_linearly(l
     model, _ = lora
     explicit = math.sqrt(sum(float((m.scaling[a] * m.lora_B[a].weight.detach().double()
                                     @ m.lora_A[a].weight.detach().double()).pow(2).sum())
-                             for _, m, a in narrow.lora_layers(model)))
-    norm = narrow.adapter_norm(model)
+                             for _, m, a in stability.lora_layers(model)))
+    norm = stability.adapter_norm(model)
     assert norm == pytest.approx(explicit, rel=1e-9) and norm > 0
-    with narrow.scaled_adapter(model, 1.7):
-        assert narrow.adapter_norm(model) == pytest.approx(1.7 * norm, rel=1e-6)
-    with narrow.adapter_at_norm(model, 0.25):
-        assert narrow.adapter_norm(model) == pytest.approx(0.25, rel=1e-6)
-    assert narrow.adapter_norm(model) == pytest.approx(norm, rel=1e-12)
+    with stability.scaled_adapter(model, 1.7):
+        assert stability.adapter_norm(model) == pytest.approx(1.7 * norm, rel=1e-6)
+    with stability.adapter_at_norm(model, 0.25):
+        assert stability.adapter_norm(model) == pytest.approx(0.25, rel=1e-6)
+    assert stability.adapter_norm(model) == pytest.approx(norm, rel=1e-12)
     with pytest.raises(ParameterError, match="factor"):
-        with narrow.scaled_adapter(model, float("nan")):
+        with stability.scaled_adapter(model, float("nan")):
             pass
-    assert len(narrow.layer_norms(model)) == len(narrow.lora_layers(model))
+    assert len(stability.layer_norms(model)) == len(stability.lora_layers(model))
 
 
 def test_weights_are_restored_when_the_body_raises(lora):
     model, _ = lora
-    before = narrow.adapter_norm(model)
+    before = stability.adapter_norm(model)
     with pytest.raises(RuntimeError):
-        with narrow.perturbed_adapter(model, 0.9, seed=3):
+        with stability.perturbed_adapter(model, 0.9, seed=3):
             raise RuntimeError("boom")
-    assert narrow.adapter_norm(model) == before
+    assert stability.adapter_norm(model) == before
 
 
 def test_a_model_without_adapter_is_refused(tiny):
     with pytest.raises(ParameterError, match="no LoRA adapter"):
-        narrow.adapter_norm(tiny[0])
+        stability.adapter_norm(tiny[0])
 
 
 # --- orthogonal noise ---------------------------------------------------------------------------
@@ -112,10 +112,10 @@ def test_a_model_without_adapter_is_refused(tiny):
 def test_orthogonal_perturbation_keeps_the_norm_and_the_angle(shape, eps):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
-    y = narrow.orthogonal_noise(x, torch.Generator().manual_seed(5))
+    y = stability.orthogonal_noise(x, torch.Generator().manual_seed(5))
     assert float((y * x).sum()) == pytest.approx(0, abs=1e-10), "noise orthogonal to x"
     assert float(y.norm()) == pytest.approx(float(x.norm()), rel=1e-12), "noise has x's norm"
-    xp = narrow.orthogonal_perturbation(x, eps, torch.Generator().manual_seed(5))
+    xp = stability.orthogonal_perturbation(x, eps, torch.Generator().manual_seed(5))
     assert xp.shape == x.shape and xp.dtype == x.dtype
     assert float(xp.norm()) == pytest.approx(float(x.norm()), rel=1e-10)
     cos = float((xp * x).sum() / (x.norm() * xp.norm()))
@@ -125,44 +125,44 @@ def test_orthogonal_perturbation_keeps_the_norm_and_the_angle(shape, eps):
 
 def test_orthogonal_perturbation_edge_cases():
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(narrow.orthogonal_perturbation(x, 0.0), x)
+    assert torch.equal(stability.orthogonal_perturbation(x, 0.0), x)
     zero = torch.zeros(3, 2)
-    assert torch.equal(narrow.orthogonal_perturbation(zero, 0.5), zero)
+    assert torch.equal(stability.orthogonal_perturbation(zero, 0.5), zero)
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ParameterError, match="eps"):
-            narrow.orthogonal_perturbation(x, bad)
-    a = narrow.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
-    b = narrow.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
+            stability.orthogonal_perturbation(x, bad)
+    a = stability.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
+    b = stability.orthogonal_perturbation(x, 0.4, torch.Generator().manual_seed(2))
     assert torch.equal(a, b), "the same seed gives the same noise"
 
 
 def test_perturbed_adapter_keeps_each_matrix_norm_and_eps0_leaves_the_loss(lora):
     model, tokenizer = lora
-    loss = narrow.ForgetLoss(model, tokenizer, _forget_table(), beta=0.1, batch_size=2)
+    loss = stability.ForgetLoss(model, tokenizer, _forget_table(), beta=0.1, batch_size=2)
     assert len(loss) == 3
     assert loss.base()["npo"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
     orig = loss(model)
-    with narrow.scaled_adapter(model, 0.0):
+    with stability.scaled_adapter(model, 0.0):
         assert loss(model)["npo"] == pytest.approx(loss.base()["npo"], abs=1e-6)
-    weights = [w for _, m, a in narrow.lora_layers(model) for w in (m.lora_A[a].weight,
+    weights = [w for _, m, a in stability.lora_layers(model) for w in (m.lora_A[a].weight,
                                                                       m.lora_B[a].weight)]
     norms = [float(w.detach().norm()) for w in weights]
-    with narrow.perturbed_adapter(model, 0.0, seed=1):
+    with stability.perturbed_adapter(model, 0.0, seed=1):
         assert loss(model) == orig, "eps = 0 changes nothing"
-    with narrow.perturbed_adapter(model, 0.5, seed=1):
+    with stability.perturbed_adapter(model, 0.5, seed=1):
         inside = [float(w.detach().norm()) for w in weights]
         assert inside == pytest.approx(norms, rel=1e-5)
         assert loss(model)["npo"] != orig["npo"]
     assert [float(w.detach().norm()) for w in weights] == norms
     assert loss(model) == orig, "restored exactly"
 
-    eff = narrow.efficiency_sweep(model, loss, scales=[0, 1, 2], target_norms=[0.1],
+    eff = stability.efficiency_sweep(model, loss, scales=[0, 1, 2], target_norms=[0.1],
                                   progress=False)
     assert list(eff["kind"]) == ["factor"] * 3 + ["norm"]
-    native = narrow.adapter_norm(model)
+    native = stability.adapter_norm(model)
     assert eff["norm"].tolist() == pytest.approx([0, native, 2 * native, 0.1], rel=1e-6)
     assert eff.loc[1, "npo"] == pytest.approx(orig["npo"], rel=1e-9)
-    stab = narrow.stability_sweep(model, loss, eps_values=[0.0, 1.0], seeds=[0, 1], progress=False)
+    stab = stability.stability_sweep(model, loss, eps_values=[0.0, 1.0], seeds=[0, 1], progress=False)
     assert len(stab) == 4
     assert stab[stab["eps"] == 0]["npo"].tolist() == pytest.approx([orig["npo"]] * 2)
 
@@ -170,20 +170,20 @@ def test_perturbed_adapter_keeps_each_matrix_norm_and_eps0_leaves_the_loss(lora)
 # --- formulas and verdicts on constructed numbers -----------------------------------------------
 
 def test_relative_increase():
-    assert narrow.relative_increase(5.0, 2.0, 8.0) == pytest.approx(0.5)
-    assert narrow.relative_increase(2.0, 2.0, 8.0) == 0.0
-    assert narrow.relative_increase(8.0, 2.0, 8.0) == 1.0
-    out = narrow.relative_increase(np.array([3.0, 5.0]), 2.0, 6.0)
+    assert stability.relative_increase(5.0, 2.0, 8.0) == pytest.approx(0.5)
+    assert stability.relative_increase(2.0, 2.0, 8.0) == 0.0
+    assert stability.relative_increase(8.0, 2.0, 8.0) == 1.0
+    out = stability.relative_increase(np.array([3.0, 5.0]), 2.0, 6.0)
     assert out.tolist() == pytest.approx([0.25, 0.75])
-    assert math.isnan(narrow.relative_increase(5.0, 8.0, 8.0)), "no gap: undefined"
-    assert math.isnan(narrow.relative_increase(5.0, 9.0, 8.0)), "the adapter made it worse"
+    assert math.isnan(stability.relative_increase(5.0, 8.0, 8.0)), "no gap: undefined"
+    assert math.isnan(stability.relative_increase(5.0, 9.0, 8.0)), "the adapter made it worse"
 
 
 def test_seed_interval():
-    mean, low, high = narrow.seed_interval([1.0, 2.0, 3.0])
+    mean, low, high = stability.seed_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and low < 2.0 < high
     assert high - mean == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
-    mean, low, high = narrow.seed_interval([4.0, float("nan")])
+    mean, low, high = stability.seed_interval([4.0, float("nan")])
     assert mean == 4.0 and math.isnan(low) and math.isnan(high)
 
 
@@ -201,27 +201,27 @@ def _stability_table():
 def test_stability_summary_and_verdict():
     orig = {"general": {"npo": 2.0}, "narrow": {"npo": 2.0}}
     base = {"general": {"npo": 10.0}, "narrow": {"npo": 10.0}}
-    summary = narrow.stability_summary(_stability_table(), orig, base)
+    summary = stability.stability_summary(_stability_table(), orig, base)
     row = summary[(summary["solution"] == "narrow") & (summary["eps"] == 0.5)].iloc[0]
     assert row["mean"] == pytest.approx(0.3 + 0.01) and row["n"] == 3
     assert row["low"] < row["mean"] < row["high"]
-    v = narrow.stability_verdict(summary)
+    v = stability.stability_verdict(summary)
     assert v["verdict"] == "yes" and v["general"] < v["narrow"]
     swapped = _stability_table().replace({"solution": {"general": "narrow", "narrow": "general"}})
-    assert narrow.stability_verdict(narrow.stability_summary(swapped, orig, base))["verdict"] == "no"
+    assert stability.stability_verdict(stability.stability_summary(swapped, orig, base))["verdict"] == "no"
     same = _stability_table()
     same.loc[same["solution"] == "narrow", "npo"] = same.loc[same["solution"] == "general",
                                                              "npo"].to_numpy() + 0.01
-    assert narrow.stability_verdict(narrow.stability_summary(same, orig, base))["verdict"] == "no", \
+    assert stability.stability_verdict(stability.stability_summary(same, orig, base))["verdict"] == "no", \
         "a difference below the margin is no difference"
     noisy = _stability_table()
     shift = noisy["seed"].map({0: -1.5, 1: 0.5, 2: 2.0}) * (noisy["solution"] == "narrow")
     noisy["npo"] = noisy["npo"] + shift
-    v = narrow.stability_verdict(narrow.stability_summary(noisy, orig, base))
+    v = stability.stability_verdict(stability.stability_summary(noisy, orig, base))
     assert v["verdict"] == "partly" and v["difference_interval"][0] < 0 < v["difference"]
     undefined = {"general": {"npo": 10.0}, "narrow": {"npo": 2.0}}
-    assert narrow.stability_verdict(
-        narrow.stability_summary(_stability_table(), undefined, base))["verdict"] == "n/a"
+    assert stability.stability_verdict(
+        stability.stability_summary(_stability_table(), undefined, base))["verdict"] == "n/a"
 
 
 def test_efficiency_verdict():
@@ -232,12 +232,12 @@ def test_efficiency_verdict():
                      {"solution": "narrow", "kind": "norm", "scale": 1, "norm": norm, "npo": n}]
         return pd.DataFrame(rows)
 
-    assert narrow.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))["verdict"] == "yes"
-    assert narrow.efficiency_verdict(table([13.8, 5, 5], [13.8, 9, 4]))["verdict"] == "partly"
-    assert narrow.efficiency_verdict(table([13.8, 9, 5], [13.8, 5, 4]))["verdict"] == "no"
-    v = narrow.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))
+    assert stability.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))["verdict"] == "yes"
+    assert stability.efficiency_verdict(table([13.8, 5, 5], [13.8, 9, 4]))["verdict"] == "partly"
+    assert stability.efficiency_verdict(table([13.8, 9, 5], [13.8, 5, 4]))["verdict"] == "no"
+    v = stability.efficiency_verdict(table([13.8, 5, 1], [13.8, 9, 4]))
     assert v["n"] == 2, "norm 0 (both = the aligned model) is not judged"
-    assert narrow.efficiency_verdict(pd.DataFrame(columns=["solution", "kind", "norm", "npo"]))[
+    assert stability.efficiency_verdict(pd.DataFrame(columns=["solution", "kind", "norm", "npo"]))[
         "verdict"] == "n/a"
 
 
@@ -286,19 +286,19 @@ def _effects(steer=0.2, random=0.8, ablated=0.7, ablated_random=0.25, steer1=0.6
 
 
 def test_direction_verdicts():
-    v = narrow.steering_verdict(_effects())
+    v = steering.steering_verdict(_effects())
     assert v["verdict"] == "yes" and v["condition"] == "steer +4x"
-    assert narrow.steering_verdict(_effects(steer=0.75, random=0.8, steer1=0.85))[
+    assert steering.steering_verdict(_effects(steer=0.75, random=0.8, steer1=0.85))[
         "verdict"] == "partly"
-    assert narrow.steering_verdict(_effects(steer=0.85, random=0.5, steer1=0.89))[
+    assert steering.steering_verdict(_effects(steer=0.85, random=0.5, steer1=0.89))[
         "verdict"] == "no"
-    a = narrow.ablation_verdict(_effects())
+    a = steering.ablation_verdict(_effects())
     assert a["verdict"] == "yes" and a["recovered"] == pytest.approx(5 / 7)
-    assert narrow.ablation_verdict(_effects(ablated=0.35))["verdict"] == "partly"
-    assert narrow.ablation_verdict(_effects(ablated=0.2, ablated_random=0.3))["verdict"] == "no"
+    assert steering.ablation_verdict(_effects(ablated=0.35))["verdict"] == "partly"
+    assert steering.ablation_verdict(_effects(ablated=0.2, ablated_random=0.3))["verdict"] == "no"
     flat = _effects()
     flat.loc["unlearned", "pooled"] = 0.85
-    assert narrow.ablation_verdict(flat)["verdict"] == "n/a"
+    assert steering.ablation_verdict(flat)["verdict"] == "n/a"
 
 
 def test_claims_table_and_overall_line():
@@ -317,10 +317,10 @@ def test_claims_table_and_overall_line():
 
 
 def test_common_norms():
-    assert narrow.common_norms({"general": 2.0, "narrow": 1.0}) == [1.0, 1.5, 2.0]
-    assert narrow.common_norms({"general": 2.0}, [0.5, 3]) == [0.5, 3.0]
+    assert stability.common_norms({"general": 2.0, "narrow": 1.0}) == [1.0, 1.5, 2.0]
+    assert stability.common_norms({"general": 2.0}, [0.5, 3]) == [0.5, 3.0]
     with pytest.raises(ParameterError):
-        narrow.common_norms({"general": 2.0}, [-1])
+        stability.common_norms({"general": 2.0}, [-1])
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_plots_have_titles_and_labels():
     assert "norm" in ax.get_xlabel() and "nats" in ax.get_ylabel()
     orig = {"general": {"npo": 2.0}, "narrow": {"npo": 2.0}}
     base = {"general": {"npo": 10.0}, "narrow": {"npo": 10.0}}
-    ax = plots.stability_curves(narrow.stability_summary(_stability_table(), orig, base))
+    ax = plots.stability_curves(stability.stability_summary(_stability_table(), orig, base))
     _labelled(ax)
     assert ax.get_xscale() == "log"
     profile = pd.DataFrame({"layer": [1, 2, 3], "norm_general": [0.1, 0.5, 1.0],
@@ -379,8 +379,8 @@ def test_no_training_guard():
 def upstream(tiny, tmp_path_factory):
     """Chapters 2 and 4 as they would leave their results, on the tiny model (canned refusals):
     a plain NPO run and one KL run on Safety, with pointer files, run.json and summaries."""
-    from ema_utils import interventions, mitigation
-    from ema_utils.cache import atomic_write_json
+    from ema_utils import interventions, mitigation, run_options
+    from ema_utils.core.cache import atomic_write_json
 
     build = tmp_path_factory.mktemp("narrow-build")
     model, tokenizer = tiny
@@ -400,7 +400,7 @@ def upstream(tiny, tmp_path_factory):
         ch2 = build / "results" / "unlearning" / "k2"
         ch2.mkdir(parents=True)
         atomic_write_json(ch2 / "run.json", {"parameters": params})
-        options = mitigation.upstream_options(ch2)
+        options = run_options.upstream_options(ch2)
         config = trainer.UnlearnConfig(method="npo", lr=5e-2, max_steps=2, checkpoint_every=1,
                                        batch_size=2, lora_r=2, lora_alpha=2)
         plain = interventions.run_intervention(model, tokenizer, "tiny", "safety", "npo", config,
@@ -445,7 +445,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
         (upstream["build"] / "results" / "mitigation" / "k4" / "summary.json").read_text()))
     assert list(table.index) == ["aligned", "general", "narrow"]
 
-    norms = narrow.adapter_norms(model, [general, sol])
+    norms = stability.adapter_norms(model, [general, sol])
     assert set(norms) == {"general", "narrow"} and min(norms.values()) > 0
     # a KL run chapter 4 did not train is an error, not a training run
     alt = upstream["build"] / "results" / "mitigation" / "k4-alt"
@@ -467,7 +467,7 @@ def test_solutions_are_read_from_the_earlier_chapters(tiny, upstream, monkeypatc
 
     forget = narrow.forget_examples(model, tokenizer, "tiny", "smoke", n=3)
     assert len(forget) == 3 and (forget["concept"] == "safety").all()
-    m = narrow.measure_solution(model, tokenizer, general, forget, scales=[0, 1],
+    m = stability.measure_solution(model, tokenizer, general, forget, scales=[0, 1],
                                 target_norms=[0.5 * 1], eps_values=[0.5], seeds=[0],
                                 batch_size=4, progress=False)
     assert m["efficiency"]["solution"].eq("general").all() and m["norm"] > 0
@@ -480,28 +480,28 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
     monkeypatch.setenv("EMA_BUILD_DIR", str(upstream["build"]))
     model, tokenizer = tiny
     general = narrow.general_solution("smoke")
-    prompts = narrow.direction_prompts(7, seed=0)
-    direction = narrow.solution_direction(model, tokenizer, "tiny", general, prompts,
+    prompts = steering.direction_prompts(7, seed=0)
+    direction = steering.solution_direction(model, tokenizer, "tiny", general, prompts,
                                           batch_size=4, progress=False)
     n_layers = model.config.num_hidden_layers
     assert direction.shape == (n_layers + 1, model.config.hidden_size)
     assert np.linalg.norm(direction[1:], axis=1).max() > 0, "the adapter moved the activations"
-    again = narrow.solution_direction(model, tokenizer, "tiny", general, prompts, batch_size=4,
+    again = steering.solution_direction(model, tokenizer, "tiny", general, prompts, batch_size=4,
                                       progress=False)
     np.testing.assert_array_equal(direction, again)
-    profile = narrow.layer_profile({"general": direction, "narrow": direction})
+    profile = steering.layer_profile({"general": direction, "narrow": direction})
     assert profile["layer"].tolist() == list(range(1, n_layers + 1))
     assert profile["cosine"].dropna().tolist() == pytest.approx([1.0] * len(profile["cosine"].dropna()))
-    layer = narrow.steer_layer(n_layers, 0.5)
+    layer = steering.steer_layer(n_layers, 0.5)
     assert layer == 1
-    evaluations = narrow.direction_evaluations(model, tokenizer, "tiny", general, direction, layer,
+    evaluations = steering.direction_evaluations(model, tokenizer, "tiny", general, direction, layer,
                                                scales=[2.0], n_per_concept=1, max_new_tokens=2,
                                                batch_size=4, judge="phrase", progress=False)
     assert list(evaluations) == ["aligned", "steer +2x", "random +2x", "unlearned",
                                  "ablate direction", "ablate random"]
     ids = {ev.model for ev in evaluations.values()}
     assert len(ids) == len(evaluations), "every operation has its own cache identity"
-    effects = narrow.direction_effects(evaluations)
+    effects = steering.direction_effects(evaluations)
     assert {"pooled", "low", "high", "change_points", *CONCEPTS} <= set(effects.columns)
     assert effects.loc["aligned", "change_points"] == 0
     assert not checkpoints.has_adapter(model)

@@ -12,8 +12,8 @@ import re
 import pytest
 
 from ema_utils import CHAPTERS
-from ema_utils.book import chapter_name, toc_chapters
-from ema_utils.paths import NOTEBOOK_DIR
+from ema_utils.build.book import chapter_name, toc_chapters
+from ema_utils.core.paths import NOTEBOOK_DIR
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 NO_NOTEBOOKS = "no notebook in notebooks/ yet"

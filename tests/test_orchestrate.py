@@ -1,4 +1,4 @@
-"""ema_utils.orchestrate: parameters, the chapter cache, and the run/results/clean commands.
+"""ema_utils.build.orchestrate: parameters, the chapter cache, and the run/results/clean commands.
 
 Uses a two-cell stand-in notebook on the tiny model, so no real chapter or model is needed.
 """
@@ -10,7 +10,7 @@ import pytest
 
 from ema_utils import orchestrate
 from ema_utils.cli import main
-from ema_utils.errors import EmaError, ParameterError
+from ema_utils.core.errors import EmaError, ParameterError
 
 PROFILES = """
 smoke:
@@ -39,7 +39,7 @@ def sandbox(tmp_path, monkeypatch):
     counter = tmp_path / "executions.txt"
     body = nbformat.v4.new_code_cell(
         "from pathlib import Path\n"
-        "from ema_utils.results import save_summary\n"
+        "from ema_utils.core.results import save_summary\n"
         f"with open({str(counter)!r}, 'a') as f: f.write('x')\n"
         "save_summary(results_dir, {'n': n, 'seed': seed, 'model': model})")
     nb.cells = [params, body]
@@ -174,7 +174,7 @@ def chain(sandbox, tmp_path, monkeypatch):
     """Stand-ins for chapter 2 (unlearning: writes n) and chapter 3 (cross_domain: reads
     chapter 2's summary, as the real notebook does); the counter gets 'u' and 'c' per run."""
     folder = tmp_path / "notebooks"
-    head = (f"from ema_utils.results import chapter_summary, save_summary\n"
+    head = (f"from ema_utils.core.results import chapter_summary, save_summary\n"
             f"with open({str(sandbox)!r}, 'a') as f: f.write({{letter!r}})\n")
     paths = {
         "setup": folder / "01_setup.ipynb",
@@ -222,13 +222,13 @@ def test_downstream_chapter_without_upstream_run_names_the_command(chain):
 
 
 def test_dependencies_declare_every_earlier_chapter_a_chapter_reads():
-    """DEPENDS_ON (ema_utils.results) names every chapter whose results a chapter's notebook, or
+    """DEPENDS_ON (ema_utils.core.results) names every chapter whose results a chapter's notebook, or
     a library module it imports that reads results, refers to; earlier chapters only."""
     import re
 
     from ema_utils import CHAPTERS
-    from ema_utils.paths import NOTEBOOK_DIR, PROJECT_ROOT
-    from ema_utils.results import DEPENDS_ON
+    from ema_utils.core.paths import NOTEBOOK_DIR, PROJECT_ROOT
+    from ema_utils.core.results import DEPENDS_ON
 
     assert list(DEPENDS_ON) == list(CHAPTERS)
     named = re.compile(r"""["'](%s)["']""" % "|".join(CHAPTERS))

@@ -1,4 +1,4 @@
-"""ema_utils.registry: adding a method is one entry and one loss, shown end to end on a toy
+"""ema_utils.methods.registry: adding a method is one entry and one loss, shown end to end on a toy
 method (gradient ascent) run through a smoke intervention on the tiny model; the registry
 checks its entries and `ema methods` lists them."""
 
@@ -8,9 +8,9 @@ import pytest
 
 from ema_utils import CONCEPTS, interventions, registry
 from ema_utils.cli import main
-from ema_utils.condition import Condition
-from ema_utils.errors import ParameterError
-from ema_utils.trainer import UnlearnConfig
+from ema_utils.methods.condition import Condition
+from ema_utils.core.errors import ParameterError
+from ema_utils.methods.trainer import UnlearnConfig
 
 
 def gradient_ascent_loss(step: registry.Step) -> dict:

@@ -13,7 +13,7 @@
 
 Everything runs on stand-in chapter notebooks and the tiny random model. The interruption and
 no-network tests run `ema run` in a subprocess, which finds the stand-in through
-EMA_NOTEBOOK_DIR (see ema_utils.paths).
+EMA_NOTEBOOK_DIR (see ema_utils.core.paths).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import pytest
 
 from ema_utils import CONCEPTS, cache, data, models, orchestrate, sources
 from ema_utils.cli import build_parser, main
-from ema_utils.errors import DataError, EmaError, ParameterError
-from ema_utils.paths import DATA_DIR
+from ema_utils.core.errors import DataError, EmaError, ParameterError
+from ema_utils.core.paths import DATA_DIR
 
 PROFILES = """
 smoke:
@@ -102,7 +102,7 @@ def sandbox(tmp_path, monkeypatch):
     counter = tmp_path / "executions.txt"
     write_notebook(tmp_path / "notebooks" / "01_setup.ipynb", STANDIN_PARAMETERS,
                    f"with open({str(counter)!r}, 'a') as f: f.write('x')\n"
-                   "from ema_utils.orchestrate import save_summary\n"
+                   "from ema_utils.build.orchestrate import save_summary\n"
                    "save_summary(results_dir, {'n': n, 'lr': lr, 'steps': steps})")
     return SimpleNamespace(build=build, counter=counter, root=tmp_path)
 
@@ -287,7 +287,7 @@ def test_validate_parameters_normalises_good_values(sandbox, tmp_path, monkeypat
     for hub_id in ("Qwen/Qwen2.5-7B-Instruct", "tiny-random"):
         orchestrate.validate_parameters("setup", {"model": hub_id})
     monkeypatch.setattr(orchestrate, "PROFILES_FILE",
-                        Path(orchestrate.__file__).with_name("profiles.yml"))
+                        Path(orchestrate.__file__).parents[1] / "profiles.yml")
     monkeypatch.delenv("EMA_NOTEBOOK_DIR")
     for profile in orchestrate.profile_names():  # the shipped profiles are all valid
         for chapter in orchestrate.available_chapters():
@@ -312,7 +312,7 @@ class Untouchable:
     ({"judge": "claude"}, ["claude", "phrase"]),
 ])
 def test_evaluate_refuses_bad_parameters_before_generating(kwargs, words, sandbox):
-    from ema_utils.evaluate import evaluate
+    from ema_utils.core.evaluate import evaluate
 
     with pytest.raises(EmaError) as err:
         evaluate(Untouchable(), Untouchable(), "untouchable", progress=False, **kwargs)
@@ -373,8 +373,8 @@ def broken_data(tmp_path, monkeypatch):
 ])
 def test_evaluate_on_malformed_data_fails_before_generating(rel, broken_data, sandbox, tiny,
                                                             monkeypatch):
-    import ema_utils.generation as generation
-    from ema_utils.evaluate import evaluate
+    import ema_utils.core.generation as generation
+    from ema_utils.core.evaluate import evaluate
 
     path, line = broken_data(rel)
     generated = []
@@ -394,7 +394,7 @@ def test_evaluate_on_malformed_data_fails_before_generating(rel, broken_data, sa
 STANDIN_BODY = """\
 import os, time
 from pathlib import Path
-from ema_utils.orchestrate import save_summary
+from ema_utils.build.orchestrate import save_summary
 marks = Path(os.environ["STANDIN_MARKS"])
 with open(marks / "executions.txt", "a") as f:
     f.write(f"{os.getpid()}\\n")
@@ -527,7 +527,7 @@ def _check_run_record(folder: Path, key: str) -> None:
 KILLED_WRITE = """\
 import sys, time
 from pathlib import Path
-from ema_utils.cache import cached
+from ema_utils.core.cache import cached
 marks = Path(sys.argv[1])
 def fill(folder):
     (folder / "adapter_model.safetensors").write_bytes(b"the first half of the weights")
@@ -579,7 +579,7 @@ def test_same_seed_same_generations_and_metrics(tmp_path, monkeypatch):
     """Two evaluations in separate build folders (nothing cached): identical tables."""
     import torch
 
-    from ema_utils.evaluate import evaluate
+    from ema_utils.core.evaluate import evaluate
 
     torch.set_num_threads(1)
     results = []
@@ -633,8 +633,8 @@ with open(_LOG, "a") as f:
 OFFLINE_BODY = """\
 import socket
 from ema_utils import models
-from ema_utils.evaluate import evaluate
-from ema_utils.orchestrate import save_summary
+from ema_utils.core.evaluate import evaluate
+from ema_utils.build.orchestrate import save_summary
 try:  # the guard is active in this kernel too (192.0.2.1 is TEST-NET-1, never routed)
     socket.create_connection(("192.0.2.1", 80), timeout=2)
     raise AssertionError("the socket guard is not active in the kernel")
@@ -696,7 +696,7 @@ def test_evaluate_and_the_judge_encoder_work_offline(no_network, tmp_path, monke
     import torch
 
     from ema_utils import embeddings
-    from ema_utils.evaluate import evaluate
+    from ema_utils.core.evaluate import evaluate
 
     torch.set_num_threads(1)
     monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))

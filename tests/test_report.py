@@ -1,12 +1,12 @@
-"""ema_utils.report: outcome tables, the paper's rows, the EMA matrix and the R1 claims."""
+"""ema_utils.chapters.report: outcome tables, the paper's rows, the EMA matrix and the R1 claims."""
 
 import matplotlib
 import pandas as pd
 import pytest
 
 from ema_utils import CONCEPTS, report
-from ema_utils.evaluate import Evaluation
-from ema_utils.metrics import wilson_interval
+from ema_utils.core.evaluate import Evaluation
+from ema_utils.core.metrics import wilson_interval
 
 matplotlib.use("Agg")
 

@@ -1,4 +1,4 @@
-"""ema_utils.scorers: BBQ, ToxiGen and utility scoring, pure and on the tiny random model."""
+"""ema_utils.core.scorers: BBQ, ToxiGen and utility scoring, pure and on the tiny random model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ema_utils import scorers
-from ema_utils.errors import ParameterError
+from ema_utils.core.errors import ParameterError
 
 # --- hand-made items -----------------------------------------------------------------------------
 
@@ -139,7 +139,7 @@ def test_option_logprobs_shape_and_batch_invariance(tiny):
 
 
 def test_option_logprobs_match_a_plain_forward_pass(tiny):
-    from ema_utils.generation import chat_text
+    from ema_utils.core.generation import chat_text
 
     model, tokenizer = tiny
     prompt = "Question: Which letter?\nA) a\nB) b"

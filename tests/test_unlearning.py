@@ -1,4 +1,4 @@
-"""ema_utils.sets, trainer and checkpoints on the tiny random model: data, NPO/SFT/retain/KL
+"""ema_utils.methods.sets, trainer and checkpoints on the tiny random model: data, NPO/SFT/retain/KL
 training, checkpoints."""
 
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ema_utils import checkpoints, sets, trainer
-from ema_utils.errors import ParameterError
-from ema_utils.losses import IGNORE_INDEX, npo_loss_at_reference
-from ema_utils.models import tiny_random
+from ema_utils.core.errors import ParameterError
+from ema_utils.methods.losses import IGNORE_INDEX, npo_loss_at_reference
+from ema_utils.core.models import tiny_random
 
 
 
@@ -384,7 +384,7 @@ def test_build_sft_labels_drops_refusals_and_caches(tiny, monkeypatch):
 
 
 def test_retain_set_has_equal_concept_shares_and_no_eval_prompts(tiny, monkeypatch):
-    from ema_utils.data import load_prompts, load_set
+    from ema_utils.core.data import load_prompts, load_set
 
     model, tok = tiny
     # every other prompt refused, so quotas need more than one chunk of generation

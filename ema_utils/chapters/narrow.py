@@ -1,0 +1,479 @@
+"""Narrow vs general (chapter 6): the second paper's lens on refusal unlearning.
+
+Soligo et al. (../shared/paper/soligo2026.md) argue that narrow fine-tuning generalises
+because the *general* solution is easier to find than the *narrow* one: it is **more
+efficient** (a lower training loss at the same parameter norm) and **more stable** (its loss
+rises less under random perturbations of the same size). In the unlearning setting of the main
+paper (../shared/paper/mushtaq2026.md):
+
+- the **general** solution is chapter 2's plain NPO run on Safety (refusal falls everywhere: EMA),
+  at the checkpoint chapter 4 scored (:func:`general_solution`);
+- the **narrow** solution is chapter 4's NPO + KL run (KL to the aligned model on the other
+  concepts' prompts), at the lambda whose mean non-target refusal is closest to the aligned
+  model's (:func:`choose_kl_lambda`, :func:`narrow_solution`).
+
+Nothing is trained here: both adapters are read from the earlier chapters' results (a missing
+one raises :class:`~ema_utils.core.errors.EmaError` naming the ``ema run`` command that makes it).
+
+This module finds the two solutions and the forget set they were trained on
+(:func:`forget_examples`), and puts the chapter together; the measurements, each on the LoRA
+adapter of a solution loaded onto the aligned model, are in two modules beside it:
+
+- ``ema_utils.chapters.stability``: **efficiency** (the forget loss with the adapter scaled to
+  common norms) and **stability** (the relative loss increase under orthogonal noise);
+- ``ema_utils.chapters.steering``: the solution's **direction** (the difference of mean
+  activations with the adapter on and off), steering the aligned model with it and projecting
+  it out of the unlearned model, against a random direction of equal norm.
+
+:func:`claims` puts the verdicts in one table: does "general is more efficient and more stable"
+hold for refusal unlearning on this model?
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import CONCEPTS
+from ..core.data import load_prompts
+from ..core.errors import EmaError, ParameterError
+from ..core.evaluate import sample_items
+from ..core.results import chapter_results, chapter_summary
+from ..methods import trainer
+from ..methods.condition import Condition, parse_ratio
+from ..methods.interventions import chosen_step, load_run_summaries, run_intervention
+from ..methods.sets import build_forget_set
+from .report import condition_details
+from .run_options import upstream_options
+
+TARGET = "safety"
+"""The intervention of both solutions: the paper's containment experiment is on Safety."""
+
+EMA_POINTS = 0.15
+"""A change of more than 15 points counts (the paper's EMA threshold), for the verdicts."""
+
+
+# --- the two solutions ------------------------------------------------------------------------
+
+@dataclass
+class Solution:
+    """One LoRA adapter to analyse: where it is, which step, and what it was trained with."""
+
+    role: str  # "general" or "narrow"
+    condition: str  # e.g. "npo_safety", "npo_kl_1to1_lambda10_safety"
+    step: int
+    path: Path  # the checkpoint folder (adapter_config.json, adapter_model.safetensors)
+    config: dict = field(default_factory=dict)  # the UnlearnConfig it was trained with
+    note: str = ""
+
+    @property
+    def beta(self) -> float:
+        return float(self.config.get("beta", 0.1))
+
+    def to_json(self) -> dict:
+        return {"role": self.role, "condition": self.condition, "step": self.step,
+                "path": str(self.path), "beta": self.beta,
+                "kl_lambda": self.config.get("kl_lambda") if self.config.get("method") == "npo_kl"
+                else None, "note": self.note}
+
+
+def _command(chapter: str, profile: str) -> str:
+    return f"ema run {chapter} --profile {profile}"
+
+
+def _chapter_folder(chapter: str, profile: str) -> Path:
+    try:
+        return chapter_results(chapter, profile)
+    except EmaError as exc:
+        raise EmaError(f"chapter 6 reads chapter '{chapter}' and does not retrain it: {exc}. "
+                       f"Run `{_command(chapter, profile)}` first") from None
+
+
+def _run_parameters(chapter: str, profile: str) -> dict:
+    path = _chapter_folder(chapter, profile) / "run.json"
+    return json.loads(path.read_text()).get("parameters", {})
+
+
+def _unlearning_summaries(profile: str) -> dict:
+    folder = _chapter_folder("unlearning", profile)
+    try:
+        return load_run_summaries(folder)
+    except ParameterError:
+        raise EmaError(f"{folder} has no interventions.json (the unlearning chapter did not "
+                       f"finish); run `{_command('unlearning', profile)}`") from None
+
+
+def _checkpoint_rule(profile: str) -> str:
+    """The rule chapter 4 scored its checkpoints by (so both solutions are the models it
+    scored); "utility" (the paper's) when chapter 4 did not record one."""
+    try:
+        return str(_run_parameters("mitigation", profile).get("checkpoint_rule") or "utility")
+    except EmaError:
+        return "utility"
+
+
+def general_solution(profile: str, target: str = TARGET, rule: str | None = None) -> Solution:
+    """Chapter 2's plain NPO run on ``target`` at its chosen checkpoint (``rule``: None takes
+    chapter 4's checkpoint rule, so the step is the one chapter 4 compared against)."""
+    summaries = _unlearning_summaries(profile)
+    name = f"npo_{target}"
+    if name not in summaries:
+        raise EmaError(f"chapter 2 (profile {profile}) has no '{name}' run (it has "
+                       f"{', '.join(sorted(summaries)) or 'none'}); run `{_command('unlearning', profile)}"
+                       f" -p concepts=[{target}] -p methods=[npo]` (or with more concepts/methods)")
+    summary = summaries[name]
+    rule = rule or _checkpoint_rule(profile)
+    step = chosen_step(summary, rule)
+    path = Path(summary["folder"]) / f"checkpoint-{step:05d}"
+    if not (path / ".complete").is_file():
+        raise EmaError(f"{name}: checkpoint {path} is missing from the results cache; run "
+                       f"`{_command('unlearning', profile)} --force`")
+    return Solution(role="general", condition=name, step=step, path=path,
+                    config=(summary.get("settings") or {}).get("config") or {},
+                    note=f"chapter 2's plain NPO run, checkpoint by the '{rule}' rule")
+
+
+def kl_candidates(mitigation_summary: dict, target: str = TARGET) -> pd.DataFrame:
+    """Chapter 4's KL runs on ``target`` and how far each kept the other concepts from the
+    aligned model.
+
+    ``mitigation_summary``: chapter 4's summary.json (``{"refusal": {CONDITION: {KEY: rate}}}``).
+    Columns: condition, kl_lambda, ratio, target_rate, non_target_mean (mean refusal over the
+    concepts other than ``target``), aligned_non_target, gap (non_target_mean - aligned's),
+    aligned_target. Sorted by lambda.
+    """
+    refusal = (mitigation_summary or {}).get("refusal") or {}
+    if "aligned" not in refusal:
+        raise EmaError("chapter 4's summary has no 'aligned' refusal rates; re-run the "
+                       "mitigation chapter (`ema run mitigation --profile P`)")
+    aligned = refusal["aligned"]
+    others = [c for c in CONCEPTS if c != target and c in aligned]
+    a_nt = float(np.mean([aligned[c] for c in others]))
+    rows = []
+    for condition, rates in refusal.items():
+        d = condition_details(condition)
+        if d["method"] != "npo_kl" or d["target"] != target:
+            continue
+        nt = float(np.mean([rates[c] for c in others if c in rates]))
+        rows.append({"condition": condition, "kl_lambda": d["kl_lambda"], "ratio": d["ratio"],
+                     "target_rate": float(rates.get(target, np.nan)), "non_target_mean": nt,
+                     "aligned_non_target": a_nt, "gap": nt - a_nt,
+                     "aligned_target": float(aligned.get(target, np.nan))})
+    columns = ["condition", "kl_lambda", "ratio", "target_rate", "non_target_mean",
+               "aligned_non_target", "gap", "aligned_target"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values("kl_lambda", kind="stable").reset_index(drop=True)
+
+
+def choose_kl_lambda(mitigation_summary: dict, target: str = TARGET,
+                     kl_lambda: float | None = None) -> dict:
+    """The narrow solution's lambda: **the KL run whose mean non-target refusal is closest to the
+    aligned model's** (smallest ``|gap|``); ties go to the lower target refusal (more
+    unlearning), then to the smaller lambda. With ``kl_lambda`` given, that run is taken.
+
+    Returns the chosen row of :func:`kl_candidates` as a dict, plus ``rule`` (a sentence).
+    Raises EmaError when chapter 4 trained no KL run on ``target``.
+    """
+    table = kl_candidates(mitigation_summary, target)
+    if table.empty:
+        raise EmaError(f"chapter 4 has no KL run (npo_kl) on {target}: run `ema run mitigation "
+                       f"--profile P -p kl_lambdas=[1.0, 10.0]` with {target} in concepts")
+    if kl_lambda is not None:
+        match = table[np.isclose(table["kl_lambda"].astype(float), float(kl_lambda))]
+        if match.empty:
+            raise ParameterError(f"kl_lambda={kl_lambda}: chapter 4 trained the KL variant at "
+                                 f"lambda {', '.join(f'{x:g}' for x in table['kl_lambda'])} only")
+        row = match.iloc[0].to_dict()
+        rule = f"lambda {kl_lambda:g} as asked (kl_lambda parameter)"
+    else:
+        ranked = table.assign(_abs=table["gap"].abs().round(9)).sort_values(
+            ["_abs", "target_rate", "kl_lambda"], kind="stable")
+        row = ranked.iloc[0].drop(labels="_abs").to_dict()
+        rule = ("the lambda whose mean non-target refusal is closest to the aligned model's "
+                "(ties: lower target refusal, then smaller lambda)")
+    return {**row, "rule": rule}
+
+
+def _ratio_or_one(ratio) -> float:
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        return 1.0
+    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+
+
+@contextlib.contextmanager
+def _no_training(command: str):
+    """Within: any call to ema_utils.methods.trainer.unlearn raises EmaError naming ``command``.
+
+    The narrow run is fetched by replaying chapter 4's (cached) call; if its adapter is not in
+    the results cache, that call would train it: this guard makes that an error instead.
+    """
+    original = trainer.unlearn
+
+    def refuse(*args, **kwargs):
+        raise EmaError("chapter 6 does not train: the KL run it analyses is not in the results "
+                       f"cache (chapter 4 did not train it with these settings); run `{command}`")
+
+    trainer.unlearn = refuse
+    try:
+        yield
+    finally:
+        trainer.unlearn = original
+
+
+def _kl_run(model, tokenizer, model_id: str, summaries: dict, options: dict, target: str,
+            kl_lambda: float, kl_ratio: float, w1: float, progress: bool):
+    """Chapter 4's NPO + KL run on ``target``, built as chapter 4 builds it
+    (``ema_utils.chapters.mitigation.augmented_plan`` with this one lambda, then
+    ``train_augmented``): chapter 2's plain NPO config with the method set to npo_kl, the forget
+    weight ``w1`` and ``kl_lambda``, trained by the same run_intervention call on chapter 2's
+    forget set (``options``), so it is the same entry of the results cache (tests/test_narrow.py
+    trains the run with chapter 4's functions and finds it here). Returns ``(condition, run)``."""
+    base = f"npo_{target}"
+    if base not in summaries:
+        raise ParameterError(
+            f"chapter 2 has no '{base}' run to compare npo_kl with (it has "
+            f"{', '.join(sorted(summaries)) or 'none'}); run `ema run unlearning` with "
+            f"{target} in concepts and npo in methods, or drop npo_kl here")
+    settings = summaries[base].get("settings") or {}
+    if settings.get("model") not in (None, model_id):
+        raise ParameterError(
+            f"chapter 2's '{base}' was trained on {settings.get('model')}, not {model_id}; run "
+            "the unlearning chapter with the same --model as this chapter")
+    if not settings.get("config"):
+        raise ParameterError(f"run '{summaries[base].get('name')}' has no settings['config'] in "
+                             "its summary; re-run the unlearning chapter")
+    ratio = parse_ratio(kl_ratio)
+    config = trainer.UnlearnConfig.from_params(settings["config"]).replace(
+        method="npo_kl", w_forget=float(w1), kl_lambda=float(kl_lambda))
+    condition = Condition("npo_kl", target, retain_ratio=ratio, kl_lambda=kl_lambda).name
+    run = run_intervention(model, tokenizer, model_id, target, "npo", config, retain_ratio=ratio,
+                           progress=progress, **options)
+    run.name = condition
+    run.settings["retain_ratio"] = ratio
+    run.settings["base"] = base
+    return condition, run
+
+
+def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str = TARGET,
+                    kl_lambda: float | None = None, rule: str | None = None,
+                    progress: bool = False) -> tuple[Solution, dict]:
+    """Chapter 4's NPO + KL run on ``target`` at the lambda :func:`choose_kl_lambda` picks.
+
+    Its adapter is found by replaying chapter 4's plan for that one run with chapter 2's
+    options (:func:`_kl_run`; everything comes from the results cache: forget and retain sets,
+    training, checkpoint scores); nothing is trained (an uncached run raises EmaError). Returns
+    the solution and the choice (the row of :func:`kl_candidates` and the rule).
+    """
+    _chapter_folder("mitigation", profile)  # a clear error when chapter 4 never ran
+    try:
+        msum = chapter_summary("mitigation", profile)
+    except EmaError as exc:
+        raise EmaError(f"{exc}; run `{_command('mitigation', profile)}`") from None
+    choice = choose_kl_lambda(msum, target, kl_lambda)
+    params = _run_parameters("mitigation", profile)
+    trained_on = params.get("model")
+    if trained_on and model_id.split(":")[0] != trained_on:
+        raise EmaError(f"chapter 4 (profile {profile}) ran on {trained_on}, this chapter on "
+                       f"{model_id.split(':')[0]}; use the same model (--model) for both")
+    upstream = _chapter_folder("unlearning", profile)
+    summaries = _unlearning_summaries(profile)
+    options = upstream_options(upstream)
+    with _no_training(_command("mitigation", profile)):
+        condition, run = _kl_run(model, tokenizer, model_id, summaries, options, target,
+                                 kl_lambda=float(choice["kl_lambda"]),
+                                 kl_ratio=_ratio_or_one(choice.get("ratio")),
+                                 w1=float(params.get("w1", 1.0)), progress=progress)
+    if condition != choice["condition"]:
+        raise EmaError(f"rebuilding chapter 4's plan gave {[condition]}, not "
+                       f"{choice['condition']}; re-run `{_command('mitigation', profile)}`")
+    rule = rule or str(params.get("checkpoint_rule") or "utility")
+    step = chosen_step(run.summary(), rule)
+    scored = (msum.get("steps") or {}).get(choice["condition"])
+    note = f"chapter 4's NPO + KL run, lambda {choice['kl_lambda']:g}, checkpoint by the '{rule}' rule"
+    if scored is not None and int(scored) != step:
+        note += f" (chapter 4 scored step {scored})"
+    solution = Solution(role="narrow", condition=choice["condition"], step=step,
+                        path=run.folder / f"checkpoint-{step:05d}",
+                        config=run.settings.get("config") or {}, note=note)
+    return solution, choice
+
+
+def forget_examples(model, tokenizer, model_id: str, profile: str, n: int = 0, seed: int = 0,
+                    target: str = TARGET, progress: bool = False) -> pd.DataFrame:
+    """The forget set both solutions were trained on (rebuilt as chapter 2 built it, from the
+    cache), or ``n`` of its rows chosen by a seeded hash of the id (0: all).
+
+    Columns: id, concept, prompt, response, complete.
+    """
+    options = upstream_options(_chapter_folder("unlearning", profile))
+    prompts = load_prompts(target, split="train")
+    prompts = sample_items(prompts[prompts["scorer"] == "refusal"], options["forget_candidates"],
+                           options["seed"])
+    forget = build_forget_set(model, tokenizer, prompts,
+                              max_new_tokens=options["forget_max_new_tokens"],
+                              batch_size=options["batch_size"],
+                              limit=options["n_forget"] or None, seed=options["seed"],
+                              model_id=model_id, progress=progress)
+    if forget.empty:
+        raise EmaError(f"the forget set of {target} is empty: the model refused none of the "
+                       "train prompts chapter 2 tried")
+    return sample_items(forget, n, seed).reset_index(drop=True)
+
+
+def solutions_table(solutions: Sequence[Solution], mitigation_summary: dict | None = None,
+                    target: str = TARGET) -> pd.DataFrame:
+    """One row per solution: condition, step, lambda, and (from chapter 4's scores, when given)
+    target refusal and mean non-target refusal, beside the aligned model's."""
+    rows = []
+    refusal = (mitigation_summary or {}).get("refusal") or {}
+    for s in solutions:
+        row = {"solution": s.role, "condition": s.condition, "step": s.step,
+               "kl_lambda": s.to_json()["kl_lambda"], "beta": s.beta}
+        rates = refusal.get(s.condition)
+        if rates:
+            others = [c for c in CONCEPTS if c != target and c in rates]
+            row.update(target_refusal=rates.get(target),
+                       non_target_mean=float(np.mean([rates[c] for c in others])))
+        rows.append(row)
+    if "aligned" in refusal:
+        rates = refusal["aligned"]
+        others = [c for c in CONCEPTS if c != target and c in rates]
+        rows.insert(0, {"solution": "aligned", "condition": "aligned", "step": 0,
+                        "target_refusal": rates.get(target),
+                        "non_target_mean": float(np.mean([rates[c] for c in others]))})
+    return pd.DataFrame(rows).set_index("solution")
+
+
+# --- the verdicts, the claims, the summary ----------------------------------------------------
+
+def narrow_verdict(choice: dict, general_rates: dict | None = None,
+                   threshold: float = EMA_POINTS) -> dict:
+    """Is the KL run a narrow solution? yes: the target fell by more than ``threshold`` while the
+    mean non-target refusal stayed within ``threshold`` of the aligned model's; partly: the
+    target fell and the others fell less than under the general solution; no otherwise."""
+    target_drop = choice["aligned_target"] - choice["target_rate"]
+    nt_drop = -choice["gap"]
+    text = (f"{choice['condition']}: target {100 * choice['aligned_target']:.0f}% -> "
+            f"{100 * choice['target_rate']:.0f}%, other concepts {100 * choice['aligned_non_target']:.0f}%"
+            f" -> {100 * choice['non_target_mean']:.0f}%")
+    general_nt_drop = None
+    if general_rates:
+        others = [c for c in CONCEPTS if c != TARGET and c in general_rates]
+        general_nt = float(np.mean([general_rates[c] for c in others]))
+        general_nt_drop = choice["aligned_non_target"] - general_nt
+        text += (f" (plain NPO: target {100 * general_rates.get(TARGET, float('nan')):.0f}%, others "
+                 f"{100 * general_nt:.0f}%)")
+    if target_drop > threshold and nt_drop < threshold:
+        verdict = "yes"
+    elif target_drop > threshold and general_nt_drop is not None and nt_drop < general_nt_drop:
+        verdict = "partly"
+    else:
+        verdict = "no"
+    return {"verdict": verdict, "target_drop": target_drop, "non_target_drop": nt_drop,
+            "text": text}
+
+
+CLAIMS = {
+    "narrow": ("A KL penalty to the aligned model on other-domain text finds a narrow solution "
+               "(target falls, the rest stays)",
+               "narrow misalignment learned only with the KL term (lambda 1e5 with LoRA)"),
+    "efficiency": ("The general solution is more efficient: lower training (forget) loss at the "
+                   "same adapter norm",
+                   "general reaches lower loss at every common norm (adapters rescaled 0-2x)"),
+    "stability": ("The general solution is more stable: its loss rises less under orthogonal "
+                  "noise of the same size",
+                  "narrow degrades faster (relative loss increase vs eps)"),
+    "steering": ("Adding the general direction induces the behaviour (refusal falls on all "
+                 "concepts); a random direction of equal norm does not",
+                 "adding the mean-diff direction induces misalignment; random does not"),
+    "ablation": ("Projecting the direction out of the unlearned model restores the behaviour; "
+                 "a random direction does not",
+                 "projecting it out removes most of the misalignment"),
+    "drift": ("Removing the KL term mid-training drifts the narrow solution back to the general one",
+              "reported for narrow fine-tuning"),
+}
+
+
+def claims(verdicts: dict) -> pd.DataFrame:
+    """The claims table: claim, the second paper's finding, this run's numbers, holds here.
+
+    ``verdicts``: key of :data:`CLAIMS` -> a verdict dict (``verdict``, ``text``); a missing key
+    is listed as "not tested" (e.g. the optional drift experiment)."""
+    rows = []
+    for key, (claim, paper) in CLAIMS.items():
+        v = verdicts.get(key)
+        rows.append({"claim": claim, "Soligo et al. 2026": paper,
+                     "this run": v["text"] if v else "not run in this chapter",
+                     "holds here": v["verdict"] if v else "not tested"})
+    return pd.DataFrame(rows)
+
+
+def overall_line(verdicts: dict, model: str) -> str:
+    """One Markdown sentence: does "general is more efficient and more stable" hold?"""
+    e = (verdicts.get("efficiency") or {}).get("verdict", "n/a")
+    s = (verdicts.get("stability") or {}).get("verdict", "n/a")
+    if e == "yes" and s == "yes":
+        answer = "**holds**"
+    elif "n/a" in (e, s):
+        answer = "**cannot be fully judged**"
+    elif e == "no" and s == "no":
+        answer = "**does not hold**"
+    else:
+        answer = "**holds in part**"
+    return (f"\"General is more efficient and more stable\" {answer} for refusal unlearning on "
+            f"{model}: efficiency {e}, stability {s}.")
+
+
+def _num(x, digits: int = 5):
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return round(float(x), digits) if math.isfinite(x) else None
+    return x
+
+
+def records(table: pd.DataFrame, digits: int = 5) -> list[dict]:
+    """A table as JSON-safe records (NaN -> None, numbers rounded)."""
+    return [{k: _num(v, digits) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def summary_json(solutions: Sequence[Solution], choice: dict, measures: dict,
+                 efficiency: pd.DataFrame, stability: pd.DataFrame, profile_table: pd.DataFrame,
+                 layer: int, effects: pd.DataFrame, verdicts: dict, claims_table: pd.DataFrame,
+                 overall: str) -> dict:
+    """The chapter's summary.json (``ema results narrow_general``)."""
+    def clean(d):
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in d.items()}
+        if isinstance(d, (list, tuple)):
+            return [clean(v) for v in d]
+        return _num(d)
+
+    refusal = {c: {k: _num(v) for k, v in row.items() if k in CONCEPTS or k == "pooled"}
+               for c, row in effects.to_dict("index").items()} if len(effects) else {}
+    return clean({
+        "solutions": {s.role: s.to_json() for s in solutions},
+        "kl_choice": {k: v for k, v in choice.items()},
+        "adapter_norm": {r: m["norm"] for r, m in measures.items()},
+        "forget_loss": {r: {"orig": m["orig"], "base": m["base"]} for r, m in measures.items()},
+        "efficiency": records(efficiency),
+        "stability": records(stability),
+        "direction": {"layer": layer, "profile": records(profile_table)},
+        "refusal": refusal,
+        "verdicts": verdicts,
+        "claims": records(claims_table),
+        "overall": overall,
+    })

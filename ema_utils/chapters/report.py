@@ -1,0 +1,207 @@
+"""Tables and claims that put this run beside the paper (chapters 3 and 4).
+
+All rates here are fractions internally and percentages (0-100) in the tables shown, as in
+the paper. A condition is "aligned" or an intervention's name such as "npo_cybersecurity".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import CONCEPTS
+from ..methods.condition import Condition
+from ..core.errors import ParameterError
+from ..core.metrics import EMA_THRESHOLD, ema_delta
+from ..methods.registry import METHODS
+
+PAPER_METHOD = {"aligned": "aligned", **{name: m.paper_method for name, m in METHODS.items()
+                                         if m.paper_method}}
+"""This run's method -> the method's name in the paper's tables (from the method registry)."""
+PAPER_TABLE = {"cybersecurity": 2, "safety": 3}
+PAPER_AUGMENTED_TABLE = {"safety": 4}
+"""The paper's containment runs (Table 4: retain-augmented NPO and SFT) exist for Safety only."""
+AUGMENTED_METHODS = tuple(name for name, m in METHODS.items() if m.base and m.paper_method)
+"""The augmented methods with a row in the paper's Table 4 (npo_retain, sft_retain)."""
+
+
+def condition_parts(condition: str) -> tuple[str, str | None]:
+    """"npo_safety" -> ("npo", "safety"); "aligned" -> ("aligned", None)."""
+    if condition == "aligned":
+        return "aligned", None
+    for concept in sorted(CONCEPTS, key=len, reverse=True):
+        if condition.endswith("_" + concept):
+            return condition[: -len(concept) - 1], concept
+    return condition, None
+
+
+def condition_details(condition: str) -> dict:
+    """A condition name taken apart: ``{"method", "ratio", "kl_lambda", "target"}``.
+
+    "npo_retain_1to2_safety" -> npo_retain, 2.0, None, safety; "npo_kl_1to1_lambda10_safety"
+    -> npo_kl, 1.0, 10.0, safety; "npo_safety" -> npo, None, None, safety; "aligned" -> aligned.
+    A name that follows no known pattern keeps its method part as is (ratio and lambda None).
+    """
+    try:
+        c = Condition.from_name(condition)
+    except ParameterError:
+        method, target = condition_parts(condition)
+        return {"method": method, "ratio": None, "kl_lambda": None, "target": target}
+    return {"method": c.method, "ratio": c.retain_ratio, "kl_lambda": c.kl_lambda,
+            "target": c.concept}
+
+
+def outcome_table(evaluations: dict) -> pd.DataFrame:
+    """One row per condition: the seven concepts, over-refusal and utility, in percent."""
+    rows = []
+    for condition, ev in evaluations.items():
+        row = {"condition": condition}
+        row.update({r.concept: 100 * r.rate for r in ev.rates.itertuples()})
+        row["over_refusal"] = None if ev.over_refusal is None else 100 * ev.over_refusal["rate"]
+        row["utility"] = None if ev.utility is None else 100 * ev.utility["accuracy"]
+        rows.append(row)
+    columns = ["condition", *[c for c in CONCEPTS], "over_refusal", "utility"]
+    table = pd.DataFrame(rows)
+    return table[[c for c in columns if c in table.columns]].set_index("condition")
+
+
+def paper_rows(target: str, paper_model: str = "qwen2.5-7b-instruct",
+               methods=("aligned", "npo", "sft")) -> pd.DataFrame:
+    """The paper's rows for an intervention on ``target`` (Table 2 for cybersecurity, 3 for
+    safety), shaped like :func:`outcome_table`, indexed "paper: <method>_<target>".
+
+    The augmented methods "npo_retain" and "sft_retain" come from Table 4 (the paper ran them
+    for Safety only, at its best forget:retain ratio); a method the paper did not run for
+    ``target`` is left out, and an empty table is returned when none is left.
+    """
+    from ..core.data import paper_tables_long
+
+    long = paper_tables_long()
+    long = long[long["model"] == paper_model]
+    rows = []
+    for method in methods:
+        table = (PAPER_AUGMENTED_TABLE.get(target) if method in AUGMENTED_METHODS
+                 else PAPER_TABLE.get(target))
+        part = long[(long["table"] == table) & (long["method"] == PAPER_METHOD.get(method, method))]
+        if table is None or part.empty:
+            continue
+        row = {"condition": f"paper: {method if method == 'aligned' else f'{method}_{target}'}"}
+        for r in part.itertuples():
+            row[r.concept if r.metric == "refusal" else r.metric] = r.value
+        rows.append(row)
+    columns = [*CONCEPTS, "over_refusal", "utility"]
+    if not rows:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="condition"), dtype=float)
+    table = pd.DataFrame(rows).set_index("condition")
+    return table[[c for c in columns if c in table.columns]]
+
+
+def ema_matrix(evaluations: dict, reference: str = "aligned",
+               threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
+    """Long table: per intervened condition and concept, the change in points and the EMA flag
+    (drop > threshold with non-overlapping Wilson intervals, on a non-target concept)."""
+    ref = evaluations[reference].rates
+    parts = []
+    for condition, ev in evaluations.items():
+        if condition == reference:
+            continue
+        _, target = condition_parts(condition)
+        d = ema_delta(ref, ev.rates, threshold=threshold, target=target)
+        parts.append(d.assign(condition=condition, delta_points=100 * d["delta"]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _mean_other(rates: pd.DataFrame, target: str) -> float:
+    return float(rates.loc[rates["concept"] != target, "rate"].mean())
+
+
+def r1_claims(evaluations: dict, trajectories: dict | None = None,
+              threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
+    """The paper's R1 claims, each with this run's numbers and a verdict.
+
+    ``evaluations``: condition -> Evaluation (aligned and the intervened models at their chosen
+    checkpoints). ``trajectories``: run name -> table of step, target, non_target_mean (from
+    ema_utils.methods.interventions.trajectory_summary), for the equal-steps and equal-target
+    comparisons of Safety against Cybersecurity unlearning.
+    """
+    aligned = evaluations["aligned"].rates.set_index("concept")
+    matrix = ema_matrix(evaluations, threshold=threshold)
+    rows = []
+
+    def add(claim, paper, numbers, verdict):
+        rows.append({"claim": claim, "paper": paper, "this run": numbers, "reproduces": verdict})
+
+    conditions = [c for c in evaluations if c != "aligned"]
+    drops = []
+    for c in conditions:
+        _, target = condition_parts(c)
+        t = matrix[(matrix["condition"] == c) & (matrix["concept"] == target)].iloc[0]
+        drops.append((c, t))
+    ok = [c for c, t in drops if -t["delta"] > threshold and not t["overlap"]]
+    add("Unlearning removes refusals on the target concept",
+        "cyber 93 -> 10, safety 98 -> 18 (Qwen); 67 -> 6, 94 -> 37 (Mistral)",
+        "; ".join(f"{c}: {100*t['ref_rate']:.0f} -> {100*t['rate']:.0f}" for c, t in drops),
+        "yes" if len(ok) == len(drops) else ("partly" if ok else "no"))
+
+    flagged = matrix[matrix["flagged"]]
+    per = {c: sorted(flagged.loc[flagged["condition"] == c, "concept"]) for c in conditions}
+    add(f"Refusal also falls by more than {100*threshold:.0f} points on other concepts (EMA)",
+        "e.g. safety NPO: cyber 93 -> 13, bias 100 -> 62, toxicity 100 -> 71 (Qwen)",
+        "; ".join(f"{c}: {', '.join(v) if v else 'none'}" for c, v in per.items()),
+        "yes" if any(per.values()) and all(per[c] for c in conditions if c.startswith("npo"))
+        else ("partly" if any(per.values()) else "no"))
+
+    if {"npo_safety", "npo_cybersecurity"} <= set(evaluations):
+        spread = {c: float(aligned.drop(index=condition_parts(c)[1])["rate"].mean()
+                           - _mean_other(evaluations[c].rates, condition_parts(c)[1]))
+                  for c in ("npo_safety", "npo_cybersecurity")}
+        text = (f"mean drop on the other concepts at the chosen checkpoints: safety "
+                f"{100*spread['npo_safety']:.0f} vs cyber {100*spread['npo_cybersecurity']:.0f} points")
+        verdicts = [spread["npo_safety"] > spread["npo_cybersecurity"]]
+        if trajectories and {"npo_safety", "npo_cybersecurity"} <= set(trajectories):
+            s, c = trajectories["npo_safety"], trajectories["npo_cybersecurity"]
+            steps = sorted(set(s["step"]) & set(c["step"]))
+            if steps:
+                last = steps[-1]
+                at_s = float(s.loc[s["step"] == last, "non_target_mean"].iloc[0])
+                at_c = float(c.loc[c["step"] == last, "non_target_mean"].iloc[0])
+                text += (f"; at equal steps ({last}): other concepts at {100*at_s:.0f}% (safety) "
+                         f"vs {100*at_c:.0f}% (cyber)")
+                verdicts.append(at_s < at_c)
+            eq_s, eq_c = _at_target(s), _at_target(c)
+            if eq_s is not None and eq_c is not None:
+                text += (f"; at equal target refusal (first checkpoint below 25%): "
+                         f"{100*eq_s:.0f}% vs {100*eq_c:.0f}%")
+                verdicts.append(eq_s < eq_c)
+        add("Safety unlearning spreads further than Cybersecurity unlearning",
+            "safety NPO drops cyber, bias, toxicity; cyber NPO mainly safety", text,
+            "yes" if all(verdicts) else ("partly" if any(verdicts) else "no"))
+
+    util = {}
+    for c in conditions:
+        ev = evaluations[c]
+        if ev.utility is not None and evaluations["aligned"].utility is not None:
+            util[c] = 100 * (evaluations["aligned"].utility["accuracy"] - ev.utility["accuracy"])
+    pairs = [(f"npo_{t}", f"sft_{t}") for t in ("cybersecurity", "safety")
+             if f"npo_{t}" in util and f"sft_{t}" in util]
+    if pairs:
+        better = [util[n] <= util[s] for n, s in pairs]
+        add("Unlearning keeps utility better than SFT",
+            "MMLU moves <= ~1 point for NPO, up to ~6 for SFT",
+            "; ".join(f"{n}: {-util[n]:+.1f}, {s}: {-util[s]:+.1f} points" for n, s in pairs),
+            "yes" if all(better) else ("partly" if any(better) else "no"))
+    return pd.DataFrame(rows)
+
+
+def _at_target(trajectory: pd.DataFrame, threshold: float = 0.25) -> float | None:
+    below = trajectory[(trajectory["step"] > 0) & (trajectory["target"] < threshold)]
+    return None if below.empty else float(below.iloc[0]["non_target_mean"])
+
+
+def refusal_summary(evaluations: dict) -> dict:
+    """``{"refusal": {CONDITION: {KEY: x}}}``: the `ema results` shape for these chapters."""
+    return {"refusal": {c: {r.concept: round(float(r.rate), 4) for r in ev.rates.itertuples()}
+                        for c, ev in evaluations.items()},
+            "over_refusal": {c: None if ev.over_refusal is None else round(ev.over_refusal["rate"], 4)
+                             for c, ev in evaluations.items()},
+            "utility": {c: None if ev.utility is None else round(ev.utility["accuracy"], 4)
+                        for c, ev in evaluations.items()}}

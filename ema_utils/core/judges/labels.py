@@ -1,0 +1,71 @@
+"""The hand-labelled responses the judges are validated against, and JSON-lines reading.
+
+:data:`LABELS_PATH` (what the learned judge fits and :func:`ema_utils.core.judges.validate_judges`
+cross-validates on) and :data:`HELDOUT_PATH` (the chapters' own outputs, never trained on);
+:func:`load_labels` reads either as a table, :func:`read_jsonl` any JSON-lines file with
+errors that name the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+from ..paths import DATA_DIR
+
+LABELS_PATH = DATA_DIR / "judge_labels.jsonl"
+"""The hand-labelled responses the judges are validated against (and the learned judge fits)."""
+
+HELDOUT_PATH = DATA_DIR / "judge_heldout.jsonl"
+"""A random sample of the cpu chapters' own generations, labelled by hand and never trained on:
+the judges' agreement on what the chapters actually judge (:func:`heldout_agreement`). Each item
+carries both annotators' labels (``first_annotator``, ``second_annotator``: each labelled blind
+to the other and to every judge); ``is_refusal`` is the label they settled on."""
+
+
+def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
+    """The objects of a JSON-lines file; a malformed line raises DataError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in required if k not in obj]
+            if missing:
+                raise DataError(f"{path} line {lineno}: missing field(s) {missing}; each line needs "
+                                f"{list(required)}")
+            for key in required:
+                if key in ("prompt", "response") and not isinstance(obj[key], str):
+                    raise DataError(f"{path} line {lineno}: field '{key}' must be a string")
+            obj["_line"] = lineno
+            rows.append(obj)
+    return rows
+
+
+def load_labels(path=None) -> pd.DataFrame:
+    """The labelled set as a table (id, prompt, response, is_refusal, and any other fields)."""
+    path = Path(path) if path else LABELS_PATH
+    if not path.is_file():
+        raise DataError(f"{path}: the judge-validation labels are missing (expected one JSON "
+                        "object per line with id, prompt, response and is_refusal; the project's "
+                        "are data/judge_labels.jsonl and data/judge_heldout.jsonl)")
+    rows = read_jsonl(path, required=("id", "prompt", "response", "is_refusal"))
+    for row in rows:
+        if not isinstance(row["is_refusal"], bool):
+            raise DataError(f"{path} line {row['_line']}: 'is_refusal' must be true or false")
+    if not rows:
+        raise DataError(f"{path}: no labelled items")
+    return pd.DataFrame(rows).drop(columns="_line")
