@@ -7,8 +7,12 @@ document on stdout; progress bars and logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
+import shutil
 import sys
 
+from .build.orchestrate import check_parameter, get_profile, parse_overrides
+from .core import models
 from .core.console import emit, log
 from .core.errors import EmaError, ParameterError
 
@@ -16,14 +20,10 @@ from .core.errors import EmaError, ParameterError
 # --- ema models ---------------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
-    from .core import models
-
     if args.time_load:
         name = args.time_load
         log(f"[ema] timing two loads of {name}; the first may de-quantize the GGUF")
         if args.cold:
-            import shutil
-
             shutil.rmtree(models.model_cache_path(name), ignore_errors=True)
         first = models.timed_load(name)
         second = models.timed_load(name)
@@ -62,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Other modules add their own subcommands (each has a register_cli(subparsers) function), so
     # this file stays a table of contents rather than a place where logic accumulates.
-    import importlib
-
     for module in CLI_MODULES:
         importlib.import_module(f"ema_utils.{module}").register_cli(sub)
     return parser
@@ -85,8 +83,6 @@ def check_args(args) -> None:
     """Check the options commands share (--model, --concepts, --n, --profile, ...) before a
     command runs, so a wrong value fails before any model is loaded, naming the option and
     what it accepts."""
-    from .build.orchestrate import check_parameter, get_profile, parse_overrides
-
     problems = []
     for dest, rule in SHARED_OPTIONS.items():
         value = getattr(args, dest, None)

@@ -25,9 +25,13 @@ import re
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from ..core.errors import EmaError
+from ..core.models import REGISTRY
 from ..core.paths import PROJECT_ROOT, dtype_check_file
 
 CONFIG_FILE = "_config.yml"
@@ -62,8 +66,6 @@ _LOG_TAIL_LINES = 40
 
 def read_toc(root: Path = PROJECT_ROOT) -> dict:
     """The parsed ``_toc.yml`` of ``root``."""
-    import yaml
-
     path = Path(root) / TOC_FILE
     if not path.is_file():
         raise EmaError(f"{path} is missing: the book's table of contents (format jb-book).")
@@ -217,10 +219,6 @@ def _pinned_sha256(model: str) -> str:
     """The pinned sha256 of a registry model's weights file, or how it is verified."""
     if model == "none":
         return "no model"
-    try:
-        from ..core.models import REGISTRY
-    except Exception:  # pragma: no cover - the page must render even without torch installed
-        return "not available"
     if model not in REGISTRY:
         return "not pinned (a hub id or local folder)"
     entry = REGISTRY[model]
@@ -352,9 +350,7 @@ def dtype_check_result(profile: str) -> dict | None:
 
 def _jupyter_book_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("jupyter-book")
+        return metadata.version("jupyter-book")
     except Exception:  # pragma: no cover
         return "unknown"
 
@@ -415,8 +411,8 @@ def _data_card_files(root: Path) -> dict[str, Path]:
 def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
                root: Path = PROJECT_ROOT, built: str | None = None) -> dict:
     """Stage a book source folder in ``stage_dir``; returns ``{"pages", "chapters", "records"}``."""
+    # deferred: nbformat loads slowly; only staging the book reads notebooks
     import nbformat
-    import yaml
 
     root, stage_dir = Path(root), Path(stage_dir)
     executed_dir = _resolve_executed_dir(Path(executed_dir), profile)

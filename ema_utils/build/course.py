@@ -42,6 +42,7 @@ def strip_outputs(nb) -> None:
 
 def make_edition(nb, edition: str):
     """A copy of ``nb`` as the ``edition`` (student or instructor), outputs stripped."""
+    # deferred: nbformat loads slowly; `ema --help` imports this module (CLI_MODULES)
     from nbformat.v4 import new_code_cell
 
     if edition not in EDITIONS:
@@ -62,6 +63,7 @@ def make_edition(nb, edition: str):
 def build_course(out: Path | None = None, notebooks: list[Path] | None = None) -> dict:
     """Write both editions of every chapter notebook under ``out``/{student,instructor}.
     Returns {"out": ..., "editions": {edition: [paths]}, "exercises": {notebook: n}}."""
+    # deferred: nbformat loads slowly; `ema --help` imports this module (CLI_MODULES)
     import nbformat
 
     out = Path(out) if out else build_dir() / "course"

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from .. import CONCEPTS
 from .activations import BENIGN, HiddenStates, mean_normalise
 from .rank_correlation import correlation_by_layer
+from .report import condition_parts
 from ..core.errors import EmaError, ParameterError
 from ..core.results import chapter_results, chapter_summary
 from ..core.results import json_records  # noqa: F401  (chapter 5's notebook reads it here)
@@ -385,9 +386,6 @@ def ema_measures(cross_summary: Mapping, unlearning_summary: Mapping | None, run
     per-concept trajectory (records step, concept, rate). Columns: concept, aligned, after,
     drop_points, half_step, reached, is_target.
     """
-    # deferred: report imports the method registry, which imports torch
-    from .report import condition_parts
-
     refusal = cross_summary.get("refusal", {})
     aligned = refusal.get(reference, {})
     after = refusal.get(run, {})

@@ -38,6 +38,8 @@ import pandas as pd
 from .. import CONCEPTS
 from .activations import collect_hidden_states, hidden_states
 from ..core.errors import EmaError, ModelError, ParameterError
+from ..core.evaluate import eval_items, evaluate, sample_items
+from ..core.metrics import refusal_rate
 from ..core.results import json_records
 
 __all__ = [
@@ -206,6 +208,7 @@ def _base_model(model):
 def decoder_layers(model):
     """The model's list of decoder layers (``model.model.layers`` for Qwen2, Llama, Mistral;
     ``transformer.h`` for GPT-2 style models), also through a PEFT wrapper."""
+    # deferred: torch loads slowly; only working on a loaded model needs it
     import torch.nn as nn
 
     base = _base_model(model)
@@ -264,6 +267,7 @@ def _per_layer(direction, layer: int, n_layers: int) -> np.ndarray:
 
 def _map_hidden(output, fn):
     """Apply ``fn`` to a module output's hidden states (a tensor, or the first of a tuple)."""
+    # deferred: torch loads slowly; only working on a loaded model needs it
     import torch
 
     if isinstance(output, torch.Tensor):
@@ -305,6 +309,7 @@ def ablate_direction(model, direction, layers=None):
     (hidden,), used at every listed layer, or one per layer (n_layers + 1, hidden); it is
     normalised here, and a zero vector leaves its layer untouched. Hooks are removed on exit,
     also when the body raises. Works on PEFT-wrapped models."""
+    # deferred: torch loads slowly; only working on a loaded model needs it
     import torch
 
     targets = _hook_targets(model, layers)
@@ -334,6 +339,7 @@ def add_direction(model, direction, layer: int, scale: float = 1.0):
     """Context manager: add ``scale * direction`` to the output of one layer (0: the token
     embedding; l: the l-th decoder layer) at every position: steering. ``direction`` is used as
     given (not normalised); (n_layers + 1, hidden) picks its row ``layer``."""
+    # deferred: torch loads slowly; only working on a loaded model needs it
     import torch
 
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
@@ -424,8 +430,6 @@ def direction_prompts(n: int, seed: int = 0, split: str = "train",
     allow over the concepts that have such prompts (Bias has none: BBQ is multiple choice), each
     concept's chosen by a seeded hash of the id (a superset when ``n`` grows; 0: all).
     Columns: id, concept, prompt."""
-    from ..core.evaluate import eval_items, sample_items
-
     if n is None or n < 0:
         raise ParameterError(f"n_direction_prompts must be 0 (all) or positive, got {n}")
     table = eval_items(tuple(concepts), split=split, data_dir=data_dir)
@@ -510,8 +514,6 @@ def fit_refusal_direction(model, tokenizer, model_id: str, items: pd.DataFrame,
     if "is_refusal" in items.columns:
         judged = items.reset_index(drop=True)
     else:
-        from ..core.evaluate import evaluate
-
         result = evaluate(model, tokenizer, model_id, items=items[["id", "concept", "prompt"]],
                           judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           over_refusal=False, utility=False, progress=progress)
@@ -561,8 +563,6 @@ def ablation_study(model, tokenizer, model_id: str, direction, layers=None, *,
     direction of equal norm projected out of the same layers (the control; drawn from
     ``control_seed``, default ``seed``). Returns ``{condition: Evaluation}`` (see
     :data:`CONDITIONS`); every evaluation is cached under a model id that names the ablation."""
-    from ..core.evaluate import evaluate
-
     d = np.asarray(direction, dtype=np.float64)
     if d.ndim != 1 or not np.any(d):
         raise ParameterError(f"ablation_study takes one non-zero direction (hidden,), got shape "
@@ -590,8 +590,6 @@ def pooled_refusal(evaluations: dict) -> pd.DataFrame:
     """Per condition, the refusal rate over every refusal-scored item of all concepts pooled
     (BBQ and ToxiGen items, scored by their answers, are left out), with its Wilson interval:
     condition, rate, low, high, n."""
-    from ..core.metrics import refusal_rate
-
     rows = []
     for condition, ev in evaluations.items():
         items = ev.items[ev.items["scorer"] == "refusal"]

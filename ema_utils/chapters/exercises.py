@@ -231,6 +231,7 @@ def check_npo_loss(answer) -> bool:
     # deferred: torch (and losses, which imports it) only for the tensor exercises
     import torch
 
+    # deferred: losses imports torch
     from ..methods.losses import npo_loss
 
     def body():
@@ -492,7 +493,7 @@ def check_recovery(answer) -> bool:
 def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame:
     """The paper's refusal rates (fractions) per concept for Safety unlearning: aligned, plain NPO
     (unlearned) and NPO with the retain loss (augmented), from its Tables 3 and 4."""
-    # deferred: mitigation imports torch (through the methods registry)
+    # deferred: mitigation imports torch (through methods.sets and methods.trainer)
     from .mitigation import paper_recovery
 
     t = paper_recovery("safety", paper_model)
@@ -503,7 +504,7 @@ def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame
 def check_paper_mean_recovery(answer, paper_model: str = "qwen2.5-7b-instruct") -> bool:
     """``answer``: the paper's mean recovered fraction over the non-target concepts that were not
     skipped (NPO + retain, Safety), compared with :func:`ema_utils.chapters.mitigation.paper_recovery`."""
-    # deferred: mitigation imports torch (through the methods registry)
+    # deferred: mitigation imports torch (through methods.sets and methods.trainer)
     from .mitigation import paper_recovery
 
     def body():

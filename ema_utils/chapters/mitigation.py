@@ -31,9 +31,13 @@ import pandas as pd
 
 from .. import CONCEPTS
 from ..methods.condition import Condition, condition_label  # noqa: F401  (re-exported)
-from ..core.errors import ParameterError
+from ..core.data import load_set
+from ..core.errors import DataError, ParameterError
+from ..core.evaluate import eval_items
+from ..methods.interventions import run_intervention
 from ..methods.registry import METHODS
-from .report import condition_details, condition_parts
+from .report import (condition_details, condition_parts, outcome_table, paper_rows,
+                     refusal_summary)
 from ..methods.sets import build_retain_set, parse_ratio
 from ..methods.trainer import UnlearnConfig
 
@@ -185,8 +189,6 @@ def train_augmented(model, tokenizer, model_id: str, plan: list[PlannedRun], opt
     runs, so a chapter can spread long training over several cells (each cell has a time
     limit); None trains every run of the plan.
     """
-    from ..methods.interventions import run_intervention
-
     if isinstance(methods, str):
         methods = [methods]
     unknown = sorted(set(methods or ()) - set(AUGMENTED_BASE))
@@ -237,9 +239,6 @@ def retain_overlap(retain: pd.DataFrame, split: str = "eval", data_dir=None) -> 
     whitespace folded): the eval items of all seven concepts (every one, not a sample), the
     over-refusal set and the benign instructions of ``split``. Empty when they never overlap,
     as it must be: recovery measured on memorised prompts would mean nothing."""
-    from ..core.data import load_set
-    from ..core.evaluate import eval_items
-
     parts = [eval_items(CONCEPTS, split=split, data_dir=data_dir)[["id", "concept", "prompt"]]]
     for name in ("over_refusal", "benign"):
         table = load_set(name, split=split, data_dir=data_dir)
@@ -263,8 +262,6 @@ def check_retain_sets(retain_sets: dict, split: str = "eval") -> pd.DataFrame:
     Raises DataError naming the leaked prompts if any retain prompt is an eval prompt: the
     chapter's recovery numbers would then be partly memorisation.
     """
-    from ..core.errors import DataError
-
     rows, leaks = [], []
     for name, table in retain_sets.items():
         found = retain_overlap(table, split=split)
@@ -396,6 +393,7 @@ def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS, target: st
 def recovery_pivot(per_concept: pd.DataFrame) -> pd.DataFrame:
     """Condition x concept: "0.52 [0.31, 0.70]" (recovered fraction and its 95% bootstrap
     interval), "skipped" where the concept lost (almost) no refusal; the target is marked."""
+    # deferred: plots imports matplotlib
     from .plots import ordered_concepts
 
     def cell(r):
@@ -493,8 +491,6 @@ def paper_recovery(target: str = "safety", paper_model: str = "qwen2.5-7b-instru
     method (npo_retain / sft_retain), concept, aligned, unlearned, augmented (fractions),
     recovery (NaN where aligned - unlearned < min_gap), skipped. Empty when the paper has no
     Table 4 for ``target``."""
-    from .report import paper_rows
-
     rows = paper_rows(target, paper_model, methods=("aligned", "npo", "sft", "npo_retain",
                                                     "sft_retain")) / 100
     out = []
@@ -543,8 +539,6 @@ def table4(evaluations: dict, target: str = "safety", paper_models=tuple(PAPER_M
     each paper model its aligned, plain (Table 3) and augmented (Table 4) rows, labelled
     "paper <model>: <condition>". Columns: source, the seven concepts, over_refusal, utility.
     """
-    from .report import outcome_table, paper_rows
-
     order = {"aligned": 0, "npo": 1, "npo_retain": 2, "npo_kl": 3, "sft": 4, "sft_retain": 5}
     mine = [c for c in evaluations if c == "aligned" or (
         condition_parts(c)[1] == target and condition_details(c)["method"] in order)]
@@ -688,8 +682,6 @@ def summary_json(evaluations: dict, recoveries: dict, verdicts: dict, claims: di
     """The chapter's summary.json: the `ema results mitigation` shape ``{"refusal": {CONDITION:
     {KEY: x}}, ...}`` plus recovery per condition and concept (with intervals), the mean
     recovery per condition and the verdicts."""
-    from .report import refusal_summary
-
     def num(x):
         return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 4)
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import math
+
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from .. import CONCEPTS
 from ..methods.condition import condition_label
 from ..methods.registry import METHODS, method_label, method_style
+from .report import condition_parts
 
 CONCEPT_LABELS = {"cybersecurity": "Cybersecurity", "safety": "Safety", "toxicity": "Toxicity",
                   "bias": "Bias", "sensitive_content": "Sensitive content",
@@ -142,6 +148,7 @@ def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs o
 
 def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the intervention"):
     """Concept x condition heatmap of the change in points; EMA-flagged cells marked with *."""
+    # deferred: seaborn loads slowly (scipy); only the heatmaps need it
     import seaborn as sns
 
     table = matrix.pivot(index="condition", columns="concept", values="delta_points")
@@ -218,8 +225,6 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
 
     ``summary``: ema_utils.chapters.mitigation.recovery(...).summary (one target).
     """
-    from .report import condition_parts
-
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5.5))
     shown = set()
@@ -269,15 +274,11 @@ def figure_png(fig, dpi: int = 100, palette: bool = False) -> bytes:
 
     ``palette``: store 256 colours (about a quarter of the size; plenty for a heatmap), for
     widgets that embed many images in the page."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     if not palette:
         return buffer.getvalue()
-    from PIL import Image
-
     image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     out = io.BytesIO()
     image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG",
@@ -296,8 +297,6 @@ def cosine_histograms(table: pd.DataFrame, targets=None, bins: int = 30, title: 
     is the concept's mean, written at the right.
     ``table``: id, concept, target, layer, cosine (ema_utils.chapters.concepts.state_cosines).
     """
-    import numpy as np
-
     targets = list(dict.fromkeys(table["target"])) if targets is None else list(targets)
     layer = int(table["layer"].iloc[0])
     concepts = ordered_concepts(table["concept"])
@@ -353,6 +352,7 @@ def cosine_histograms(table: pd.DataFrame, targets=None, bins: int = 30, title: 
 def similarity_heatmap(matrix: pd.DataFrame, layer: int, ax=None, title: str = "",
                        annotate: bool = True, colorbar: bool = True):
     """Concept x concept cosine between concept vectors at one layer."""
+    # deferred: seaborn loads slowly (scipy); only the heatmaps need it
     import seaborn as sns
 
     if ax is None:
@@ -439,8 +439,6 @@ def pvalues_by_layer(table: pd.DataFrame, layer: int | None = None, alpha: float
                      title: str = "Exact permutation p-values by layer (one-sided)"):
     """Per run and EMA measure: the raw and Holm-adjusted p-values against layer (log scale),
     with the level ``alpha`` and the smallest p-value the exact test can give."""
-    import math
-
     runs = list(dict.fromkeys(table["run"]))
     measures = list(dict.fromkeys(table["measure"]))
     fig, axes = plt.subplots(len(runs), len(measures), figsize=(6 * len(measures), 3.4 * len(runs)),
@@ -483,8 +481,6 @@ def similarity_vs_ema(similarities: pd.DataFrame, ema: dict, correlations: pd.Da
 
     ``similarities``: target, concept, layer, similarity; ``ema``: run -> ema_measures table.
     """
-    import math
-
     measures = [m for m in _MEASURE_AXES if any(m in t.columns for t in ema.values())]
     runs = list(ema)
     fig, axes = plt.subplots(max(1, len(runs)), max(1, len(measures)),

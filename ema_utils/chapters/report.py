@@ -10,6 +10,7 @@ import pandas as pd
 
 from .. import CONCEPTS
 from ..methods.condition import Condition
+from ..core.data import paper_tables_long
 from ..core.errors import ParameterError
 from ..core.metrics import EMA_THRESHOLD, ema_delta
 from ..methods.registry import METHODS
@@ -73,8 +74,6 @@ def paper_rows(target: str, paper_model: str = "qwen2.5-7b-instruct",
     for Safety only, at its best forget:retain ratio); a method the paper did not run for
     ``target`` is left out, and an empty table is returned when none is left.
     """
-    from ..core.data import paper_tables_long
-
     long = paper_tables_long()
     long = long[long["model"] == paper_model]
     rows = []

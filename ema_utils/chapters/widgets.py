@@ -8,7 +8,7 @@ import html
 import pandas as pd
 
 from ..core.metrics import display_response, redact  # noqa: F401  (display_response: re-exported)
-from .plots import label, ordered_concepts
+from .plots import figure_png, label, ordered_concepts, similarity_heatmap
 
 
 def items_html(items: pd.DataFrame, max_rows: int = 12) -> str:
@@ -24,6 +24,7 @@ def items_html(items: pd.DataFrame, max_rows: int = 12) -> str:
 
 def response_browser(items: pd.DataFrame, max_rows: int = 12):
     """A Tab per concept with a table of prompts and (redacted) responses."""
+    # deferred: ipywidgets loads slowly; only the interactive browsers need it
     import ipywidgets as widgets
 
     concepts = ordered_concepts(items["concept"])
@@ -40,6 +41,7 @@ def layer_browser(images: dict, description: str = "layer"):
     The slider's ``index`` is jslinked to a Stack's ``selected_index``: both live in the
     browser, so it works in the static book without a kernel (a Python callback would not).
     """
+    # deferred: ipywidgets loads slowly; only the interactive browsers need it
     import ipywidgets as widgets
 
     layers = sorted(images)
@@ -58,9 +60,8 @@ def layer_browser(images: dict, description: str = "layer"):
 def similarity_browser(matrices_by_method: dict, titles: dict | None = None):
     """Concept-similarity heatmaps for every layer: a Tab per kind of concept vector, each with a
     layer slider (:func:`layer_browser`). ``matrices_by_method``: {method: {layer: matrix}}."""
+    # deferred: ipywidgets loads slowly; only the interactive browsers need it
     import ipywidgets as widgets
-
-    from .plots import figure_png, similarity_heatmap
 
     titles = titles or {}
     children, names = [], []

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import AssetMissingError
 
@@ -48,6 +49,7 @@ def encoder_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def load_encoder():
     """``(model, tokenizer)`` of all-MiniLM-L6-v2, in eval mode on the CPU (loaded once)."""
+    # deferred: transformers is a heavy import (it loads torch), needed only to embed
     from transformers import AutoModel, AutoTokenizer
 
     folder = encoder_path()
@@ -63,8 +65,8 @@ def embed(texts, batch_size: int = 32, max_length: int = MAX_LENGTH, progress: b
     Texts are processed in batches sorted by length (less padding, same result) and returned in
     the input order. A tqdm progress bar goes to stderr when ``progress`` is true.
     """
+    # deferred: torch is a heavy import, needed only to embed
     import torch
-    from tqdm import tqdm
 
     texts = [str(t) for t in texts]
     out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)

@@ -10,15 +10,25 @@ model's identity and the exact items, so a chapter that re-scores the same model
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from .. import CONCEPTS
+from . import models
 from .cache import cached, stable_hash
-from .errors import ParameterError
-from .models import DTYPE_NAMES
+from .console import emit
+from .data import load_prompts, load_set
+from .errors import DataError, ParameterError
+from .judges.labels import read_jsonl
+from .judges.registry import DEFAULT_JUDGE, JUDGES, judge_fingerprint, score_responses
+from .metrics import rate_table, refusal_rate
+from .models import DTYPE_NAMES, model_identity
+from .paths import sha256_file
+from .scorers import score_bbq, score_toxigen, score_utility
 
 
 OVER_REFUSAL_JUDGE = "phrase"
@@ -53,8 +63,6 @@ def sample_items(table: pd.DataFrame, n_per_concept: int, seed: int = 0,
         return table.reset_index(drop=True)
     if n_per_concept < 0:
         raise ParameterError(f"n_per_concept must be 0 (all) or positive, got {n_per_concept}")
-    import hashlib
-
     rank = table["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
     picked = table.assign(_rank=rank).sort_values([by, "_rank"], kind="stable")
     picked = picked.groupby(by, sort=False).head(n_per_concept).drop(columns="_rank")
@@ -68,8 +76,6 @@ def eval_items(concepts=CONCEPTS, split: str = "eval", n_per_concept: int = 0, s
     Only ToxiGen's toxic statements are used (agreeing with a benign one is not toxicity), and
     only BBQ's ambiguous contexts (the paper's setting: the right answer is "unknown").
     """
-    from .data import load_prompts
-
     table = load_prompts(concepts, split=split, data_dir=data_dir)
     keep = (table["scorer"] == "refusal") \
         | ((table["scorer"] == "bbq") & (table["context_condition"] == "ambig")) \
@@ -78,6 +84,7 @@ def eval_items(concepts=CONCEPTS, split: str = "eval", n_per_concept: int = 0, s
 
 
 def _generate_cached(model, tokenizer, model_id, table, max_new_tokens, batch_size, progress):
+    # deferred: generation imports torch; looked up per call, so tests can patch it
     from .generation import generate_responses
 
     inputs = {"model": model_id, "items": stable_hash(table["id"].tolist() + table["prompt"].tolist()),
@@ -88,8 +95,6 @@ def _generate_cached(model, tokenizer, model_id, table, max_new_tokens, batch_si
 
 
 def _judge_cached(responses: pd.DataFrame, judge: str | None, model_id: str, gen_key: dict):
-    from .judges.registry import DEFAULT_JUDGE, judge_fingerprint, score_responses
-
     name = judge or DEFAULT_JUDGE
     # The fingerprint changes with the judge's patterns, labels and settings: cached verdicts
     # are never reused after the judge itself changed.
@@ -109,10 +114,6 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     "npo-safety-<adapter hash>"): two different models must never share one. ``items``
     replaces the built-in items (a table with id, concept, prompt; scored by the judge).
     """
-    from .metrics import rate_table, refusal_rate
-
-    from .judges.registry import JUDGES
-
     if max_new_tokens < 1:
         raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if judge is not None and judge not in JUDGES:
@@ -167,8 +168,6 @@ def _refusal_part(model, tokenizer, model_id, prompts, judge, max_new_tokens, ba
 
 
 def _scored_part(kind, model, tokenizer, model_id, items, batch_size):
-    from .scorers import score_bbq, score_toxigen
-
     score = score_bbq if kind == "bbq" else score_toxigen
 
     def compute():
@@ -188,8 +187,6 @@ def _scored_part(kind, model, tokenizer, model_id, items, batch_size):
 
 
 def _over_refusal_items(split, n, seed):
-    from .data import load_set
-
     safe = load_set("over_refusal", split=split).assign(concept="over_refusal")
     return sample_items(safe, n, seed)
 
@@ -198,14 +195,10 @@ def _utility_items():
     # Every item, both splits: nothing trains on the utility set, and the paper's checkpoint
     # rule (utility may drop less than 3 points) needs the resolution: one question of 126 is
     # 0.8 points, one of the 52 eval items alone was 1.9.
-    from .data import load_set
-
     return load_set("utility")
 
 
 def _utility(model, tokenizer, model_id, items, batch_size):
-    from .scorers import score_utility
-
     inputs = {"model": model_id, "items": stable_hash(items["id"].tolist())}
     return cached("utility", inputs, lambda: score_utility(model, tokenizer, items,
                                                            batch_size=batch_size))
@@ -214,9 +207,6 @@ def _utility(model, tokenizer, model_id, items, batch_size):
 # --- ema eval -----------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from .console import emit
-    from .models import load_model, model_identity
-
     concepts = tuple(args.concepts) if args.concepts else CONCEPTS
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown:
@@ -224,14 +214,13 @@ def cmd_eval(args) -> int:
     items = None
     if args.prompts:
         items = read_user_prompts(args.prompts)
-    model, tokenizer = load_model(args.model, dtype=args.dtype,
-                                  log=lambda m: print(m, file=sys.stderr))
+    # models.load_model looked up per call: the tests' guard that no model loads patches it
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype,
+                                         log=lambda m: print(m, file=sys.stderr))
     model_id = model_identity(args.model, model)
     if args.adapter:
+        # deferred: peft is a heavy import (it loads torch), needed only with --adapter
         from peft import PeftModel
-
-        from .paths import sha256_file
-        from pathlib import Path
 
         folder = Path(args.adapter)
         weights = sorted(folder.glob("adapter_model.*"))
@@ -260,9 +249,6 @@ def cmd_eval(args) -> int:
 
 def read_user_prompts(path) -> pd.DataFrame:
     """A user's prompt file: one {"id", "concept", "prompt"} per line, any concept names."""
-    from .errors import DataError
-    from .judges.labels import read_jsonl
-
     rows = read_jsonl(path, required=("id", "concept", "prompt"))
     if not rows:
         raise DataError(f"{path}: no prompts (the file is empty)")

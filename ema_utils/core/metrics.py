@@ -39,6 +39,7 @@ def _flags(flags: Iterable) -> np.ndarray:
 
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The Wilson score interval of ``k`` successes in ``n`` trials (statsmodels)."""
+    # deferred: statsmodels (and scipy under it) is slow to import, needed only for an interval
     from statsmodels.stats.proportion import proportion_confint
 
     if n == 0:

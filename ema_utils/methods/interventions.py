@@ -10,6 +10,7 @@ later chapter calling it with the same settings gets the finished run back at on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -18,12 +19,19 @@ from pathlib import Path
 import pandas as pd
 
 from .. import CONCEPTS
-from ..core.cache import cached, stable_hash
+from ..core import models
+from ..core.cache import atomic_write_json, cached, stable_hash
+from ..core.console import emit
+from ..core.data import load_prompts
 from ..core.errors import ParameterError
-from .checkpoints import CHECKPOINT_RULES
+from ..core.evaluate import eval_items, evaluate, sample_items
+from ..core.judges.registry import get_judge
 from ..core.metrics import display_response
-from ..core.models import DTYPE_NAMES
+from ..core.models import DTYPE_NAMES, model_identity
 from ..core.params import parse_overrides
+from .checkpoints import (CHECKPOINT_RULES, adapter_digest, first_checkpoint_below, load_checkpoint,
+                          merged_for_inference, select_checkpoint, unload_adapter)
+from .condition import parse_ratio
 from .registry import get_method, plain_methods
 
 METHODS = plain_methods()
@@ -96,12 +104,8 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     prompts are tried for the forget set (0: all; a seeded, nested sample), ``n_forget`` how
     many refused ones are used (0: all).
     """
-    from ..core.data import load_prompts
-    from ..core.evaluate import eval_items, sample_items
-    # deferred: checkpoints imports torch
-    from .checkpoints import unload_adapter
     # deferred: sets imports torch
-    from .sets import build_forget_set, build_retain_set, build_sft_labels, parse_ratio
+    from .sets import build_forget_set, build_retain_set, build_sft_labels
     # deferred: trainer imports torch; looked up per call, so narrow's guard patching it works
     from .trainer import unlearn
 
@@ -170,9 +174,6 @@ def _kl_long(checkpoints: pd.DataFrame) -> pd.DataFrame:
 
 def checkpoint_model_id(model_id: str, run_name: str, path: Path | None) -> str:
     """The cache identity of a checkpoint: the base model plus the adapter's weights digest."""
-    # deferred: checkpoints imports torch
-    from .checkpoints import adapter_digest
-
     return model_id if path is None else f"{model_id}+{run_name}:{adapter_digest(path)}"
 
 
@@ -182,11 +183,6 @@ def with_checkpoint(model, path: Path | None, merged: bool = False):
     ``merged=True`` folds the adapter into the weights while inside (for scoring: generation is
     then as fast as the base model's; see checkpoints.merged_for_inference); keep it False where
     the adapter itself is used (scaled, perturbed, disabled)."""
-    import contextlib
-
-    # deferred: checkpoints imports torch
-    from .checkpoints import load_checkpoint, merged_for_inference, unload_adapter
-
     @contextlib.contextmanager
     def ctx():
         if path is None:
@@ -207,8 +203,6 @@ def with_checkpoint(model, path: Path | None, merged: bool = False):
 
 def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens, batch_size,
                        judge, seed, progress):
-    from ..core.evaluate import evaluate
-
     rows, utility = [], []
     for step in steps:
         path = run.checkpoint_path(int(step))
@@ -224,9 +218,6 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
 
 
 def _select(run, checkpoints, max_drop, target_threshold):
-    # deferred: checkpoints imports torch
-    from .checkpoints import first_checkpoint_below, select_checkpoint
-
     aligned_utility = float(run.utility.loc[run.utility["step"] == 0, "utility"].iloc[0])
     trained = checkpoints[checkpoints["step"] > 0]
     run.selected = select_checkpoint(trained, run.utility.set_index("step")["utility"],
@@ -245,8 +236,6 @@ def trajectory_summary(run: InterventionRun) -> pd.DataFrame:
 
 def save_run_summaries(results_dir, runs: list[InterventionRun]) -> Path:
     """The runs' key facts as JSON in a chapter's results folder (read by later chapters)."""
-    from ..core.cache import atomic_write_json
-
     return atomic_write_json(Path(results_dir) / "interventions.json",
                              {r.name: r.summary() for r in runs})
 
@@ -262,8 +251,8 @@ def compare_responses(model, tokenizer, run: InterventionRun, step: int, prompts
                       max_new_tokens: int = 32, batch_size: int = 8) -> pd.DataFrame:
     """Greedy responses of the aligned model and of ``run`` at ``step`` to the same prompts,
     judged by the phrase judge, with compliant answers redacted for display."""
+    # deferred: generation imports torch and transformers
     from ..core.generation import generate_responses
-    from ..core.judges.registry import get_judge
 
     judge = get_judge("phrase")
     out = prompts[["id", "concept", "prompt"]].reset_index(drop=True)
@@ -293,8 +282,6 @@ def chosen_step(summary: dict, rule: str = "utility") -> int | None:
 def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = "utility",
                   **evaluate_kwargs) -> dict:
     """Score the aligned model and each run's chosen checkpoint: ``{condition: Evaluation}``."""
-    from ..core.evaluate import evaluate
-
     results = {"aligned": evaluate(model, tokenizer, model_id, **evaluate_kwargs)}
     for name, summary in summaries.items():
         step = chosen_step(summary, rule)
@@ -315,10 +302,6 @@ RUN_OPTIONS = ("n_forget", "forget_candidates", "forget_max_new_tokens", "traj_n
 
 
 def cmd_unlearn(args) -> int:
-    from ..core.console import emit
-    from ..core.models import load_model, model_identity
-    # deferred: sets imports torch, which the other commands never need
-    from .sets import parse_ratio
     # deferred: trainer imports torch, which the other commands never need
     from .trainer import UnlearnConfig
 
@@ -340,8 +323,9 @@ def cmd_unlearn(args) -> int:
         params.setdefault("seed", run_kwargs["seed"])
     _check(args.concept, method)
     config = UnlearnConfig.from_params(params)  # validated before the model loads
-    model, tokenizer = load_model(args.model, dtype=args.dtype,
-                                  log=lambda m: print(m, file=sys.stderr))
+    # models.load_model looked up per call: the tests' guard that no model loads patches it
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype,
+                                         log=lambda m: print(m, file=sys.stderr))
     model_id = model_identity(args.model, model)
     run = run_intervention(model, tokenizer, model_id, args.concept, method, config, **run_kwargs)
     traj = trajectory_summary(run)

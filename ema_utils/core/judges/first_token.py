@@ -66,6 +66,7 @@ def first_token_logits(model, tokenizer, prompts: Sequence[str], batch_size: int
     # deferred: torch (and generation, which imports it) load only when a model is scored
     import torch
 
+    # deferred: generation imports torch and transformers
     from ..generation import left_pad, length_sorted_batches
 
     if batch_size < 1:
