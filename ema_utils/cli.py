@@ -16,7 +16,6 @@ from .core import models
 from .core.console import emit, log
 from .core.errors import EmaError, ParameterError
 
-
 # --- ema models ---------------------------------------------------------------------------------
 
 def cmd_models(args) -> int:

@@ -55,9 +55,23 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .bench_measures import (bench_log, bench_prompts, chapter_peak_memory, eval_throughput, eval_work_profile, first_token_throughput, load_times, matmul_gflops, n_parameters, naive_eval_throughput, npo_step, roof_ceilings, verdict_agreement)
 from ..core.console import emit
 from ..core.models import DEFAULT_MODEL, resolve_dtype
+from .bench_measures import (
+    bench_log,
+    bench_prompts,
+    chapter_peak_memory,
+    eval_throughput,
+    eval_work_profile,
+    first_token_throughput,
+    load_times,
+    matmul_gflops,
+    n_parameters,
+    naive_eval_throughput,
+    npo_step,
+    roof_ceilings,
+    verdict_agreement,
+)
 from .orchestrate import get_profile, machine_info, package_versions
 
 TARGETS = {

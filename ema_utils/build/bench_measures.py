@@ -36,9 +36,9 @@ from ..core.evaluate import eval_items
 from ..core.judges.first_token import first_token_distribution
 from ..core.judges.registry import DEFAULT_JUDGE, score_responses
 from ..core.models import REGISTRY, load_model
-from .orchestrate import tree_rss
 from ..core.paths import PROJECT_ROOT
 from ..core.results import results_root
+from .orchestrate import tree_rss
 
 MiB = 2 ** 20
 FORGET_RESPONSE = "I'm sorry, but I can't assist with that."
@@ -373,8 +373,16 @@ def _npo_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     # deferred: losses imports torch (after the thread count is set)
     from ..methods import losses as L
+
     # deferred: trainer imports torch (after the thread count is set)
-    from ..methods.trainer import UnlearnConfig, _logits, _pad_id, collate, encode_examples, unlearn
+    from ..methods.trainer import (
+        UnlearnConfig,
+        _logits,
+        _pad_id,
+        collate,
+        encode_examples,
+        unlearn,
+    )
 
     model, tokenizer = load_model(spec["model"], dtype=spec.get("dtype"), log=bench_log)
     # The cached weights are memory-mapped: pages come in on first touch. Touch them all now,

@@ -615,7 +615,7 @@ def render_markdown(report: dict) -> str:
              f"as {ref}\" **{verdict}**: per-item agreement at least "
              f"{_pct(report['min_agreement'])}, every rate inside the other dtype's 95% Wilson "
              "interval, and the same checkpoints chosen by both trainings.", "",
-             f"| model | items | same verdict | rates inside the other's interval |",
+             "| model | items | same verdict | rates inside the other's interval |",
              "|---|---:|---:|---|"]
     for e in report["evaluations"]:
         outside = [r["concept"] for r in e["rates"] if not r["within"]]

@@ -35,13 +35,18 @@ import pandas as pd
 from ..core.cache import atomic_write_json
 from ..core.errors import EmaError
 from ..core.evaluate import evaluate
-from ..methods.interventions import (chosen_step, checkpoint_model_id, run_intervention, with_checkpoint)
 from ..core.metrics import rate_table
 from ..core.models import dtype_tag, load_model, model_identity, resolve_dtype
-from .orchestrate import resolve_parameters, validate_parameters
 from ..core.paths import dtype_check_file
-from .book import render_markdown  # noqa: F401  (re-exported: `ema bench --dtype-check` prints it)
+from ..methods.interventions import (
+    checkpoint_model_id,
+    chosen_step,
+    run_intervention,
+    with_checkpoint,
+)
 from ..methods.trainer import UnlearnConfig
+from .book import render_markdown  # noqa: F401  (re-exported: `ema bench --dtype-check` prints it)
+from .orchestrate import resolve_parameters, validate_parameters
 
 MIN_AGREEMENT = 0.97
 """Per-item verdict agreement the fast dtype must reach (the speed issue's bar)."""

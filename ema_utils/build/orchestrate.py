@@ -33,20 +33,42 @@ from pathlib import Path
 import yaml
 
 from .. import CHAPTERS, CONCEPTS
-from ..methods.checkpoints import CHECKPOINT_RULES
-from ..methods.condition import parse_ratio
-from .book import build_book
-from ..core.cache import atomic_write_json, stable_hash
+from ..core.cache import atomic_write_json, stable_hash, writable_dir
 from ..core.console import emit
 from ..core.data import data_digest
 from ..core.errors import EmaError, ParameterError
 from ..core.judges.registry import JUDGES
-from ..methods.registry import METHODS
-from ..core.models import (DTYPE_NAMES, MODEL_NAMES, _looks_like_hub_id, dtype_tag, model_digest, resolve_dtype)
+from ..core.models import (
+    DTYPE_NAMES,
+    MODEL_NAMES,
+    _looks_like_hub_id,
+    dtype_tag,
+    model_digest,
+    resolve_dtype,
+)
 from ..core.params import parse_literal, parse_overrides  # noqa: F401  (orchestrate.parse_overrides)
-from ..core.cache import writable_dir
-from ..core.paths import (NOTEBOOK_DIR, PROJECT_ROOT, build_dir, cache_dir, notebook_dir, sha256_file)
-from ..core.results import (DEPENDS_ON, chapter_results, chapter_summary, check_chapter, point_at, results_root, save_summary, upstream_keys)
+from ..core.paths import (
+    NOTEBOOK_DIR,  # noqa: F401  (tests point it elsewhere)
+    PROJECT_ROOT,
+    build_dir,
+    cache_dir,
+    notebook_dir,
+    sha256_file,
+)
+from ..core.results import (  # noqa: F401  (re-exported)
+    DEPENDS_ON,
+    chapter_results,
+    chapter_summary,
+    check_chapter,
+    point_at,
+    results_root,
+    save_summary,
+    upstream_keys,
+)
+from ..methods.checkpoints import CHECKPOINT_RULES
+from ..methods.condition import parse_ratio
+from ..methods.registry import METHODS
+from .book import build_book
 
 PROFILES_FILE = Path(__file__).parents[1] / "profiles.yml"
 INJECTED = ("results_dir", "profile")  # set by the orchestrator, not part of the run key

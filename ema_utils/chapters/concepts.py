@@ -48,12 +48,15 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .. import CONCEPTS
+from ..core.errors import EmaError, ParameterError
+from ..core.results import (
+    chapter_results,
+    chapter_summary,
+    json_records,  # noqa: F401  (chapter 5's notebook reads it here)
+)
 from .activations import BENIGN, HiddenStates, mean_normalise
 from .rank_correlation import correlation_by_layer
 from .report import condition_parts
-from ..core.errors import EmaError, ParameterError
-from ..core.results import chapter_results, chapter_summary
-from ..core.results import json_records  # noqa: F401  (chapter 5's notebook reads it here)
 
 PAPER_LAYER_FRACTION = 5 / 32
 """The paper's layer: 5 of Mistral-7B's 32."""

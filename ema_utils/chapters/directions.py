@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 
 from .. import CONCEPTS
-from .activations import collect_hidden_states, hidden_states
 from ..core.errors import EmaError, ModelError, ParameterError
 from ..core.evaluate import eval_items, evaluate, sample_items
 from ..core.metrics import refusal_rate
 from ..core.results import json_records
+from .activations import collect_hidden_states, hidden_states
 
 __all__ = [
     "mean_activations", "refusal_direction", "model_diff_direction", "adapter_diff_direction",

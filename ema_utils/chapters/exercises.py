@@ -35,11 +35,12 @@ import numpy as np
 import pandas as pd
 
 from .. import CHAPTERS, CONCEPTS
-from .concepts import first_principal_component, sign_towards
 from ..core.errors import EmaError
 from ..core.judges.validation import agreement
 from ..core.metrics import ema_delta, wilson_interval
 from ..core.paths import notebook_dir
+from .concepts import first_principal_component, sign_towards
+from .report import paper_recovery
 
 MODES = ("instructor", "student")
 _mode = os.environ.get("EMA_EXERCISES_MODE", "instructor")
@@ -256,7 +257,7 @@ def check_npo_loss(answer) -> bool:
             at_ref = bool(torch.equal(theta, ref))
             raise _Wrong(f"on {'θ = ref' if at_ref else 'a batch of ' + str(len(theta))} with "
                          f"β = {beta}: got {got:.5f}, expected {want:.5f}"
-                         + (f" (= (2/β)·log 2 when the model equals the reference)" if at_ref else "")
+                         + (" (= (2/β)·log 2 when the model equals the reference)" if at_ref else "")
                          + f".{hint}")
         return "matches losses.npo_loss, and equals (2/β)·log 2 at the reference"
 
@@ -493,8 +494,6 @@ def check_recovery(answer) -> bool:
 def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame:
     """The paper's refusal rates (fractions) per concept for Safety unlearning: aligned, plain NPO
     (unlearned) and NPO with the retain loss (augmented), from its Tables 3 and 4."""
-    # deferred: mitigation imports torch (through methods.sets and methods.trainer)
-    from .mitigation import paper_recovery
 
     t = paper_recovery("safety", paper_model)
     t = t[t["method"] == "npo_retain"]
@@ -503,9 +502,7 @@ def paper_safety_rates(paper_model: str = "qwen2.5-7b-instruct") -> pd.DataFrame
 
 def check_paper_mean_recovery(answer, paper_model: str = "qwen2.5-7b-instruct") -> bool:
     """``answer``: the paper's mean recovered fraction over the non-target concepts that were not
-    skipped (NPO + retain, Safety), compared with :func:`ema_utils.chapters.mitigation.paper_recovery`."""
-    # deferred: mitigation imports torch (through methods.sets and methods.trainer)
-    from .mitigation import paper_recovery
+    skipped (NPO + retain, Safety), compared with :func:`ema_utils.chapters.report.paper_recovery`."""
 
     def body():
         got = _number(answer if answer is not Ellipsis else None, "the mean") if answer is not None else None

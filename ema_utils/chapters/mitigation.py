@@ -30,16 +30,28 @@ import numpy as np
 import pandas as pd
 
 from .. import CONCEPTS
-from ..methods.condition import Condition, condition_label  # noqa: F401  (re-exported)
 from ..core.data import load_set
 from ..core.errors import DataError, ParameterError
 from ..core.evaluate import eval_items
-from ..methods.interventions import run_intervention
+from ..methods.condition import Condition, condition_label  # noqa: F401  (re-exported)
+from ..methods.plan import (  # noqa: F401
+    PlannedRun,
+    augmented_plan,
+    plain_config,
+    plan_table,
+    train_augmented,  # chapter 4's plan, called from its notebook
+)
 from ..methods.registry import METHODS
-from .report import (condition_details, condition_parts, outcome_table, paper_rows,
-                     refusal_summary)
-from ..methods.sets import build_retain_set, parse_ratio
-from ..methods.trainer import UnlearnConfig
+from ..methods.sets import build_retain_set
+from .report import (  # noqa: F401
+    MIN_GAP,
+    condition_details,
+    condition_parts,
+    outcome_table,
+    paper_recovery,
+    paper_rows,
+    refusal_summary,
+)
 
 AUGMENTED_BASE = {name: m.base for name, m in METHODS.items() if m.base}
 """Each augmented method and the plain method (chapter 2) it is compared with (registry)."""
@@ -53,10 +65,6 @@ LARGELY = 0.5
 """Mean recovery from which the retain set counts as restoring alignment "largely"."""
 FULLY = 0.95
 """Mean recovery from which it counts as restoring it "fully" (the paper: "not fully")."""
-MIN_GAP = 0.10
-"""Concepts where aligned - unlearned is below this (10 points) are skipped: unlearning took
-(almost) nothing there, and a ratio over a gap of a few items is noise (at 40 items a concept,
-one item is 2.5 points). The paper flags EMA from 15 points."""
 TARGET_MAX_RECOVERY = 0.25
 """The target "stays low" when at most this fraction of its own lost refusal came back."""
 
@@ -83,130 +91,7 @@ def base_condition(condition: str) -> str:
     return c.base.name
 
 
-# --- plan and training --------------------------------------------------------------------------
-
-def plain_config(summary: dict):
-    """The UnlearnConfig of a chapter-2 run, from its summary's settings["config"]."""
-    config = (summary.get("settings") or {}).get("config")
-    if not config:
-        raise ParameterError(f"run '{summary.get('name')}' has no settings['config'] in its "
-                             "summary; re-run the unlearning chapter")
-    return UnlearnConfig.from_params(config)
-
-
-@dataclass
-class PlannedRun:
-    """One augmented run: its condition name, target, method family and config."""
-
-    condition: str
-    concept: str
-    family: str  # "npo" or "sft": which forget data run_intervention builds
-    config: object  # UnlearnConfig
-    ratio: float
-    base: str  # the plain run's name (chapter 2), e.g. "npo_safety"
-
-
-def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retain_ratios=(1,),
-                   kl_lambdas=(1.0,), kl_ratio=1, w1: float = 1.0, w2: float = 1.0,
-                   w3: float = 1.0, model_id: str | None = None) -> list[PlannedRun]:
-    """The augmented runs to train, each with the plain run's config and the method changed.
-
-    ``summaries``: chapter 2's run summaries (interventions.load_run_summaries). For each target
-    in ``concepts``: npo_retain at every ratio of ``retain_ratios`` (from npo_<target>'s config),
-    sft_retain at every ratio of ``sft_retain_ratios`` (from sft_<target>'s), npo_kl at every
-    lambda of ``kl_lambdas`` with ``kl_ratio``. Empty lists leave a variant out. Everything is
-    validated here, before any model loads; with ``model_id`` the plain runs must have been
-    trained on that model (else the comparison would mix two models).
-    """
-    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or not math.isfinite(w):
-            raise ParameterError(f"parameter '{name}' must be a positive number (a loss weight), "
-                                 f"got {w!r}")
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    plan = []
-    for concept in concepts:
-        if concept not in CONCEPTS:
-            raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
-        variants = ([("npo_retain", r, None) for r in retain_ratios]
-                    + [("sft_retain", r, None) for r in sft_retain_ratios]
-                    + [("npo_kl", kl_ratio, lam) for lam in kl_lambdas])
-        for method, ratio, lam in variants:
-            family = AUGMENTED_BASE[method]
-            base = f"{family}_{concept}"
-            if base not in summaries:
-                raise ParameterError(
-                    f"chapter 2 has no '{base}' run to compare {method} with (it has "
-                    f"{', '.join(sorted(summaries)) or 'none'}); run `ema run unlearning` with "
-                    f"{concept} in concepts and {family} in methods, or drop {method} here")
-            trained_on = (summaries[base].get("settings") or {}).get("model")
-            if model_id is not None and trained_on not in (None, model_id):
-                raise ParameterError(
-                    f"chapter 2's '{base}' was trained on {trained_on}, not {model_id}; run "
-                    "the unlearning chapter with the same --model as this chapter")
-            ratio = parse_ratio(ratio)
-            changes = {"method": method}
-            if method == "npo_retain":
-                changes.update(w_forget=float(w1), w_retain=float(w2))
-            elif method == "sft_retain":
-                changes.update(w_retain=float(w2), w_sft=float(w3))
-            else:
-                if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
-                    raise ParameterError(f"kl_lambdas must hold positive numbers, got {lam!r}")
-                changes.update(w_forget=float(w1), kl_lambda=float(lam))
-            config = plain_config(summaries[base]).replace(**changes)
-            plan.append(PlannedRun(condition=condition_name(method, concept, ratio, lam),
-                                   concept=concept, family=family, config=config, ratio=ratio,
-                                   base=base))
-    names = [p.condition for p in plan]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ParameterError(f"the same run is planned twice: {dup}; remove the repeated ratio "
-                             "or lambda from the parameters")
-    return plan
-
-
-def plan_table(plan: list[PlannedRun]) -> pd.DataFrame:
-    """The plan as a table: condition, base run, method, ratio, and the loss weights."""
-    rows = []
-    for p in plan:
-        c = p.config
-        rows.append({"condition": p.condition, "compared with": p.base, "method": c.method,
-                     "forget:retain": f"1:{p.ratio:g}", "loss": " + ".join(
-                         f"{w:g}*{part}" for part, w in c.loss_weights().items()),
-                     "lr": c.lr, "steps": c.max_steps or f"{c.epochs} epochs",
-                     "lora": f"r{c.lora_r}" if c.lora else "full"})
-    return pd.DataFrame(rows).set_index("condition")
-
-
-def train_augmented(model, tokenizer, model_id: str, plan: list[PlannedRun], options: dict,
-                    methods=None, progress: bool = True) -> dict:
-    """Train (or take from the cache) the planned runs: ``{condition: InterventionRun}``.
-
-    ``options``: run_intervention's data and scoring options, normally chapter 2's
-    (:func:`ema_utils.chapters.run_options.upstream_options`), so the forget set, the trajectory
-    and the checkpoint rule are those of the plain runs. ``methods`` (e.g. ["npo_retain"]) trains only those methods'
-    runs, so a chapter can spread long training over several cells (each cell has a time
-    limit); None trains every run of the plan.
-    """
-    if isinstance(methods, str):
-        methods = [methods]
-    unknown = sorted(set(methods or ()) - set(AUGMENTED_BASE))
-    if unknown:
-        raise ParameterError(f"unknown augmented method(s) {unknown}; methods: "
-                             f"{', '.join(AUGMENTED_BASE)}")
-    runs = {}
-    for p in plan:
-        if methods is not None and p.config.method not in methods:
-            continue
-        run = run_intervention(model, tokenizer, model_id, p.concept, p.family, p.config,
-                               retain_ratio=p.ratio, progress=progress, **options)
-        run.name = p.condition
-        run.settings["retain_ratio"] = p.ratio
-        run.settings["base"] = p.base
-        runs[p.condition] = run
-    return runs
-
+# --- retain sets --------------------------------------------------------------------------------
 
 def retain_set_of(model, tokenizer, model_id: str, run, options: dict,
                   progress: bool = False) -> pd.DataFrame:
@@ -484,30 +369,6 @@ def recovery(evaluations: dict, target: str, conditions=None, aligned: str = "al
 
 
 # --- the paper ----------------------------------------------------------------------------------
-
-def paper_recovery(target: str = "safety", paper_model: str = "qwen2.5-7b-instruct",
-                   min_gap: float = MIN_GAP) -> pd.DataFrame:
-    """The paper's own recovery, from its Tables 3 (plain) and 4 (augmented), per concept:
-    method (npo_retain / sft_retain), concept, aligned, unlearned, augmented (fractions),
-    recovery (NaN where aligned - unlearned < min_gap), skipped. Empty when the paper has no
-    Table 4 for ``target``."""
-    rows = paper_rows(target, paper_model, methods=("aligned", "npo", "sft", "npo_retain",
-                                                    "sft_retain")) / 100
-    out = []
-    for method, base in (("npo_retain", "npo"), ("sft_retain", "sft")):
-        aug, plain = f"paper: {method}_{target}", f"paper: {base}_{target}"
-        if aug not in rows.index or plain not in rows.index or "paper: aligned" not in rows.index:
-            continue
-        for concept in CONCEPTS:
-            a, u, g = (float(rows.loc[r, concept]) for r in ("paper: aligned", plain, aug))
-            skip = a - u < min_gap - 1e-12
-            out.append({"model": paper_model, "method": method, "concept": concept,
-                        "is_target": concept == target, "aligned": a, "unlearned": u,
-                        "augmented": g, "recovery": np.nan if skip else (g - u) / (a - u),
-                        "skipped": skip})
-    return pd.DataFrame(out, columns=["model", "method", "concept", "is_target", "aligned",
-                                      "unlearned", "augmented", "recovery", "skipped"])
-
 
 def paper_summary(target: str = "safety", paper_models=tuple(PAPER_MODELS),
                   min_gap: float = MIN_GAP) -> pd.DataFrame:

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,42 +46,15 @@ from ..core.errors import EmaError, ParameterError
 from ..core.evaluate import sample_items
 from ..core.results import chapter_results, chapter_summary
 from ..methods import trainer
-from ..methods.condition import Condition, parse_ratio
-from ..methods.interventions import chosen_step, load_run_summaries, run_intervention
+from ..methods.interventions import chosen_step, load_run_summaries
+from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
 from .report import condition_details
 from .run_options import upstream_options
+from .stability import EMA_POINTS, Solution  # noqa: F401  (the solutions this chapter builds)
 
 TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""
-
-EMA_POINTS = 0.15
-"""A change of more than 15 points counts (the paper's EMA threshold), for the verdicts."""
-
-
-# --- the two solutions ------------------------------------------------------------------------
-
-@dataclass
-class Solution:
-    """One LoRA adapter to analyse: where it is, which step, and what it was trained with."""
-
-    role: str  # "general" or "narrow"
-    condition: str  # e.g. "npo_safety", "npo_kl_1to1_lambda10_safety"
-    step: int
-    path: Path  # the checkpoint folder (adapter_config.json, adapter_model.safetensors)
-    config: dict = field(default_factory=dict)  # the UnlearnConfig it was trained with
-    note: str = ""
-
-    @property
-    def beta(self) -> float:
-        return float(self.config.get("beta", 0.1))
-
-    def to_json(self) -> dict:
-        return {"role": self.role, "condition": self.condition, "step": self.step,
-                "path": str(self.path), "beta": self.beta,
-                "kl_lambda": self.config.get("kl_lambda") if self.config.get("method") == "npo_kl"
-                else None, "note": self.note}
-
 
 def _command(chapter: str, profile: str) -> str:
     return f"ema run {chapter} --profile {profile}"
@@ -229,47 +201,13 @@ def _no_training(command: str):
         trainer.unlearn = original
 
 
-def _kl_run(model, tokenizer, model_id: str, summaries: dict, options: dict, target: str,
-            kl_lambda: float, kl_ratio: float, w1: float, progress: bool):
-    """Chapter 4's NPO + KL run on ``target``, built as chapter 4 builds it
-    (``ema_utils.chapters.mitigation.augmented_plan`` with this one lambda, then
-    ``train_augmented``): chapter 2's plain NPO config with the method set to npo_kl, the forget
-    weight ``w1`` and ``kl_lambda``, trained by the same run_intervention call on chapter 2's
-    forget set (``options``), so it is the same entry of the results cache (tests/test_narrow.py
-    trains the run with chapter 4's functions and finds it here). Returns ``(condition, run)``."""
-    base = f"npo_{target}"
-    if base not in summaries:
-        raise ParameterError(
-            f"chapter 2 has no '{base}' run to compare npo_kl with (it has "
-            f"{', '.join(sorted(summaries)) or 'none'}); run `ema run unlearning` with "
-            f"{target} in concepts and npo in methods, or drop npo_kl here")
-    settings = summaries[base].get("settings") or {}
-    if settings.get("model") not in (None, model_id):
-        raise ParameterError(
-            f"chapter 2's '{base}' was trained on {settings.get('model')}, not {model_id}; run "
-            "the unlearning chapter with the same --model as this chapter")
-    if not settings.get("config"):
-        raise ParameterError(f"run '{summaries[base].get('name')}' has no settings['config'] in "
-                             "its summary; re-run the unlearning chapter")
-    ratio = parse_ratio(kl_ratio)
-    config = trainer.UnlearnConfig.from_params(settings["config"]).replace(
-        method="npo_kl", w_forget=float(w1), kl_lambda=float(kl_lambda))
-    condition = Condition("npo_kl", target, retain_ratio=ratio, kl_lambda=kl_lambda).name
-    run = run_intervention(model, tokenizer, model_id, target, "npo", config, retain_ratio=ratio,
-                           progress=progress, **options)
-    run.name = condition
-    run.settings["retain_ratio"] = ratio
-    run.settings["base"] = base
-    return condition, run
-
-
 def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str = TARGET,
                     kl_lambda: float | None = None, rule: str | None = None,
                     progress: bool = False) -> tuple[Solution, dict]:
     """Chapter 4's NPO + KL run on ``target`` at the lambda :func:`choose_kl_lambda` picks.
 
     Its adapter is found by replaying chapter 4's plan for that one run with chapter 2's
-    options (:func:`_kl_run`; everything comes from the results cache: forget and retain sets,
+    options (:func:`ema_utils.methods.plan.augmented_plan`; everything comes from the results cache: forget and retain sets,
     training, checkpoint scores); nothing is trained (an uncached run raises EmaError). Returns
     the solution and the choice (the row of :func:`kl_candidates` and the rule).
     """
@@ -287,13 +225,16 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str =
     upstream = _chapter_folder("unlearning", profile)
     summaries = _unlearning_summaries(profile)
     options = upstream_options(upstream)
+    plan = augmented_plan(summaries, [target], retain_ratios=[], sft_retain_ratios=[],
+                          kl_lambdas=[float(choice["kl_lambda"])],
+                          kl_ratio=_ratio_or_one(choice.get("ratio")),
+                          w1=float(params.get("w1", 1.0)), model_id=model_id)
     with _no_training(_command("mitigation", profile)):
-        condition, run = _kl_run(model, tokenizer, model_id, summaries, options, target,
-                                 kl_lambda=float(choice["kl_lambda"]),
-                                 kl_ratio=_ratio_or_one(choice.get("ratio")),
-                                 w1=float(params.get("w1", 1.0)), progress=progress)
-    if condition != choice["condition"]:
-        raise EmaError(f"rebuilding chapter 4's plan gave {[condition]}, not "
+        runs = train_augmented(model, tokenizer, model_id, plan, options, methods=["npo_kl"],
+                               progress=progress)
+    run = runs.get(choice["condition"])
+    if run is None:
+        raise EmaError(f"rebuilding chapter 4's plan gave {sorted(runs)}, not "
                        f"{choice['condition']}; re-run `{_command('mitigation', profile)}`")
     rule = rule or str(params.get("checkpoint_rule") or "utility")
     step = chosen_step(run.summary(), rule)

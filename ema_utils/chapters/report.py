@@ -6,13 +6,14 @@ the paper. A condition is "aligned" or an intervention's name such as "npo_cyber
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from .. import CONCEPTS
-from ..methods.condition import Condition
 from ..core.data import paper_tables_long
 from ..core.errors import ParameterError
 from ..core.metrics import EMA_THRESHOLD, ema_delta
+from ..methods.condition import Condition
 from ..methods.registry import METHODS
 
 PAPER_METHOD = {"aligned": "aligned", **{name: m.paper_method for name, m in METHODS.items()
@@ -23,6 +24,10 @@ PAPER_AUGMENTED_TABLE = {"safety": 4}
 """The paper's containment runs (Table 4: retain-augmented NPO and SFT) exist for Safety only."""
 AUGMENTED_METHODS = tuple(name for name, m in METHODS.items() if m.base and m.paper_method)
 """The augmented methods with a row in the paper's Table 4 (npo_retain, sft_retain)."""
+MIN_GAP = 0.10
+"""Concepts where aligned - unlearned is below this (10 points) are skipped: unlearning took
+(almost) nothing there, and a ratio over a gap of a few items is noise (at 40 items a concept,
+one item is 2.5 points). The paper flags EMA from 15 points."""
 
 
 def condition_parts(condition: str) -> tuple[str, str | None]:
@@ -204,3 +209,27 @@ def refusal_summary(evaluations: dict) -> dict:
                              for c, ev in evaluations.items()},
             "utility": {c: None if ev.utility is None else round(ev.utility["accuracy"], 4)
                         for c, ev in evaluations.items()}}
+
+
+def paper_recovery(target: str = "safety", paper_model: str = "qwen2.5-7b-instruct",
+                   min_gap: float = MIN_GAP) -> pd.DataFrame:
+    """The paper's own recovery, from its Tables 3 (plain) and 4 (augmented), per concept:
+    method (npo_retain / sft_retain), concept, aligned, unlearned, augmented (fractions),
+    recovery (NaN where aligned - unlearned < min_gap), skipped. Empty when the paper has no
+    Table 4 for ``target``."""
+    rows = paper_rows(target, paper_model, methods=("aligned", "npo", "sft", "npo_retain",
+                                                    "sft_retain")) / 100
+    out = []
+    for method, base in (("npo_retain", "npo"), ("sft_retain", "sft")):
+        aug, plain = f"paper: {method}_{target}", f"paper: {base}_{target}"
+        if aug not in rows.index or plain not in rows.index or "paper: aligned" not in rows.index:
+            continue
+        for concept in CONCEPTS:
+            a, u, g = (float(rows.loc[r, concept]) for r in ("paper: aligned", plain, aug))
+            skip = a - u < min_gap - 1e-12
+            out.append({"model": paper_model, "method": method, "concept": concept,
+                        "is_target": concept == target, "aligned": a, "unlearned": u,
+                        "augmented": g, "recovery": np.nan if skip else (g - u) / (a - u),
+                        "skipped": skip})
+    return pd.DataFrame(out, columns=["model", "method", "concept", "is_target", "aligned",
+                                      "unlearned", "augmented", "recovery", "skipped"])

@@ -23,6 +23,8 @@ import contextlib
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,31 @@ from ..core.generation import length_sorted_batches
 from ..methods import losses as L
 from ..methods.interventions import with_checkpoint
 from ..methods.trainer import _pad_id, collate, encode_examples
+
+EMA_POINTS = 0.15
+"""A change of more than 15 points counts (the paper's EMA threshold), for the verdicts."""
+
+
+@dataclass
+class Solution:
+    """One LoRA adapter to analyse: where it is, which step, and what it was trained with."""
+
+    role: str  # "general" or "narrow"
+    condition: str  # e.g. "npo_safety", "npo_kl_1to1_lambda10_safety"
+    step: int
+    path: Path  # the checkpoint folder (adapter_config.json, adapter_model.safetensors)
+    config: dict = field(default_factory=dict)  # the UnlearnConfig it was trained with
+    note: str = ""
+
+    @property
+    def beta(self) -> float:
+        return float(self.config.get("beta", 0.1))
+
+    def to_json(self) -> dict:
+        return {"role": self.role, "condition": self.condition, "step": self.step,
+                "path": str(self.path), "beta": self.beta,
+                "kl_lambda": self.config.get("kl_lambda") if self.config.get("method") == "npo_kl"
+                else None, "note": self.note}
 
 STABILITY_MARGIN = 0.05
 """The narrow solution counts as less stable when its relative loss increase (averaged over eps)

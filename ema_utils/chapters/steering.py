@@ -3,7 +3,7 @@ unlearned one.
 
 Soligo et al. (../shared/paper/soligo2026.md) find a single direction that carries the general
 solution: added to the aligned model it induces the behaviour, projected out of the fine-tuned
-model it removes most of it. Here, for a solution (:class:`ema_utils.chapters.narrow.Solution`):
+model it removes most of it. Here, for a solution (:class:`ema_utils.chapters.stability.Solution`):
 
 - its **direction** (:func:`solution_direction`): the difference of mean activations between the
   unlearned model (adapter on) and the aligned one (adapter off), per layer, and its norm per
@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import directions as D
 from ..core.cache import cached, stable_hash
 from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
 from ..methods.interventions import checkpoint_model_id, with_checkpoint
-from .narrow import EMA_POINTS, Solution
-from .stability import check_numbers
+from . import directions as D
+from .stability import EMA_POINTS, Solution, check_numbers
 
 MIN_GAP = 0.10
 """Ablation recovery is not judged when unlearning took less than this off the mean refusal."""

@@ -34,7 +34,17 @@ from .console import emit
 from .errors import DataError, ParameterError
 from .paths import DATA_DIR, PROJECT_ROOT, sha256_file
 from .scorers import format_agree_prompt, format_mc_prompt
-from .sources import (DERIVATION_VERSION, INSTALL_COMMAND, SOURCES, derive_ambiguous_context, harmbench_concept, parse_bbq_text, read_source_json, source_path, unknown_index)
+from .sources import (
+    DERIVATION_VERSION,
+    INSTALL_COMMAND,
+    SOURCES,
+    derive_ambiguous_context,
+    harmbench_concept,
+    parse_bbq_text,
+    read_source_json,
+    source_path,
+    unknown_index,
+)
 
 # --- constants ----------------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from .models import DTYPE_NAMES, model_identity
 from .paths import sha256_file
 from .scorers import score_bbq, score_toxigen, score_utility
 
-
 OVER_REFUSAL_JUDGE = "phrase"
 """The default judge of the over-refusal (safe prompt) set; see :func:`evaluate`."""
 

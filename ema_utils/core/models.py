@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AssetMissingError, ChecksumError, ModelError
 from .cache import atomic_write_dir, writable_dir
+from .errors import AssetMissingError, ChecksumError, ModelError
 from .paths import PROJECT_ROOT, cache_dir, sha256_file
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -325,7 +325,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None,
     Registry models never touch the network; nothing ever runs remote code.
     """
     # deferred: torch and transformers are heavy imports, needed only when a model is built
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or "cpu"

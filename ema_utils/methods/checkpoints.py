@@ -23,7 +23,6 @@ from ..core.errors import ParameterError
 from ..core.models import save_plain
 from ..core.paths import sha256_file
 
-
 # --- models: LoRA adapters and checkpoint folders ----------------------------------------------
 
 @contextlib.contextmanager

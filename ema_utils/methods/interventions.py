@@ -29,8 +29,15 @@ from ..core.judges.registry import get_judge
 from ..core.metrics import display_response
 from ..core.models import DTYPE_NAMES, model_identity
 from ..core.params import parse_overrides
-from .checkpoints import (CHECKPOINT_RULES, adapter_digest, first_checkpoint_below, load_checkpoint,
-                          merged_for_inference, select_checkpoint, unload_adapter)
+from .checkpoints import (
+    CHECKPOINT_RULES,
+    adapter_digest,
+    first_checkpoint_below,
+    load_checkpoint,
+    merged_for_inference,
+    select_checkpoint,
+    unload_adapter,
+)
 from .condition import parse_ratio
 from .registry import get_method, plain_methods
 
@@ -106,6 +113,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     """
     # deferred: sets imports torch
     from .sets import build_forget_set, build_retain_set, build_sft_labels
+
     # deferred: trainer imports torch; looked up per call, so narrow's guard patching it works
     from .trainer import unlearn
 

@@ -17,7 +17,6 @@ artifacts of the results cache (ema_utils.core.cache).
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence

@@ -35,12 +35,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import losses as L
 from ..core.cache import atomic_write_json, atomic_write_table
-from .checkpoints import _quiet_peft, has_adapter, save_checkpoint
 from ..core.errors import ParameterError
 from ..core.generation import encode_chats, length_sorted_batches
 from ..core.judges.first_token import first_token_distribution, first_token_kl
+from . import losses as L
+from .checkpoints import _quiet_peft, has_adapter, save_checkpoint
 from .registry import METHODS, Step, get_method
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

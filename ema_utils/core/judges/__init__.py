@@ -33,12 +33,61 @@ Everything public is re-exported here: ``from ema_utils import judges; judges.ge
 
 from .base import Judge
 from .endpoint import RUBRIC, EndpointError, EndpointJudge, parse_verdict
-from .first_token import (REFUSAL_OPENINGS, FirstTokenJudge, first_token_distribution, first_token_kl, first_token_logits, refusal_token_ids)
+from .first_token import (
+    REFUSAL_OPENINGS,
+    FirstTokenJudge,
+    first_token_distribution,
+    first_token_kl,
+    first_token_logits,
+    refusal_token_ids,
+)
 from .labels import HELDOUT_PATH, LABELS_PATH, load_labels, read_jsonl
-from .learned import (EXTRA_FEATURE_NAMES, LEARNED_CS, LEARNED_PCA, LEARNED_TEXT, LEARNED_VERSION, PATTERN_FEATURE_NAMES, SIMILARITY_FEATURE_NAME, TEXT_MODES, LearnedJudge, cosine_rows, cross_validated_learned, pattern_features, remove_topic)
-from .phrase import (CODE_CHARS, CODE_REFUSAL_PATTERNS, COMPLIANCE_MARKERS, DEFLECTION_PATTERNS, OFFER_OPENING, OPENING_CHARS, PIVOT_PATTERNS, REFUSAL_PATTERNS, PhraseJudge, code_does_nothing, phrase_reason)
-from .registry import (DEFAULT_JUDGE, JUDGES, RESPONSE_JUDGES, get_judge, judge_fingerprint, score_responses)
-from .validation import (AGREEMENT_FORMAT, accuracy_by_category, agreement, agreement_table, heldout_agreement, kappa_interval, validate_judges, validation_predictions)
+from .learned import (
+    EXTRA_FEATURE_NAMES,
+    LEARNED_CS,
+    LEARNED_PCA,
+    LEARNED_TEXT,
+    LEARNED_VERSION,
+    PATTERN_FEATURE_NAMES,
+    SIMILARITY_FEATURE_NAME,
+    TEXT_MODES,
+    LearnedJudge,
+    cosine_rows,
+    cross_validated_learned,
+    pattern_features,
+    remove_topic,
+)
+from .phrase import (
+    CODE_CHARS,
+    CODE_REFUSAL_PATTERNS,
+    COMPLIANCE_MARKERS,
+    DEFLECTION_PATTERNS,
+    OFFER_OPENING,
+    OPENING_CHARS,
+    PIVOT_PATTERNS,
+    REFUSAL_PATTERNS,
+    PhraseJudge,
+    code_does_nothing,
+    phrase_reason,
+)
+from .registry import (
+    DEFAULT_JUDGE,
+    JUDGES,
+    RESPONSE_JUDGES,
+    get_judge,
+    judge_fingerprint,
+    score_responses,
+)
+from .validation import (
+    AGREEMENT_FORMAT,
+    accuracy_by_category,
+    agreement,
+    agreement_table,
+    heldout_agreement,
+    kappa_interval,
+    validate_judges,
+    validation_predictions,
+)
 
 __all__ = [
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",

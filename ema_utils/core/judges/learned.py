@@ -27,7 +27,17 @@ from ..errors import DataError, ParameterError
 from ..paths import cache_dir, sha256_file
 from .base import Judge
 from .labels import LABELS_PATH, load_labels
-from .patterns import (_COMPILED, _OFFER, CODE_CHARS, OPENING_CHARS, _is_empty, _normalise, _patterns_digest, code_does_nothing, phrase_reason)
+from .patterns import (
+    _COMPILED,
+    _OFFER,
+    CODE_CHARS,
+    OPENING_CHARS,
+    _is_empty,
+    _normalise,
+    _patterns_digest,
+    code_does_nothing,
+    phrase_reason,
+)
 
 TEXT_MODES = ("response", "prompt_response")
 """What the learned judge embeds: the response alone, or "prompt\\n\\nresponse" as one text."""

@@ -9,9 +9,22 @@ from collections.abc import Sequence
 from ..errors import ParameterError
 from .base import Judge
 from .patterns import (  # noqa: F401  (the pattern lists are re-exported for their readers)
-    _COMPILED, _OFFER, CODE_CHARS, CODE_REFUSAL_PATTERNS, COMPLIANCE_MARKERS, DEFLECTION_PATTERNS,
-    OFFER_OPENING, OPENING_CHARS, PIVOT_PATTERNS, REFUSAL_PATTERNS, _is_empty, _normalise,
-    _patterns_digest, code_does_nothing, phrase_reason)
+    _COMPILED,
+    _OFFER,
+    CODE_CHARS,
+    CODE_REFUSAL_PATTERNS,
+    COMPLIANCE_MARKERS,
+    DEFLECTION_PATTERNS,
+    OFFER_OPENING,
+    OPENING_CHARS,
+    PIVOT_PATTERNS,
+    REFUSAL_PATTERNS,
+    _is_empty,
+    _normalise,
+    _patterns_digest,
+    code_does_nothing,
+    phrase_reason,
+)
 
 
 class PhraseJudge(Judge):

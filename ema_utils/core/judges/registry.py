@@ -17,7 +17,14 @@ from .base import Judge
 from .endpoint import RUBRIC, EndpointJudge
 from .first_token import REFUSAL_OPENINGS, FirstTokenJudge
 from .labels import LABELS_PATH
-from .learned import (_CACHE_VERSION, LEARNED_CS, LEARNED_PCA, LEARNED_TEXT, LEARNED_VERSION, LearnedJudge)
+from .learned import (
+    _CACHE_VERSION,
+    LEARNED_CS,
+    LEARNED_PCA,
+    LEARNED_TEXT,
+    LEARNED_VERSION,
+    LearnedJudge,
+)
 from .phrase import PhraseJudge, _patterns_digest
 
 JUDGES = ("phrase", "learned", "first_token", "endpoint")

@@ -25,7 +25,12 @@ from .registry import DEFAULT_JUDGE, RESPONSE_JUDGES
 def agreement(y_true, y_pred) -> dict:
     """accuracy, precision, recall (refusal = positive), Cohen's kappa and n, rounded to 4 places."""
     # deferred: sklearn is slow to import and only needed when agreement is measured
-    from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_score, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        cohen_kappa_score,
+        precision_score,
+        recall_score,
+    )
 
     y_true = np.asarray(y_true, dtype=bool)
     y_pred = np.asarray(y_pred, dtype=bool)

@@ -1,0 +1,142 @@
+"""The plan of augmented runs (chapter 4, and chapter 6's KL run): chapter 2's plain run of the
+same concept with the method changed to an augmented one and its loss weights set, trained by
+the same intervention on the same forget data.
+
+The weights a method takes come from its registry entry (loss part -> config field): w1 sets
+``w_forget``, w2 ``w_retain``, w3 ``w_sft`` and lambda ``kl_lambda``, for the methods whose loss
+has that part.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .. import CONCEPTS
+from ..core.errors import ParameterError
+from .condition import Condition, parse_ratio
+from .interventions import run_intervention
+from .registry import METHODS, augmented_methods
+from .trainer import UnlearnConfig
+
+
+def plain_config(summary: dict):
+    """The UnlearnConfig of a chapter-2 run, from its summary's settings["config"]."""
+    config = (summary.get("settings") or {}).get("config")
+    if not config:
+        raise ParameterError(f"run '{summary.get('name')}' has no settings['config'] in its "
+                             "summary; re-run the unlearning chapter")
+    return UnlearnConfig.from_params(config)
+
+
+@dataclass
+class PlannedRun:
+    """One augmented run: its condition name, target, method family and config."""
+
+    condition: str
+    concept: str
+    family: str  # "npo" or "sft": which forget data run_intervention builds
+    config: object  # UnlearnConfig
+    ratio: float
+    base: str  # the plain run's name (chapter 2), e.g. "npo_safety"
+
+
+def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retain_ratios=(1,),
+                   kl_lambdas=(1.0,), kl_ratio=1, w1: float = 1.0, w2: float = 1.0,
+                   w3: float = 1.0, model_id: str | None = None) -> list[PlannedRun]:
+    """The augmented runs to train, each with the plain run's config and the method changed.
+
+    ``summaries``: chapter 2's run summaries (interventions.load_run_summaries). For each target
+    in ``concepts``: npo_retain at every ratio of ``retain_ratios`` (from npo_<target>'s config),
+    sft_retain at every ratio of ``sft_retain_ratios`` (from sft_<target>'s), npo_kl at every
+    lambda of ``kl_lambdas`` with ``kl_ratio``. Empty lists leave a variant out. Everything is
+    validated here, before any model loads; with ``model_id`` the plain runs must have been
+    trained on that model (else the comparison would mix two models).
+    """
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or not math.isfinite(w):
+            raise ParameterError(f"parameter '{name}' must be a positive number (a loss weight), "
+                                 f"got {w!r}")
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    plan = []
+    for concept in concepts:
+        if concept not in CONCEPTS:
+            raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
+        variants = ([("npo_retain", r, None) for r in retain_ratios]
+                    + [("sft_retain", r, None) for r in sft_retain_ratios]
+                    + [("npo_kl", kl_ratio, lam) for lam in kl_lambdas])
+        for method, ratio, lam in variants:
+            family = METHODS[method].base
+            base = f"{family}_{concept}"
+            if base not in summaries:
+                raise ParameterError(
+                    f"chapter 2 has no '{base}' run to compare {method} with (it has "
+                    f"{', '.join(sorted(summaries)) or 'none'}); run `ema run unlearning` with "
+                    f"{concept} in concepts and {family} in methods, or drop {method} here")
+            trained_on = (summaries[base].get("settings") or {}).get("model")
+            if model_id is not None and trained_on not in (None, model_id):
+                raise ParameterError(
+                    f"chapter 2's '{base}' was trained on {trained_on}, not {model_id}; run "
+                    "the unlearning chapter with the same --model as this chapter")
+            ratio = parse_ratio(ratio)
+            if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool)
+                                    or not lam > 0):
+                raise ParameterError(f"kl_lambdas must hold positive numbers, got {lam!r}")
+            # the method's own weights (registry: loss part -> config field), set from w1/w2/w3/lambda
+            values = {"w_forget": w1, "w_retain": w2, "w_sft": w3, "kl_lambda": lam}
+            changes = {field: float(values[field]) for field in METHODS[method].weights.values()}
+            config = plain_config(summaries[base]).replace(method=method, **changes)
+            plan.append(PlannedRun(condition=Condition(method, concept, retain_ratio=ratio, kl_lambda=lam).name,
+                                   concept=concept, family=family, config=config, ratio=ratio,
+                                   base=base))
+    names = [p.condition for p in plan]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ParameterError(f"the same run is planned twice: {dup}; remove the repeated ratio "
+                             "or lambda from the parameters")
+    return plan
+
+
+def plan_table(plan: list[PlannedRun]) -> pd.DataFrame:
+    """The plan as a table: condition, base run, method, ratio, and the loss weights."""
+    rows = []
+    for p in plan:
+        c = p.config
+        rows.append({"condition": p.condition, "compared with": p.base, "method": c.method,
+                     "forget:retain": f"1:{p.ratio:g}", "loss": " + ".join(
+                         f"{w:g}*{part}" for part, w in c.loss_weights().items()),
+                     "lr": c.lr, "steps": c.max_steps or f"{c.epochs} epochs",
+                     "lora": f"r{c.lora_r}" if c.lora else "full"})
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def train_augmented(model, tokenizer, model_id: str, plan: list[PlannedRun], options: dict,
+                    methods=None, progress: bool = True) -> dict:
+    """Train (or take from the cache) the planned runs: ``{condition: InterventionRun}``.
+
+    ``options``: run_intervention's data and scoring options, normally chapter 2's
+    (:func:`ema_utils.chapters.run_options.upstream_options`), so the forget set, the trajectory
+    and the checkpoint rule are those of the plain runs. ``methods`` (e.g. ["npo_retain"]) trains only those methods'
+    runs, so a chapter can spread long training over several cells (each cell has a time
+    limit); None trains every run of the plan.
+    """
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = sorted(set(methods or ()) - set(augmented_methods()))
+    if unknown:
+        raise ParameterError(f"unknown augmented method(s) {unknown}; methods: "
+                             f"{', '.join(augmented_methods())}")
+    runs = {}
+    for p in plan:
+        if methods is not None and p.config.method not in methods:
+            continue
+        run = run_intervention(model, tokenizer, model_id, p.concept, p.family, p.config,
+                               retain_ratio=p.ratio, progress=progress, **options)
+        run.name = p.condition
+        run.settings["retain_ratio"] = p.ratio
+        run.settings["base"] = p.base
+        runs[p.condition] = run
+    return runs
