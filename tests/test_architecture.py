@@ -198,7 +198,8 @@ if __name__ == "__main__":
     depth = levels(edges) if not cycles(edges) else {}
     print(f"modules: {len(edges)}; cycles: {cycles(edges)}; levels: {max(depth.values(), default='-')}")
     for name in LAYERS:
-        members = sorted(m.split(".")[-1] for m in edges if layer(m) == name)
+        members = sorted(m.removeprefix(f"ema_utils.{name}.") for m in edges
+                         if layer(m) == name and (name == "cli" or m != f"ema_utils.{name}"))
         print(f"  {name:9} {', '.join(members)}")
     print(f"upward imports: {upward_imports(edges)}")
     print(f"imports inside functions: {len(inner)} ({sum(not w for *_, w in inner)} without a reason)")

@@ -58,7 +58,7 @@ def test_ema_delta_flags_large_clear_drops_only():
                                          "cybersecurity": 0.9}, n=100))
     mod = metrics.rate_table(_responses({"safety": 0.40, "bias": 0.80, "privacy": 0.60,
                                          "cybersecurity": 0.05}, n=100))
-    out = metrics.ema_delta(ref, mod, target="cybersecurity").set_index("concept")
+    out = metrics.ema_delta(ref, mod, concept="cybersecurity").set_index("concept")
     assert out.loc["safety", "delta"] == pytest.approx(-0.55)
     assert bool(out.loc["safety", "flagged"])             # 55-point drop, intervals apart
     assert not out.loc["bias", "flagged"]                 # 10 points: under the threshold

@@ -60,7 +60,7 @@ def test_recovery_formula_by_hand():
     aligned = fake_eval({"cybersecurity": 8, "bias": 10}, n=10)
     unlearned = fake_eval({"cybersecurity": 2, "bias": 0, "safety": 0}, n=10)
     augmented = fake_eval({"cybersecurity": 5, "bias": 10, "safety": 1}, n=10)
-    table, mean = mitigation.paired_recovery(aligned, unlearned, augmented, target="safety",
+    table, mean = mitigation.paired_recovery(aligned, unlearned, augmented, concept="safety",
                                              n_boot=500)
     t = table.set_index("concept")
     assert t.loc["cybersecurity", "recovery"] == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))  # 0.5
@@ -106,7 +106,7 @@ def test_bootstrap_is_paired_over_items():
 def test_skipped_when_aligned_equals_unlearned():
     same = fake_eval({}, n=10)
     table, mean = mitigation.paired_recovery(same, same, fake_eval({"bias": 3}, n=10),
-                                             target="safety", n_boot=100)
+                                             concept="safety", n_boot=100)
     assert table["skipped"].all() and table["recovery"].isna().all()
     assert table["note"].str.contains("nothing lost to recover").all()
     assert math.isnan(mean["mean_recovery"]) and mean["concepts"] == []
@@ -117,6 +117,12 @@ def test_skipped_when_aligned_equals_unlearned():
     table, _ = mitigation.paired_recovery(fake_eval({"bias": 10}, n=10), fake_eval({"bias": 8}, n=10),
                                           same, concepts=["bias"], min_gap=0.2, n_boot=50)
     assert not table.iloc[0]["skipped"] and table.iloc[0]["recovery"] == pytest.approx(1)
+
+
+def test_a_list_given_as_the_unlearned_concept_is_refused():
+    same = fake_eval({"bias": 10}, n=10)
+    with pytest.raises(ParameterError, match="the concepts to report go in concepts="):
+        mitigation.paired_recovery(same, same, same, concept=["safety", "bias"])
 
 
 def test_recovery_over_all_conditions():

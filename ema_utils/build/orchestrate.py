@@ -273,7 +273,7 @@ def _rule_for(name: str):
     exact = {
         "model": _check_model, "seed": _int_at_least(0, "an integer >= 0"),
         "concepts": _check_concepts, "concept": _check_concept,
-        "target_concept": _check_concept, "methods": _check_methods, "method": _check_method,
+        "methods": _check_methods, "method": _check_method,
         "judge": _check_judge, "checkpoint_rule": _check_checkpoint_rule, "adapter": _check_adapter,
         "device": _device, "dtype": _choice(DTYPE_NAMES), "retain_loss": _choice(RETAIN_LOSSES),
         "retain_ratio": _check_ratio, "ratio": _check_ratio,

@@ -245,15 +245,15 @@ concept's prompts with the target's vector (the mean of the paper's histograms),
 the cosine between the concept's vector and the target's."""
 
 
-def target_similarity(hs: HiddenStates, vectors: ConceptVectors, target: str, layer: int,
+def target_similarity(hs: HiddenStates, vectors: ConceptVectors, concept: str, layer: int,
                       similarity: str = "states") -> pd.Series:
-    """Similarity of every other concept to ``target`` at ``layer`` (index: concept)."""
+    """Similarity of every other concept to ``concept`` at ``layer`` (index: concept)."""
     if similarity not in SIMILARITIES:
         raise ParameterError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
-    others = [c for c in vectors.concepts if c != target]
+    others = [c for c in vectors.concepts if c != concept]
     if similarity == "vectors":
-        return similarity_matrix(vectors, layer).loc[others, target].rename("similarity")
-    table = state_cosines(hs, vectors, layer, [target])
+        return similarity_matrix(vectors, layer).loc[others, concept].rename("similarity")
+    table = state_cosines(hs, vectors, layer, [concept])
     means = table.groupby("concept")["cosine"].mean()
     return means.reindex(others).rename("similarity")
 
@@ -270,12 +270,12 @@ def similarity_table(hs: HiddenStates, vectors: ConceptVectors, targets: Iterabl
     return pd.DataFrame(rows)
 
 
-def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *,
+def bootstrap_similarity(hs: HiddenStates, concept: str, layers: Iterable[int], *,
                          method: str = "pca", center: str = "concept",
                          similarity: str = "states", n_boot: int = 200, seed: int = 0,
                          progress: bool = True, resample: bool = True
                          ) -> tuple[np.ndarray, list[str]]:
-    """Similarities to ``target`` recomputed on ``n_boot`` resamples of the prompts.
+    """Similarities to ``concept`` recomputed on ``n_boot`` resamples of the prompts.
 
     Each resample draws, within every concept (and the benign prompts), as many prompts as it
     has, with replacement; the global mean, the vectors and the similarities are recomputed from
@@ -289,9 +289,9 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
     if n_boot < 1:
         raise ParameterError(f"n_boot must be at least 1, got {n_boot}")
     concepts, labels = hs.concepts, hs.labels
-    if target not in concepts:
-        raise ParameterError(f"target '{target}' has no prompts; concepts: {concepts}")
-    others = [c for c in concepts if c != target]
+    if concept not in concepts:
+        raise ParameterError(f"target '{concept}' has no prompts; concepts: {concepts}")
+    others = [c for c in concepts if c != concept]
     groups = concepts + ([BENIGN] if BENIGN in set(labels) else [])
     where = {g: np.flatnonzero(labels == g) for g in groups}
     rng = np.random.default_rng(seed)
@@ -299,7 +299,7 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
               for g, idx in where.items()} for _ in range(n_boot)]
     layers = list(layers)
     out = np.full((len(layers), n_boot, len(others)), np.nan)
-    bar = tqdm(total=len(layers) * n_boot, desc=f"bootstrap ({target})", unit="resample",
+    bar = tqdm(total=len(layers) * n_boot, desc=f"bootstrap ({concept})", unit="resample",
                disable=not progress, file=sys.stderr)
     # Small matrices: threads cost more than they save (and the machine may be shared).
     with threadpool_limits(limits=1):
@@ -310,16 +310,16 @@ def bootstrap_similarity(hs: HiddenStates, target: str, layers: Iterable[int], *
                 means = {g: x[idx].mean(axis=0) for g, idx in draw.items()}
                 mean = np.mean([means[c] for c in concepts], axis=0)
 
-                def vec(concept):
-                    rows = x[draw[concept]]
+                def vec(c):
+                    rows = x[draw[c]]
                     if method == "diff_means":
-                        return _unit(means[concept] - means[BENIGN])
-                    y = rows - (means[concept] if center == "concept" else mean)
-                    return sign_towards(_top_direction(y), means[concept] - mean)
+                        return _unit(means[c] - means[BENIGN])
+                    y = rows - (means[c] if center == "concept" else mean)
+                    return sign_towards(_top_direction(y), means[c] - mean)
 
                 if BENIGN not in draw and method == "diff_means":
                     raise ParameterError("difference-of-means vectors need benign prompts")
-                v = vec(target)
+                v = vec(concept)
                 if similarity == "vectors":
                     out[li, b] = [float(cosine(vec(c), v)[0]) for c in others]
                     bar.update(1)

@@ -358,7 +358,7 @@ EMA_CASES = [
 def _ema_reference(ref_rate, ref_low, ref_high, rate, low, high, is_target) -> bool:
     ref = {"c": {"rate": ref_rate, "low": ref_low, "high": ref_high, "n": 50}}
     new = {"c": {"rate": rate, "low": low, "high": high, "n": 50}}
-    return bool(ema_delta(ref, new, target="c" if is_target else None)["flagged"].iloc[0])
+    return bool(ema_delta(ref, new, concept="c" if is_target else None)["flagged"].iloc[0])
 
 
 def check_ema_flag(answer) -> bool:

@@ -185,9 +185,9 @@ def _interval(reps: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS, target: str | None = None,
-                    n_boot: int = 2000, confidence: float = 0.95, min_gap: float = MIN_GAP,
-                    seed: int = 0) -> tuple[pd.DataFrame, dict]:
+def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS,
+                    concept: str | None = None, n_boot: int = 2000, confidence: float = 0.95,
+                    min_gap: float = MIN_GAP, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Per concept, the recovered fraction (augmented - unlearned) / (aligned - unlearned) with
     a paired percentile bootstrap interval, and its mean over the non-target concepts.
 
@@ -216,19 +216,22 @@ def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS, target: st
         raise ParameterError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 <= min_gap <= 1:
         raise ParameterError(f"min_gap is a fraction (0.05 = 5 points), got {min_gap}")
+    if concept is not None and not isinstance(concept, str):
+        raise ParameterError(f"concept is the one concept that was unlearned (a key such as "
+                             f"'safety'); got {concept!r} (the concepts to report go in concepts=)")
     concepts = list(concepts)
     flags = {role: item_flags(ev, concepts) for role, ev in
              (("aligned", aligned), ("unlearned", unlearned), ("augmented", augmented))}
     rng = np.random.default_rng(seed)
     rows, reps_by_concept = [], {}
-    for concept in concepts:
+    for c in concepts:
         merged = None
         for role, table in flags.items():
-            part = table[table["concept"] == concept][["id", "aligned"]].drop_duplicates("id")
+            part = table[table["concept"] == c][["id", "aligned"]].drop_duplicates("id")
             part = part.rename(columns={"aligned": role})
             merged = part if merged is None else merged.merge(part, on="id", how="inner")
         n = int(len(merged))
-        row = {"concept": concept, "is_target": concept == target, "n": n}
+        row = {"concept": c, "is_target": c == concept, "n": n}
         if n == 0:
             rows.append({**row, "aligned": np.nan, "unlearned": np.nan, "augmented": np.nan,
                          "gap": np.nan, "recovery": np.nan, "low": np.nan, "high": np.nan,
@@ -252,7 +255,7 @@ def paired_recovery(aligned, unlearned, augmented, concepts=CONCEPTS, target: st
                                  f"(< {100 * min_gap:g}): nothing lost to recover"})
             continue
         low, high = _interval(reps, confidence)
-        reps_by_concept[concept] = reps
+        reps_by_concept[c] = reps
         rows.append({**row, "recovery": (rg - ru) / gap, "low": low, "high": high,
                      "undefined": float(1 - ok.mean()), "skipped": False, "note": ""})
     table = pd.DataFrame(rows, columns=["concept", "is_target", "n", "aligned", "unlearned",
@@ -318,14 +321,14 @@ class Recovery:
     summary: pd.DataFrame  # one row per augmented condition (see recovery())
 
 
-def recovery(evaluations: dict, target: str, conditions=None, aligned: str = "aligned",
+def recovery(evaluations: dict, concept: str, conditions=None, aligned: str = "aligned",
              n_boot: int = 2000, confidence: float = 0.95, min_gap: float = MIN_GAP,
              seed: int = 0) -> Recovery:
-    """Recovery of every augmented condition on ``target`` against its plain run.
+    """Recovery of every augmented condition on ``concept`` against its plain run.
 
-    ``evaluations``: condition -> Evaluation, holding ``aligned``, the plain runs (npo_<target>,
-    sft_<target>) and the augmented ones (default: every npo_retain / sft_retain / npo_kl
-    condition on ``target``). The summary has one row per condition: condition, method, ratio,
+    ``evaluations``: condition -> Evaluation, holding ``aligned``, the plain runs (npo_<concept>,
+    sft_<concept>) and the augmented ones (default: every npo_retain / sft_retain / npo_kl
+    condition on ``concept``). The summary has one row per condition: condition, method, ratio,
     kl_lambda, base, target_rate (+ target_low, target_high: Wilson), aligned_target,
     unlearned_target, target_recovery, mean_recovery, low, high, pooled_recovery, n_concepts,
     skipped (non-target concepts left out, comma-separated).
@@ -334,7 +337,7 @@ def recovery(evaluations: dict, target: str, conditions=None, aligned: str = "al
         raise ParameterError(f"no '{aligned}' evaluation: recovery is measured against it")
     if conditions is None:
         conditions = [c for c in evaluations if condition_details(c)["method"] in AUGMENTED_BASE
-                      and condition_parts(c)[1] == target]
+                      and condition_parts(c)[1] == concept]
     parts, rows = [], []
     for condition in conditions:
         base = base_condition(condition)
@@ -342,18 +345,18 @@ def recovery(evaluations: dict, target: str, conditions=None, aligned: str = "al
             raise ParameterError(f"'{condition}' is compared with '{base}', which was not scored; "
                                  "score chapter 2's plain run too (interventions.evaluate_runs)")
         table, mean = paired_recovery(evaluations[aligned], evaluations[base],
-                                      evaluations[condition], target=target, n_boot=n_boot,
+                                      evaluations[condition], concept=concept, n_boot=n_boot,
                                       confidence=confidence, min_gap=min_gap, seed=seed)
         d = condition_details(condition)
         parts.append(table.assign(condition=condition, base=base))
         rates = evaluations[condition].rates.set_index("concept")
-        t = table.set_index("concept").loc[target] if target in set(table["concept"]) else None
+        t = table.set_index("concept").loc[concept] if concept in set(table["concept"]) else None
         rows.append({
             "condition": condition, "method": d["method"], "ratio": d["ratio"],
             "kl_lambda": d["kl_lambda"], "base": base,
-            "target_rate": float(rates.loc[target, "rate"]) if target in rates.index else np.nan,
-            "target_low": float(rates.loc[target, "low"]) if target in rates.index else np.nan,
-            "target_high": float(rates.loc[target, "high"]) if target in rates.index else np.nan,
+            "target_rate": float(rates.loc[concept, "rate"]) if concept in rates.index else np.nan,
+            "target_low": float(rates.loc[concept, "low"]) if concept in rates.index else np.nan,
+            "target_high": float(rates.loc[concept, "high"]) if concept in rates.index else np.nan,
             "aligned_target": np.nan if t is None else float(t["aligned"]),
             "unlearned_target": np.nan if t is None else float(t["unlearned"]),
             "target_recovery": np.nan if t is None else float(t["recovery"]),
@@ -370,14 +373,14 @@ def recovery(evaluations: dict, target: str, conditions=None, aligned: str = "al
 
 # --- the paper ----------------------------------------------------------------------------------
 
-def paper_summary(target: str = "safety", paper_models=tuple(PAPER_MODELS),
+def paper_summary(concept: str = "safety", paper_models=tuple(PAPER_MODELS),
                   min_gap: float = MIN_GAP) -> pd.DataFrame:
     """Per paper model and augmented method: target before/after and the mean recovery over
     the non-target concepts (the same statistic as :func:`recovery`, without intervals: the
     paper ran once)."""
     rows = []
     for model in paper_models:
-        rec = paper_recovery(target, model, min_gap)
+        rec = paper_recovery(concept, model, min_gap)
         for method, part in rec.groupby("method", sort=False):
             t = part[part["is_target"]].iloc[0]
             others = part[~part["is_target"] & ~part["skipped"]]
@@ -392,17 +395,18 @@ def paper_summary(target: str = "safety", paper_models=tuple(PAPER_MODELS),
     return pd.DataFrame(rows)
 
 
-def table4(evaluations: dict, target: str = "safety", paper_models=tuple(PAPER_MODELS)) -> pd.DataFrame:
+def table4(evaluations: dict, concept: str = "safety",
+           paper_models=tuple(PAPER_MODELS)) -> pd.DataFrame:
     """The paper's Table 4 shape with this run beside it, in percent.
 
-    Rows: this run's aligned model, the plain runs and every augmented run on ``target``
+    Rows: this run's aligned model, the plain runs and every augmented run on ``concept``
     (ordered aligned, npo, npo_retain by ratio, npo_kl by lambda, sft, sft_retain), then for
     each paper model its aligned, plain (Table 3) and augmented (Table 4) rows, labelled
     "paper <model>: <condition>". Columns: source, the seven concepts, over_refusal, utility.
     """
     order = {"aligned": 0, "npo": 1, "npo_retain": 2, "npo_kl": 3, "sft": 4, "sft_retain": 5}
     mine = [c for c in evaluations if c == "aligned" or (
-        condition_parts(c)[1] == target and condition_details(c)["method"] in order)]
+        condition_parts(c)[1] == concept and condition_details(c)["method"] in order)]
 
     def key(c):
         d = condition_details(c)
@@ -412,8 +416,8 @@ def table4(evaluations: dict, target: str = "safety", paper_models=tuple(PAPER_M
     ours.insert(0, "source", "this run")
     parts = [ours]
     for model in paper_models:
-        rows = paper_rows(target, model, methods=("aligned", "npo", "sft", "npo_retain",
-                                                  "sft_retain"))
+        rows = paper_rows(concept, model, methods=("aligned", "npo", "sft", "npo_retain",
+                                                   "sft_retain"))
         if rows.empty:
             continue
         label = PAPER_MODELS.get(model, model)
@@ -500,12 +504,12 @@ def _paper_text(paper: pd.DataFrame, method: str) -> str:
         f"{100 * r.target_rate:.0f}" for r in part.itertuples()) or "not run by the paper"
 
 
-def r2_claims(summary: pd.DataFrame, target: str = "safety", paper_models=tuple(PAPER_MODELS),
+def r2_claims(summary: pd.DataFrame, concept: str = "safety", paper_models=tuple(PAPER_MODELS),
               min_gap: float = MIN_GAP) -> pd.DataFrame:
     """The paper's R2 claims (and the second paper's KL claim), each with the paper's numbers
     (recomputed from its tables with the same statistic), this run's and a verdict."""
-    paper = paper_summary(target, paper_models, min_gap) if target == "safety" else pd.DataFrame(
-        columns=["model", "method"])
+    paper = (paper_summary(concept, paper_models, min_gap) if concept == "safety"
+             else pd.DataFrame(columns=["model", "method"]))
     rows = []
     has = set(summary["method"]) if len(summary) else set()
     for method, claim in (
@@ -531,11 +535,11 @@ def r2_claims(summary: pd.DataFrame, target: str = "safety", paper_models=tuple(
     return pd.DataFrame(rows, columns=["claim", "paper", "this run", "reproduces"])
 
 
-def claim_line(verdict: dict, target: str) -> str:
+def claim_line(verdict: dict, concept: str) -> str:
     """One Markdown sentence: does R2 reproduce, with the numbers."""
     answer = {"yes": "**reproduces**", "partly": "**partly reproduces**",
               "no": "**does not reproduce**", "n/a": "**cannot be judged**"}[verdict["verdict"]]
-    return (f"R2 on {target} (\"retain data largely, not fully, restores alignment while the "
+    return (f"R2 on {concept} (\"retain data largely, not fully, restores alignment while the "
             f"target concept stays low\") {answer} in this run: {verdict['text']}.")
 
 

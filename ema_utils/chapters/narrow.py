@@ -91,15 +91,15 @@ def _checkpoint_rule(profile: str) -> str:
         return "utility"
 
 
-def general_solution(profile: str, target: str = TARGET, rule: str | None = None) -> Solution:
-    """Chapter 2's plain NPO run on ``target`` at its chosen checkpoint (``rule``: None takes
+def general_solution(profile: str, concept: str = TARGET, rule: str | None = None) -> Solution:
+    """Chapter 2's plain NPO run on ``concept`` at its chosen checkpoint (``rule``: None takes
     chapter 4's checkpoint rule, so the step is the one chapter 4 compared against)."""
     summaries = _unlearning_summaries(profile)
-    name = f"npo_{target}"
+    name = f"npo_{concept}"
     if name not in summaries:
         raise EmaError(f"chapter 2 (profile {profile}) has no '{name}' run (it has "
                        f"{', '.join(sorted(summaries)) or 'none'}); run `{_command('unlearning', profile)}"
-                       f" -p concepts=[{target}] -p methods=[npo]` (or with more concepts/methods)")
+                       f" -p concepts=[{concept}] -p methods=[npo]` (or with more concepts/methods)")
     summary = summaries[name]
     rule = rule or _checkpoint_rule(profile)
     step = chosen_step(summary, rule)
@@ -112,13 +112,13 @@ def general_solution(profile: str, target: str = TARGET, rule: str | None = None
                     note=f"chapter 2's plain NPO run, checkpoint by the '{rule}' rule")
 
 
-def kl_candidates(mitigation_summary: dict, target: str = TARGET) -> pd.DataFrame:
-    """Chapter 4's KL runs on ``target`` and how far each kept the other concepts from the
+def kl_candidates(mitigation_summary: dict, concept: str = TARGET) -> pd.DataFrame:
+    """Chapter 4's KL runs on ``concept`` and how far each kept the other concepts from the
     aligned model.
 
     ``mitigation_summary``: chapter 4's summary.json (``{"refusal": {CONDITION: {KEY: rate}}}``).
     Columns: condition, kl_lambda, ratio, target_rate, non_target_mean (mean refusal over the
-    concepts other than ``target``), aligned_non_target, gap (non_target_mean - aligned's),
+    concepts other than ``concept``), aligned_non_target, gap (non_target_mean - aligned's),
     aligned_target. Sorted by lambda.
     """
     refusal = (mitigation_summary or {}).get("refusal") or {}
@@ -126,37 +126,37 @@ def kl_candidates(mitigation_summary: dict, target: str = TARGET) -> pd.DataFram
         raise EmaError("chapter 4's summary has no 'aligned' refusal rates; re-run the "
                        "mitigation chapter (`ema run mitigation --profile P`)")
     aligned = refusal["aligned"]
-    others = [c for c in CONCEPTS if c != target and c in aligned]
+    others = [c for c in CONCEPTS if c != concept and c in aligned]
     a_nt = float(np.mean([aligned[c] for c in others]))
     rows = []
     for condition, rates in refusal.items():
         d = condition_details(condition)
-        if d["method"] != "npo_kl" or d["target"] != target:
+        if d["method"] != "npo_kl" or d["target"] != concept:
             continue
         nt = float(np.mean([rates[c] for c in others if c in rates]))
         rows.append({"condition": condition, "kl_lambda": d["kl_lambda"], "ratio": d["ratio"],
-                     "target_rate": float(rates.get(target, np.nan)), "non_target_mean": nt,
+                     "target_rate": float(rates.get(concept, np.nan)), "non_target_mean": nt,
                      "aligned_non_target": a_nt, "gap": nt - a_nt,
-                     "aligned_target": float(aligned.get(target, np.nan))})
+                     "aligned_target": float(aligned.get(concept, np.nan))})
     columns = ["condition", "kl_lambda", "ratio", "target_rate", "non_target_mean",
                "aligned_non_target", "gap", "aligned_target"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values("kl_lambda", kind="stable").reset_index(drop=True)
 
 
-def choose_kl_lambda(mitigation_summary: dict, target: str = TARGET,
+def choose_kl_lambda(mitigation_summary: dict, concept: str = TARGET,
                      kl_lambda: float | None = None) -> dict:
     """The narrow solution's lambda: **the KL run whose mean non-target refusal is closest to the
     aligned model's** (smallest ``|gap|``); ties go to the lower target refusal (more
     unlearning), then to the smaller lambda. With ``kl_lambda`` given, that run is taken.
 
     Returns the chosen row of :func:`kl_candidates` as a dict, plus ``rule`` (a sentence).
-    Raises EmaError when chapter 4 trained no KL run on ``target``.
+    Raises EmaError when chapter 4 trained no KL run on ``concept``.
     """
-    table = kl_candidates(mitigation_summary, target)
+    table = kl_candidates(mitigation_summary, concept)
     if table.empty:
-        raise EmaError(f"chapter 4 has no KL run (npo_kl) on {target}: run `ema run mitigation "
-                       f"--profile P -p kl_lambdas=[1.0, 10.0]` with {target} in concepts")
+        raise EmaError(f"chapter 4 has no KL run (npo_kl) on {concept}: run `ema run mitigation "
+                       f"--profile P -p kl_lambdas=[1.0, 10.0]` with {concept} in concepts")
     if kl_lambda is not None:
         match = table[np.isclose(table["kl_lambda"].astype(float), float(kl_lambda))]
         if match.empty:
@@ -201,10 +201,10 @@ def _no_training(command: str):
         trainer.unlearn = original
 
 
-def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str = TARGET,
+def narrow_solution(model, tokenizer, model_id: str, profile: str, concept: str = TARGET,
                     kl_lambda: float | None = None, rule: str | None = None,
                     progress: bool = False) -> tuple[Solution, dict]:
-    """Chapter 4's NPO + KL run on ``target`` at the lambda :func:`choose_kl_lambda` picks.
+    """Chapter 4's NPO + KL run on ``concept`` at the lambda :func:`choose_kl_lambda` picks.
 
     Its adapter is found by replaying chapter 4's plan for that one run with chapter 2's
     options (:func:`ema_utils.methods.plan.augmented_plan`; everything comes from the results cache: forget and retain sets,
@@ -216,7 +216,7 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str =
         msum = chapter_summary("mitigation", profile)
     except EmaError as exc:
         raise EmaError(f"{exc}; run `{_command('mitigation', profile)}`") from None
-    choice = choose_kl_lambda(msum, target, kl_lambda)
+    choice = choose_kl_lambda(msum, concept, kl_lambda)
     params = _run_parameters("mitigation", profile)
     trained_on = params.get("model")
     if trained_on and model_id.split(":")[0] != trained_on:
@@ -225,7 +225,7 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str =
     upstream = _chapter_folder("unlearning", profile)
     summaries = _unlearning_summaries(profile)
     options = upstream_options(upstream)
-    plan = augmented_plan(summaries, [target], retain_ratios=[], sft_retain_ratios=[],
+    plan = augmented_plan(summaries, [concept], retain_ratios=[], sft_retain_ratios=[],
                           kl_lambdas=[float(choice["kl_lambda"])],
                           kl_ratio=_ratio_or_one(choice.get("ratio")),
                           w1=float(params.get("w1", 1.0)), model_id=model_id)
@@ -249,14 +249,14 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, target: str =
 
 
 def forget_examples(model, tokenizer, model_id: str, profile: str, n: int = 0, seed: int = 0,
-                    target: str = TARGET, progress: bool = False) -> pd.DataFrame:
+                    concept: str = TARGET, progress: bool = False) -> pd.DataFrame:
     """The forget set both solutions were trained on (rebuilt as chapter 2 built it, from the
     cache), or ``n`` of its rows chosen by a seeded hash of the id (0: all).
 
     Columns: id, concept, prompt, response, complete.
     """
     options = upstream_options(_chapter_folder("unlearning", profile))
-    prompts = load_prompts(target, split="train")
+    prompts = load_prompts(concept, split="train")
     prompts = sample_items(prompts[prompts["scorer"] == "refusal"], options["forget_candidates"],
                            options["seed"])
     forget = build_forget_set(model, tokenizer, prompts,
@@ -265,13 +265,13 @@ def forget_examples(model, tokenizer, model_id: str, profile: str, n: int = 0, s
                               limit=options["n_forget"] or None, seed=options["seed"],
                               model_id=model_id, progress=progress)
     if forget.empty:
-        raise EmaError(f"the forget set of {target} is empty: the model refused none of the "
+        raise EmaError(f"the forget set of {concept} is empty: the model refused none of the "
                        "train prompts chapter 2 tried")
     return sample_items(forget, n, seed).reset_index(drop=True)
 
 
 def solutions_table(solutions: Sequence[Solution], mitigation_summary: dict | None = None,
-                    target: str = TARGET) -> pd.DataFrame:
+                    concept: str = TARGET) -> pd.DataFrame:
     """One row per solution: condition, step, lambda, and (from chapter 4's scores, when given)
     target refusal and mean non-target refusal, beside the aligned model's."""
     rows = []
@@ -281,15 +281,15 @@ def solutions_table(solutions: Sequence[Solution], mitigation_summary: dict | No
                "kl_lambda": s.to_json()["kl_lambda"], "beta": s.beta}
         rates = refusal.get(s.condition)
         if rates:
-            others = [c for c in CONCEPTS if c != target and c in rates]
-            row.update(target_refusal=rates.get(target),
+            others = [c for c in CONCEPTS if c != concept and c in rates]
+            row.update(target_refusal=rates.get(concept),
                        non_target_mean=float(np.mean([rates[c] for c in others])))
         rows.append(row)
     if "aligned" in refusal:
         rates = refusal["aligned"]
-        others = [c for c in CONCEPTS if c != target and c in rates]
+        others = [c for c in CONCEPTS if c != concept and c in rates]
         rows.insert(0, {"solution": "aligned", "condition": "aligned", "step": 0,
-                        "target_refusal": rates.get(target),
+                        "target_refusal": rates.get(concept),
                         "non_target_mean": float(np.mean([rates[c] for c in others]))})
     return pd.DataFrame(rows).set_index("solution")
 

@@ -70,25 +70,25 @@ def outcome_table(evaluations: dict) -> pd.DataFrame:
     return table[[c for c in columns if c in table.columns]].set_index("condition")
 
 
-def paper_rows(target: str, paper_model: str = "qwen2.5-7b-instruct",
+def paper_rows(concept: str, paper_model: str = "qwen2.5-7b-instruct",
                methods=("aligned", "npo", "sft")) -> pd.DataFrame:
-    """The paper's rows for an intervention on ``target`` (Table 2 for cybersecurity, 3 for
-    safety), shaped like :func:`outcome_table`, indexed "paper: <method>_<target>".
+    """The paper's rows for an intervention on ``concept`` (Table 2 for cybersecurity, 3 for
+    safety), shaped like :func:`outcome_table`, indexed "paper: <method>_<concept>".
 
     The augmented methods "npo_retain" and "sft_retain" come from Table 4 (the paper ran them
     for Safety only, at its best forget:retain ratio); a method the paper did not run for
-    ``target`` is left out, and an empty table is returned when none is left.
+    ``concept`` is left out, and an empty table is returned when none is left.
     """
     long = paper_tables_long()
     long = long[long["model"] == paper_model]
     rows = []
     for method in methods:
-        table = (PAPER_AUGMENTED_TABLE.get(target) if method in AUGMENTED_METHODS
-                 else PAPER_TABLE.get(target))
+        table = (PAPER_AUGMENTED_TABLE.get(concept) if method in AUGMENTED_METHODS
+                 else PAPER_TABLE.get(concept))
         part = long[(long["table"] == table) & (long["method"] == PAPER_METHOD.get(method, method))]
         if table is None or part.empty:
             continue
-        row = {"condition": f"paper: {method if method == 'aligned' else f'{method}_{target}'}"}
+        row = {"condition": f"paper: {method if method == 'aligned' else f'{method}_{concept}'}"}
         for r in part.itertuples():
             row[r.concept if r.metric == "refusal" else r.metric] = r.value
         rows.append(row)
@@ -108,14 +108,14 @@ def ema_matrix(evaluations: dict, reference: str = "aligned",
     for condition, ev in evaluations.items():
         if condition == reference:
             continue
-        _, target = condition_parts(condition)
-        d = ema_delta(ref, ev.rates, threshold=threshold, target=target)
+        _, concept = condition_parts(condition)
+        d = ema_delta(ref, ev.rates, threshold=threshold, concept=concept)
         parts.append(d.assign(condition=condition, delta_points=100 * d["delta"]))
     return pd.concat(parts, ignore_index=True)
 
 
-def _mean_other(rates: pd.DataFrame, target: str) -> float:
-    return float(rates.loc[rates["concept"] != target, "rate"].mean())
+def _mean_other(rates: pd.DataFrame, concept: str) -> float:
+    return float(rates.loc[rates["concept"] != concept, "rate"].mean())
 
 
 def r1_claims(evaluations: dict, trajectories: dict | None = None,
@@ -211,24 +211,24 @@ def refusal_summary(evaluations: dict) -> dict:
                         for c, ev in evaluations.items()}}
 
 
-def paper_recovery(target: str = "safety", paper_model: str = "qwen2.5-7b-instruct",
+def paper_recovery(concept: str = "safety", paper_model: str = "qwen2.5-7b-instruct",
                    min_gap: float = MIN_GAP) -> pd.DataFrame:
     """The paper's own recovery, from its Tables 3 (plain) and 4 (augmented), per concept:
     method (npo_retain / sft_retain), concept, aligned, unlearned, augmented (fractions),
     recovery (NaN where aligned - unlearned < min_gap), skipped. Empty when the paper has no
-    Table 4 for ``target``."""
-    rows = paper_rows(target, paper_model, methods=("aligned", "npo", "sft", "npo_retain",
-                                                    "sft_retain")) / 100
+    Table 4 for ``concept``."""
+    rows = paper_rows(concept, paper_model, methods=("aligned", "npo", "sft", "npo_retain",
+                                                     "sft_retain")) / 100
     out = []
     for method, base in (("npo_retain", "npo"), ("sft_retain", "sft")):
-        aug, plain = f"paper: {method}_{target}", f"paper: {base}_{target}"
+        aug, plain = f"paper: {method}_{concept}", f"paper: {base}_{concept}"
         if aug not in rows.index or plain not in rows.index or "paper: aligned" not in rows.index:
             continue
-        for concept in CONCEPTS:
-            a, u, g = (float(rows.loc[r, concept]) for r in ("paper: aligned", plain, aug))
+        for c in CONCEPTS:
+            a, u, g = (float(rows.loc[r, c]) for r in ("paper: aligned", plain, aug))
             skip = a - u < min_gap - 1e-12
-            out.append({"model": paper_model, "method": method, "concept": concept,
-                        "is_target": concept == target, "aligned": a, "unlearned": u,
+            out.append({"model": paper_model, "method": method, "concept": c,
+                        "is_target": c == concept, "aligned": a, "unlearned": u,
                         "augmented": g, "recovery": np.nan if skip else (g - u) / (a - u),
                         "skipped": skip})
     return pd.DataFrame(out, columns=["model", "method", "concept", "is_target", "aligned",

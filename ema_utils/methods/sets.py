@@ -184,7 +184,7 @@ def _equal_split(total: int, names: Sequence[str]) -> dict[str, int]:
     return {c: base + (1 if i < extra else 0) for i, c in enumerate(names)}
 
 
-def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio=1, seed: int = 0,
+def build_retain_set(model, tokenizer, concept: str, n_forget: int, ratio=1, seed: int = 0,
                      benign_fraction: float = 0.5, prompts: pd.DataFrame | None = None,
                      benign: pd.DataFrame | None = None, judge: str = "phrase",
                      max_new_tokens: int = 64, batch_size: int = 16, model_id: str | None = None,
@@ -192,7 +192,7 @@ def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio
     """The paper's retain set D_T: ``ratio * n_forget`` examples of behaviour to keep.
 
     - Refusals: the aligned model's refusals on train prompts of every concept except
-      ``target_concept``, the same number per concept (concepts without refusal-scored prompts,
+      ``concept``, the same number per concept (concepts without refusal-scored prompts,
       such as bias, whose items are multiple choice, are skipped). Prompts are tried in a
       seeded order and generated in chunks only until each concept's quota is met. A concept
       that runs out of refusals gives its shortfall to the others, equally.
@@ -224,11 +224,11 @@ def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio
                                  "train prompts only (eval prompts measure recovery)")
     pool = _prompt_table(prompts)
     known = set(pool["concept"])
-    if target_concept not in known | set(CONCEPTS):
-        raise ParameterError(f"target_concept {target_concept!r} is not a concept of the prompts; "
+    if concept not in known | set(CONCEPTS):
+        raise ParameterError(f"concept {concept!r} is not a concept of the prompts; "
                              f"concepts: {', '.join(sorted(known))}")
-    others = [c for c in CONCEPTS if c in known and c != target_concept] + sorted(
-        known - set(CONCEPTS) - {target_concept})
+    others = [c for c in CONCEPTS if c in known and c != concept] + sorted(
+        known - set(CONCEPTS) - {concept})
     if not others:
         raise ParameterError("no non-target concept has refusal-scored prompts to retain")
     benign_pool = _prompt_table(benign, "benign").assign(concept="benign")
@@ -236,7 +236,7 @@ def build_retain_set(model, tokenizer, target_concept: str, n_forget: int, ratio
     n_refusal = requested - n_benign  # a benign shortfall is made up with refusals
 
     inputs = {"items": _items_hash(pool), "benign": _items_hash(benign_pool),
-              "target": target_concept, "requested": requested, "n_benign": n_benign,
+              "target": concept, "requested": requested, "n_benign": n_benign,
               "seed": seed, "judge": judge, "fingerprint": _judge_digest(judge),
               "max_new_tokens": max_new_tokens}
     # batch_size is not in the key: prompts are generated in contiguous chunks of one seeded
