@@ -3,7 +3,8 @@
 Two levels, both content-addressed:
 
 - a chapter run lives in ``<build>/results/<chapter>/<key>/`` where the key hashes the chapter,
-  its parameters, the model digest and the data digest (see ema_utils.build.orchestrate);
+  its parameters, its notebook, the library's code, the model digest, the data digest and the
+  keys of the earlier chapters' runs it reads (see ema_utils.build.orchestrate.run_key);
 - inside a chapter, :func:`cached` stores each expensive step (generations, adapters, metrics)
   under ``<build>/results/store/<name>-<hash of its own inputs>``, so a changed parameter
   recomputes only the steps that depend on it, and chapters share work (chapter 3 reuses the

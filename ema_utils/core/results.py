@@ -27,7 +27,7 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "setup": (),
     "unlearning": (),
     "cross_domain": ("unlearning",),              # its runs, adapters and trajectories
-    "mitigation": ("unlearning",),                # its runs and options (mitigation.upstream_options)
+    "mitigation": ("unlearning",),                # its runs and options (run_options.upstream_options)
     "entanglement": ("cross_domain", "unlearning"),  # EMA measures (concepts.load_ema_measures)
     "narrow_general": ("unlearning", "mitigation"),  # the general and narrow solutions (narrow)
 }

@@ -2,13 +2,13 @@
 
 Read it top to bottom, like nanoGPT's train.py: :func:`unlearn` is one run in one function
 (config -> data -> model and adapter -> optimizer -> the loop of steps -> save), and the small
-helpers it calls follow it. It trains one method of the registry (:mod:`ema_utils.methods.registry`, ``ema methods``: npo, sft,
-npo_retain, sft_retain, npo_kl; each a small loss function over one step's batches and the
-config fields that weigh its parts) on the tables of :mod:`ema_utils.methods.sets`. The losses
-themselves are pure functions in :mod:`ema_utils.methods.losses`. Every ``checkpoint_every`` steps (and
-at step 0) the adapter is saved (:mod:`ema_utils.methods.checkpoints`, which also holds the paper's
-checkpoint rule) and the first-token KL to the aligned model is
-measured per concept (the paper's Fig. 2).
+helpers it calls follow it. It trains one method of the registry (:mod:`ema_utils.methods.registry`,
+``ema methods``: npo, sft, npo_retain, sft_retain, npo_kl; each a small loss function over one
+step's batches and the config fields that weigh its parts) on the tables of
+:mod:`ema_utils.methods.sets`. The losses themselves are pure functions in
+:mod:`ema_utils.methods.losses`. Every ``checkpoint_every`` steps (and at step 0) the adapter is
+saved (:mod:`ema_utils.methods.checkpoints`, which also holds the paper's checkpoint rule) and
+the first-token KL to the aligned model is measured per concept (the paper's Fig. 2).
 
 The reference model pi_ref of NPO and of the KL term is the aligned model. With LoRA it is the
 same network with the adapter switched off (``model.disable_adapter()``): no second copy of the
