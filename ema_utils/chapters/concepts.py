@@ -54,9 +54,9 @@ from ..core.results import (
     chapter_summary,
     json_records,  # noqa: F401  (chapter 5's notebook reads it here)
 )
+from ..methods.condition import concept_of
 from .activations import BENIGN, HiddenStates, mean_normalise
 from .rank_correlation import correlation_by_layer
-from .report import condition_parts
 
 PAPER_LAYER_FRACTION = 5 / 32
 """The paper's layer: 5 of Mistral-7B's 32."""
@@ -404,7 +404,7 @@ def ema_measures(cross_summary: Mapping, unlearning_summary: Mapping | None, run
         table = table.merge(half, on="concept", how="left")
     else:
         table["half_step"], table["reached"] = float("nan"), False
-    table["is_target"] = table["concept"] == condition_parts(run)[1]
+    table["is_target"] = table["concept"] == concept_of(run)
     return table
 
 

@@ -33,7 +33,13 @@ from .. import CONCEPTS
 from ..core.data import load_set
 from ..core.errors import DataError, ParameterError
 from ..core.evaluate import eval_items
-from ..methods.condition import Condition, condition_label  # noqa: F401  (re-exported)
+from ..methods.condition import (
+    Condition,
+    as_condition,
+    concept_of,
+    condition_label,  # noqa: F401  (re-exported)
+    try_condition,
+)
 from ..methods.plan import (  # noqa: F401
     PlannedRun,
     augmented_plan,
@@ -41,12 +47,10 @@ from ..methods.plan import (  # noqa: F401
     plan_table,
     train_augmented,  # chapter 4's plan, called from its notebook
 )
-from ..methods.registry import METHODS
+from ..methods.registry import METHODS, plain_methods
 from ..methods.sets import build_retain_set
 from .report import (  # noqa: F401
     MIN_GAP,
-    condition_details,
-    condition_parts,
     outcome_table,
     paper_recovery,
     paper_rows,
@@ -71,20 +75,18 @@ TARGET_MAX_RECOVERY = 0.25
 
 # --- names --------------------------------------------------------------------------------------
 
-def condition_name(method: str, concept: str, ratio=None, kl_lambda=None) -> str:
-    """"npo_retain_1to2_safety", "npo_kl_1to1_lambda10_safety", "npo_safety": the name of
-    :class:`ema_utils.methods.condition.Condition` (the KL weight is part of it, so KL runs that differ
-    only in lambda get different names; their training caches differ anyway)."""
-    return Condition(method, concept, retain_ratio=ratio, kl_lambda=kl_lambda).name
+def condition_name(method: str, concept: str, ratio=None, kl_lambda=None) -> Condition:
+    """The :class:`ema_utils.methods.condition.Condition`, which is its name:
+    "npo_retain_1to2_safety", "npo_kl_1to1_lambda10_safety", "npo_safety" (the KL weight is part
+    of it, so KL runs that differ only in lambda get different names; their training caches
+    differ anyway)."""
+    return Condition(method, concept, retain_ratio=ratio, kl_lambda=kl_lambda)
 
 
 def base_condition(condition: str) -> str:
     """The plain run an augmented condition is compared with: "npo_retain_1to2_safety" ->
     "npo_safety" (npo_kl -> npo, sft_retain -> sft)."""
-    try:
-        c = Condition.from_name(condition)
-    except ParameterError:
-        c = None
+    c = try_condition(condition)
     if c is None or not c.is_augmented:
         raise ParameterError(f"'{condition}' is not an augmented condition (methods: "
                              f"{', '.join(AUGMENTED_BASE)}; e.g. npo_retain_1to2_safety)")
@@ -336,24 +338,24 @@ def recovery(evaluations: dict, concept: str, conditions=None, aligned: str = "a
     if aligned not in evaluations:
         raise ParameterError(f"no '{aligned}' evaluation: recovery is measured against it")
     if conditions is None:
-        conditions = [c for c in evaluations if condition_details(c)["method"] in AUGMENTED_BASE
-                      and condition_parts(c)[1] == concept]
+        conditions = [c for c in evaluations if (k := try_condition(c)) is not None
+                      and k.is_augmented and k.concept == concept]
     parts, rows = [], []
     for condition in conditions:
-        base = base_condition(condition)
+        spec = as_condition(condition)
+        base = spec.base
         if base not in evaluations:
             raise ParameterError(f"'{condition}' is compared with '{base}', which was not scored; "
                                  "score chapter 2's plain run too (interventions.evaluate_runs)")
         table, mean = paired_recovery(evaluations[aligned], evaluations[base],
                                       evaluations[condition], concept=concept, n_boot=n_boot,
                                       confidence=confidence, min_gap=min_gap, seed=seed)
-        d = condition_details(condition)
         parts.append(table.assign(condition=condition, base=base))
         rates = evaluations[condition].rates.set_index("concept")
         t = table.set_index("concept").loc[concept] if concept in set(table["concept"]) else None
         rows.append({
-            "condition": condition, "method": d["method"], "ratio": d["ratio"],
-            "kl_lambda": d["kl_lambda"], "base": base,
+            "condition": condition, "method": spec.method, "ratio": spec.retain_ratio,
+            "kl_lambda": spec.kl_lambda, "base": base,
             "target_rate": float(rates.loc[concept, "rate"]) if concept in rates.index else np.nan,
             "target_low": float(rates.loc[concept, "low"]) if concept in rates.index else np.nan,
             "target_high": float(rates.loc[concept, "high"]) if concept in rates.index else np.nan,
@@ -404,13 +406,17 @@ def table4(evaluations: dict, concept: str = "safety",
     each paper model its aligned, plain (Table 3) and augmented (Table 4) rows, labelled
     "paper <model>: <condition>". Columns: source, the seven concepts, over_refusal, utility.
     """
-    order = {"aligned": 0, "npo": 1, "npo_retain": 2, "npo_kl": 3, "sft": 4, "sft_retain": 5}
-    mine = [c for c in evaluations if c == "aligned" or (
-        condition_parts(c)[1] == concept and condition_details(c)["method"] in order)]
+    mine = [c for c in evaluations if c == "aligned" or concept_of(c) == concept]
+    families, methods = plain_methods(), list(METHODS)
 
     def key(c):
-        d = condition_details(c)
-        return (order[d["method"]], d["ratio"] or 0, d["kl_lambda"] or 0, c)
+        # aligned first; then each plain method followed by its augmented variants (registry
+        # order: npo, npo_retain by ratio, npo_kl by lambda, sft, sft_retain)
+        k = as_condition(c)
+        if k.is_aligned:
+            return (0, 0, 0, 0, 0, c)
+        return (1, families.index(METHODS[k.method].family), methods.index(k.method),
+                k.retain_ratio or 0, k.kl_lambda or 0, c)
 
     ours = outcome_table({c: evaluations[c] for c in sorted(mine, key=key)})
     ours.insert(0, "source", "this run")

@@ -46,10 +46,10 @@ from ..core.errors import EmaError, ParameterError
 from ..core.evaluate import sample_items
 from ..core.results import chapter_results, chapter_summary
 from ..methods import trainer
+from ..methods.condition import try_condition
 from ..methods.interventions import chosen_step, load_run_summaries
 from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
-from .report import condition_details
 from .run_options import upstream_options
 from .stability import EMA_POINTS, Solution  # noqa: F401  (the solutions this chapter builds)
 
@@ -130,11 +130,11 @@ def kl_candidates(mitigation_summary: dict, concept: str = TARGET) -> pd.DataFra
     a_nt = float(np.mean([aligned[c] for c in others]))
     rows = []
     for condition, rates in refusal.items():
-        d = condition_details(condition)
-        if d["method"] != "npo_kl" or d["target"] != concept:
+        k = try_condition(condition)
+        if k is None or k.method != "npo_kl" or k.concept != concept:
             continue
         nt = float(np.mean([rates[c] for c in others if c in rates]))
-        rows.append({"condition": condition, "kl_lambda": d["kl_lambda"], "ratio": d["ratio"],
+        rows.append({"condition": condition, "kl_lambda": k.kl_lambda, "ratio": k.retain_ratio,
                      "target_rate": float(rates.get(concept, np.nan)), "non_target_mean": nt,
                      "aligned_non_target": a_nt, "gap": nt - a_nt,
                      "aligned_target": float(aligned.get(concept, np.nan))})

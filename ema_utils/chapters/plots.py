@@ -12,9 +12,8 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from .. import CONCEPTS
-from ..methods.condition import condition_label
+from ..methods.condition import condition_label, try_condition
 from ..methods.registry import METHODS, method_label, method_style
-from .report import condition_parts
 
 CONCEPT_LABELS = {"cybersecurity": "Cybersecurity", "safety": "Safety", "toxicity": "Toxicity",
                   "bias": "Bias", "sensitive_content": "Sensitive content",
@@ -247,7 +246,7 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
             ax.plot([100 * aligned.iloc[0]], [1], marker="*", markersize=14, color="black",
                     linestyle="none", label="aligned model")
         for base, rows in summary.groupby("base", sort=False):
-            family = condition_parts(base)[0]
+            family = getattr(try_condition(base), "method", None)
             ax.plot([100 * rows["unlearned_target"].iloc[0]], [0], marker="X", markersize=10,
                     linestyle="none", color=method_style(family)[1] if family in METHODS else "grey",
                     label=f"plain unlearned ({base})")

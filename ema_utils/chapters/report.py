@@ -11,9 +11,8 @@ import pandas as pd
 
 from .. import CONCEPTS
 from ..core.data import paper_tables_long
-from ..core.errors import ParameterError
 from ..core.metrics import EMA_THRESHOLD, ema_delta
-from ..methods.condition import Condition
+from ..methods.condition import concept_of, try_condition
 from ..methods.registry import METHODS
 
 PAPER_METHOD = {"aligned": "aligned", **{name: m.paper_method for name, m in METHODS.items()
@@ -47,9 +46,8 @@ def condition_details(condition: str) -> dict:
     -> npo_kl, 1.0, 10.0, safety; "npo_safety" -> npo, None, None, safety; "aligned" -> aligned.
     A name that follows no known pattern keeps its method part as is (ratio and lambda None).
     """
-    try:
-        c = Condition.from_name(condition)
-    except ParameterError:
+    c = try_condition(condition)
+    if c is None:
         method, target = condition_parts(condition)
         return {"method": method, "ratio": None, "kl_lambda": None, "target": target}
     return {"method": c.method, "ratio": c.retain_ratio, "kl_lambda": c.kl_lambda,
@@ -108,8 +106,7 @@ def ema_matrix(evaluations: dict, reference: str = "aligned",
     for condition, ev in evaluations.items():
         if condition == reference:
             continue
-        _, concept = condition_parts(condition)
-        d = ema_delta(ref, ev.rates, threshold=threshold, concept=concept)
+        d = ema_delta(ref, ev.rates, threshold=threshold, concept=concept_of(condition))
         parts.append(d.assign(condition=condition, delta_points=100 * d["delta"]))
     return pd.concat(parts, ignore_index=True)
 
@@ -137,7 +134,7 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
     conditions = [c for c in evaluations if c != "aligned"]
     drops = []
     for c in conditions:
-        _, target = condition_parts(c)
+        target = concept_of(c)
         t = matrix[(matrix["condition"] == c) & (matrix["concept"] == target)].iloc[0]
         drops.append((c, t))
     ok = [c for c, t in drops if -t["delta"] > threshold and not t["overlap"]]
@@ -155,8 +152,8 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
         else ("partly" if any(per.values()) else "no"))
 
     if {"npo_safety", "npo_cybersecurity"} <= set(evaluations):
-        spread = {c: float(aligned.drop(index=condition_parts(c)[1])["rate"].mean()
-                           - _mean_other(evaluations[c].rates, condition_parts(c)[1]))
+        spread = {c: float(aligned.drop(index=concept_of(c))["rate"].mean()
+                           - _mean_other(evaluations[c].rates, concept_of(c)))
                   for c in ("npo_safety", "npo_cybersecurity")}
         text = (f"mean drop on the other concepts at the chosen checkpoints: safety "
                 f"{100*spread['npo_safety']:.0f} vs cyber {100*spread['npo_cybersecurity']:.0f} points")

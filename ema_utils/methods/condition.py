@@ -11,7 +11,6 @@ fields instead of taking names apart.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 
 from .. import CONCEPTS
 from ..core.errors import ParameterError
@@ -36,61 +35,43 @@ def parse_ratio(ratio) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class Condition:
+FIELDS = ("method", "concept", "retain_ratio", "kl_lambda", "retain_weight", "train_seed")
+
+
+class Condition(str):
     """``method`` "aligned" or a registered method; ``concept`` the target concept (None for the
     aligned model); ``retain_ratio`` retain examples per forget example (forget:retain =
     1:ratio); ``kl_lambda`` the KL weight of npo_kl; ``retain_weight`` the retain loss weight
-    when it is not the default 1; ``train_seed`` the training seed when runs differ by it."""
+    when it is not the default 1; ``train_seed`` the training seed when runs differ by it.
 
-    method: str
-    concept: str | None = None
-    retain_ratio: float | None = None
-    kl_lambda: float | None = None
-    retain_weight: float | None = None
-    train_seed: int | None = None
+    The value *is* its name (a ``str``): dictionaries keyed by conditions, JSON files and table
+    indexes hold the name and compare equal to it, while code reads the fields. Immutable.
+    """
 
-    def __post_init__(self):
-        if self.method == ALIGNED:
-            if any(v is not None for v in (self.concept, self.retain_ratio, self.kl_lambda,
-                                           self.retain_weight, self.train_seed)):
-                raise ParameterError("the aligned condition takes no concept, ratio, lambda, "
-                                     "weight or seed")
-            return
-        get_method(self.method)
-        if self.concept not in CONCEPTS:
-            raise ParameterError(f"Condition.concept must be one of {', '.join(CONCEPTS)}; "
-                                 f"got {self.concept!r}")
-        if self.retain_ratio is not None:
-            object.__setattr__(self, "retain_ratio", parse_ratio(self.retain_ratio))
-        for name in ("kl_lambda", "retain_weight"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                    raise ParameterError(f"Condition.{name} must be a number >= 0; got {value!r}")
-                object.__setattr__(self, name, float(value))
-        if self.train_seed is not None and (isinstance(self.train_seed, bool)
-                                            or not isinstance(self.train_seed, int)
-                                            or self.train_seed < 0):
-            raise ParameterError(f"Condition.train_seed must be an integer >= 0; got {self.train_seed!r}")
+    def __new__(cls, method: str, concept: str | None = None, retain_ratio=None,
+                kl_lambda=None, retain_weight=None, train_seed=None):
+        fields = _checked(method, concept, retain_ratio, kl_lambda, retain_weight, train_seed)
+        self = super().__new__(cls, _name(**fields))
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
+        return self
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"a Condition is immutable; use .replace({key}=...)")
+
+    def __reduce__(self):
+        return (Condition, tuple(getattr(self, f) for f in FIELDS))
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{f}={getattr(self, f)!r}" for f in FIELDS[1:] if getattr(self, f) is not None)
+        return f"Condition({self.method!r}{', ' + given if given else ''})"
 
     @property
     def name(self) -> str:
-        """The condition's name in files and tables: "npo_safety", "npo_retain_1to2_safety",
-        "npo_kl_1to1_lambda10_safety"; a non-default retain weight adds "_w0.5" and a training
-        seed "_seed1" before the concept."""
-        if self.method == ALIGNED:
-            return ALIGNED
-        name = self.method
-        if self.retain_ratio is not None:
-            name += f"_1to{self.retain_ratio:g}"
-        if self.retain_weight is not None:
-            name += f"_w{self.retain_weight:g}"
-        if self.kl_lambda is not None:
-            name += f"_lambda{self.kl_lambda:g}"
-        if self.train_seed is not None:
-            name += f"_seed{self.train_seed}"
-        return f"{name}_{self.concept}"
+        """The condition's name in files and tables, as a plain str: "npo_safety",
+        "npo_retain_1to2_safety", "npo_kl_1to1_lambda10_safety"; a non-default retain weight adds
+        "_w0.5" and a training seed "_seed1" before the concept."""
+        return str.__str__(self)
 
     def __str__(self) -> str:
         return self.name
@@ -129,11 +110,11 @@ class Condition:
         return method_style(self.method)
 
     def replace(self, **changes) -> "Condition":
-        return replace(self, **changes)
+        return Condition(**{**{f: getattr(self, f) for f in FIELDS}, **changes})
 
     def to_dict(self) -> dict:
         """The fields and the name, JSON-able (chapters' summaries store this)."""
-        return {"name": self.name, **asdict(self)}
+        return {"name": self.name, **{f: getattr(self, f) for f in FIELDS}}
 
     @classmethod
     def from_name(cls, name: str) -> "Condition":
@@ -169,10 +150,71 @@ class Condition:
     @classmethod
     def from_dict(cls, d: dict) -> "Condition":
         """Back from :meth:`to_dict` (the name is ignored: the fields decide)."""
-        fields = {k: d.get(k) for k in ("method", "concept", "retain_ratio", "kl_lambda",
-                                        "retain_weight", "train_seed")}
-        return cls(**fields)
+        return cls(**{k: d.get(k) for k in FIELDS})
 
+
+
+def _checked(method, concept, retain_ratio, kl_lambda, retain_weight, train_seed) -> dict:
+    """The fields, checked and normalised (ratios and weights as floats)."""
+    if method == ALIGNED:
+        if any(v is not None for v in (concept, retain_ratio, kl_lambda, retain_weight, train_seed)):
+            raise ParameterError("the aligned condition takes no concept, ratio, lambda, weight or seed")
+        return dict(method=ALIGNED, concept=None, retain_ratio=None, kl_lambda=None,
+                    retain_weight=None, train_seed=None)
+    get_method(method)
+    if concept not in CONCEPTS:
+        raise ParameterError(f"Condition.concept must be one of {', '.join(CONCEPTS)}; got {concept!r}")
+    if retain_ratio is not None:
+        retain_ratio = parse_ratio(retain_ratio)
+    numbers = {"kl_lambda": kl_lambda, "retain_weight": retain_weight}
+    for key, value in numbers.items():
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ParameterError(f"Condition.{key} must be a number >= 0; got {value!r}")
+            numbers[key] = float(value)
+    if train_seed is not None and (isinstance(train_seed, bool) or not isinstance(train_seed, int)
+                                   or train_seed < 0):
+        raise ParameterError(f"Condition.train_seed must be an integer >= 0; got {train_seed!r}")
+    return dict(method=method, concept=concept, retain_ratio=retain_ratio, train_seed=train_seed,
+                **numbers)
+
+
+def _name(method, concept, retain_ratio, kl_lambda, retain_weight, train_seed) -> str:
+    if method == ALIGNED:
+        return ALIGNED
+    name = method
+    if retain_ratio is not None:
+        name += f"_1to{retain_ratio:g}"
+    if retain_weight is not None:
+        name += f"_w{retain_weight:g}"
+    if kl_lambda is not None:
+        name += f"_lambda{kl_lambda:g}"
+    if train_seed is not None:
+        name += f"_seed{train_seed}"
+    return f"{name}_{concept}"
+
+
+def try_condition(value) -> Condition | None:
+    """The Condition a value stands for, or None for a name that is no condition (an evaluation
+    may be labelled with any name, e.g. an external model's)."""
+    if isinstance(value, Condition):
+        return value
+    try:
+        return Condition.from_name(str(value))
+    except ParameterError:
+        return None
+
+
+def concept_of(value) -> str | None:
+    """The concept a condition was trained on; None for the aligned model or a name that is no
+    condition."""
+    condition = try_condition(value)
+    return None if condition is None else condition.concept
+
+
+def as_condition(value) -> Condition:
+    """A Condition from a Condition or a stored name (a chapter's files hold names)."""
+    return value if isinstance(value, Condition) else Condition.from_name(str(value))
 
 def aligned() -> Condition:
     return Condition(ALIGNED)

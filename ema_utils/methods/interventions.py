@@ -38,7 +38,7 @@ from .checkpoints import (
     select_checkpoint,
     unload_adapter,
 )
-from .condition import parse_ratio
+from .condition import Condition, parse_ratio
 from .registry import get_method, plain_methods
 
 METHODS = plain_methods()
@@ -50,7 +50,7 @@ unlearning of refusals and the SFT "finetune" baseline."""
 class InterventionRun:
     """A finished (cached) intervention and what was measured along it."""
 
-    name: str  # e.g. "npo_cybersecurity"
+    name: str  # a Condition (a str), e.g. npo_cybersecurity
     concept: str
     method: str
     folder: Path  # the training artifact: checkpoints, losses.jsonl, checkpoints.jsonl, kl.jsonl
@@ -80,10 +80,10 @@ class InterventionRun:
                 "settings": self.settings}
 
 
-def intervention_name(method: str, concept: str, retain_ratio: float | None = None) -> str:
-    """"npo_safety"; with a retain set "npo_retain_1to2_safety" (forget:retain = 1:2)."""
-    ratio = "" if retain_ratio is None else f"_1to{retain_ratio:g}"
-    return f"{method}{ratio}_{concept}"
+def intervention_name(method: str, concept: str, retain_ratio: float | None = None) -> Condition:
+    """The run's Condition (which is its name): "npo_safety"; with a retain set
+    "npo_retain_1to2_safety" (forget:retain = 1:2)."""
+    return Condition(method, concept, retain_ratio=retain_ratio)
 
 
 def _check(concept: str, method: str) -> None:

@@ -33,14 +33,15 @@ def plain_config(summary: dict):
 
 @dataclass
 class PlannedRun:
-    """One augmented run: its condition name, target, method family and config."""
+    """One augmented run: its condition (a Condition: the name is the value), target, method
+    family and config."""
 
-    condition: str
+    condition: Condition
     concept: str
     family: str  # "npo" or "sft": which forget data run_intervention builds
     config: object  # UnlearnConfig
     ratio: float
-    base: str  # the plain run's name (chapter 2), e.g. "npo_safety"
+    base: Condition  # the plain run (chapter 2), e.g. npo_safety
 
 
 def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retain_ratios=(1,),
@@ -70,7 +71,7 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
                     + [("npo_kl", kl_ratio, lam) for lam in kl_lambdas])
         for method, ratio, lam in variants:
             family = METHODS[method].base
-            base = f"{family}_{concept}"
+            base = Condition(family, concept)
             if base not in summaries:
                 raise ParameterError(
                     f"chapter 2 has no '{base}' run to compare {method} with (it has "
@@ -89,7 +90,7 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
             values = {"w_forget": w1, "w_retain": w2, "w_sft": w3, "kl_lambda": lam}
             changes = {field: float(values[field]) for field in METHODS[method].weights.values()}
             config = plain_config(summaries[base]).replace(method=method, **changes)
-            plan.append(PlannedRun(condition=Condition(method, concept, retain_ratio=ratio, kl_lambda=lam).name,
+            plan.append(PlannedRun(condition=Condition(method, concept, retain_ratio=ratio, kl_lambda=lam),
                                    concept=concept, family=family, config=config, ratio=ratio,
                                    base=base))
     names = [p.condition for p in plan]
