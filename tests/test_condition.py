@@ -68,3 +68,32 @@ def test_parse_ratio():
     for bad in ("1:0", "x", 0, -1, True, float("inf")):
         with pytest.raises(ParameterError, match="forget:retain"):
             parse_ratio(bad)
+
+
+def test_a_condition_is_its_name_wherever_names_go():
+    import json
+    import pickle
+
+    import pandas as pd
+
+    c = Condition("npo_retain", "safety", retain_ratio=2)
+    assert c == "npo_retain_1to2_safety" and {c: 1}["npo_retain_1to2_safety"] == 1
+    assert json.dumps({c: c}) == '{"npo_retain_1to2_safety": "npo_retain_1to2_safety"}'
+    assert f"unlearn-{c}" == "unlearn-npo_retain_1to2_safety"
+    assert pd.DataFrame({"x": [1]}, index=[c]).to_string().split()[-2] == "npo_retain_1to2_safety"
+    back = pickle.loads(pickle.dumps(c))
+    assert back == c and back.retain_ratio == 2.0 and isinstance(back, Condition)
+    with pytest.raises(AttributeError, match="immutable"):
+        c.method = "npo"
+    assert c.replace(retain_ratio=3) == "npo_retain_1to3_safety"
+
+
+def test_names_read_from_files_become_conditions_at_the_edge():
+    from ema_utils.methods.condition import as_condition, concept_of, try_condition
+
+    assert as_condition("npo_kl_1to1_lambda10_safety").kl_lambda == 10.0
+    assert concept_of("sft_retain_1to1_medical_legal") == "medical_legal"
+    assert concept_of("aligned") is None and concept_of("my-external-model") is None
+    assert try_condition("my-external-model") is None
+    with pytest.raises(ParameterError, match="names no condition"):
+        as_condition("my-external-model")
