@@ -47,7 +47,7 @@ from ..methods.plan import (  # noqa: F401
     plan_table,
     train_augmented,  # chapter 4's plan, called from its notebook
 )
-from ..methods.registry import METHODS, plain_methods
+from ..methods.registry import METHODS, augmented_methods, method_label, plain_methods
 from ..methods.sets import build_retain_set
 from .report import (  # noqa: F401
     MIN_GAP,
@@ -56,12 +56,6 @@ from .report import (  # noqa: F401
     paper_rows,
     refusal_summary,
 )
-
-AUGMENTED_BASE = {name: m.base for name, m in METHODS.items() if m.base}
-"""Each augmented method and the plain method (chapter 2) it is compared with (registry)."""
-
-METHOD_LABELS = {name: m.label for name, m in METHODS.items()}
-"""Method -> its label in tables and figures (registry)."""
 
 PAPER_MODELS = {"qwen2.5-7b-instruct": "Qwen2.5-7B", "mistral-7b-instruct-v0.3": "Mistral-7B"}
 
@@ -87,10 +81,10 @@ def base_condition(condition: str) -> str:
     """The plain run an augmented condition is compared with: "npo_retain_1to2_safety" ->
     "npo_safety" (npo_kl -> npo, sft_retain -> sft)."""
     c = try_condition(condition)
-    if c is None or not c.is_augmented:
+    if c is None:
         raise ParameterError(f"'{condition}' is not an augmented condition (methods: "
-                             f"{', '.join(AUGMENTED_BASE)}; e.g. npo_retain_1to2_safety)")
-    return c.base.name
+                             f"{', '.join(augmented_methods())}; e.g. npo_retain_1to2_safety)")
+    return c.base.name  # Condition.base refuses a plain condition with the same message
 
 
 # --- retain sets --------------------------------------------------------------------------------
@@ -458,7 +452,7 @@ def r2_verdict(summary: pd.DataFrame, method: str = "npo_retain", largely: float
     part = summary[summary["method"] == method] if len(summary) else summary
     if part.empty:
         return {"method": method, "condition": None, "verdict": "n/a",
-                "text": f"no {METHOD_LABELS.get(method, method)} run was scored"}
+                "text": f"no {method_label(method)} run was scored"}
     part = part.assign(_low_target=part["target_recovery"] <= target_max)
     candidates = part[part["_low_target"]] if part["_low_target"].any() else part
     candidates = candidates[candidates["mean_recovery"].notna()]

@@ -223,7 +223,5 @@ def aligned() -> Condition:
 def condition_label(name: str) -> str:
     """The figure label of a stored condition name ("NPO + retain CE 1:2"); a name that is no
     condition is shown as it is."""
-    try:
-        return Condition.from_name(name).label
-    except ParameterError:
-        return name
+    condition = try_condition(name)
+    return name if condition is None else condition.label
