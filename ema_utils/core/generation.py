@@ -102,8 +102,14 @@ def generate_responses(
     system: str | None = None,
     progress: bool = True,
     prefix_cache: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Greedy responses to ``prompts``, as a table with the prompt's id, concept and response.
+    """Responses to ``prompts``, as a table with the prompt's id, concept and response.
+
+    Greedy by default (``temperature`` 0, what every chapter judges); a positive ``temperature``
+    samples (top-p 1, top-k off) under ``seed``, so a sampled draw is the same on every run with
+    the same batches.
 
     ``prompts`` is a table with columns ``id`` and ``prompt`` (``concept`` is carried over when
     present) or a plain list of strings (ids are then their positions). Output rows keep the
@@ -114,6 +120,8 @@ def generate_responses(
         raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+    if temperature < 0:
+        raise ParameterError(f"temperature must be 0 (greedy) or positive (sampling), got {temperature}")
     table = _as_table(prompts)
     if table.empty:
         return table.assign(response=pd.Series(dtype=str))
@@ -139,11 +147,15 @@ def generate_responses(
             extra["past_key_values"].batch_repeat_interleave(len(batch))
         else:
             input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
+        if temperature > 0:
+            torch.manual_seed(seed + batch[0])  # per batch: the draw does not depend on batch order
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        else:
+            # greedy needs no sampling knobs; unset them so a model's defaults do not warn
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         out = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids,
-            # greedy needs no sampling knobs; unset them so a model's defaults do not warn
-            temperature=None, top_p=None, top_k=None, **extra,
+            num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids, **sampling, **extra,
         )
         new_tokens = out[:, input_ids.shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from .. import models
 from ..console import emit
 from ..errors import ParameterError
@@ -65,6 +67,43 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_draw(args) -> int:
+    # deferred: the draw loads models and reads the store; `ema judge validate/score` need neither
+    from . import draw
+
+    pool = draw.collect_store(args.model_name)
+    extra = draw.generate_sources(draw.prompt_mix(seed=args.seed), args.model_name, args.second_model,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  temperature=args.temperature,
+                                  progress=not getattr(args, "json", False))
+    table = draw.draw(pd.concat([pool, extra], ignore_index=True), per_source=args.per_source,
+                      seed=args.seed)
+    draw.write_draw(table, args.out)
+    draw.write_draw(draw.blind_copy(table), args.blind)
+    counts = table.groupby(["source", "split"]).size().unstack(fill_value=0)
+    payload = {"out": str(args.out), "blind": str(args.blind), "n": int(len(table)),
+               "by_source": {s: {k: int(v) for k, v in row.items()} for s, row in counts.iterrows()}}
+    emit(args, payload, lambda p: f"{p['n']} items -> {p['out']} (annotators' copy: {p['blind']})\n"
+         + counts.to_string())
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    # deferred: see _cmd_draw
+    from . import draw
+
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "_line"}
+                          for r in read_jsonl(args.draw, required=("id", "prompt", "response"))])
+    merged = draw.merge_annotations(table, args.first, args.second, args.third)
+    draw.write_draw(merged, args.out)
+    agree = float((merged["first_annotator"] == merged["second_annotator"]).mean())
+    payload = {"out": str(args.out), "n": int(len(merged)), "annotators_agree": round(agree, 4),
+               "refusals": int(merged["is_refusal"].sum()), "redacted": int(merged["redacted"].sum())}
+    emit(args, payload, lambda p: f"{p['n']} labelled items -> {p['out']}; annotators agree on "
+         f"{p['annotators_agree']:.1%}; {p['refusals']} refusals; {p['redacted']} redacted")
+    return 0
+
+
 def register_cli(subparsers) -> None:
     """Add ``ema judge validate`` and ``ema judge score`` to the command line."""
     p = subparsers.add_parser("judge", help="refusal judges: validate against labels, score responses")
@@ -89,3 +128,28 @@ def register_cli(subparsers) -> None:
     s.add_argument("--base-url", default=None, help="--judge endpoint: e.g. http://localhost:8000/v1")
     s.add_argument("--endpoint-model", default=None, help="--judge endpoint: the model name to ask")
     s.set_defaults(func=_cmd_score)
+
+    d = sub.add_parser("draw", help="draw responses of every source for blind labelling (the "
+                       "protocol that chooses the default judge)")
+    d.add_argument("--out", required=True, type=Path, help="the draw, with sources and splits")
+    d.add_argument("--blind", required=True, type=Path,
+                   help="the annotators' copy: id, prompt, response only, in a hidden order")
+    d.add_argument("--per-source", type=int, default=48, help="items per source group")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model-name", default="qwen2.5-coder-0.5b-instruct",
+                   help="the aligned model whose chapters' outputs (in the results store) are drawn")
+    d.add_argument("--second-model", default="smollm2-135m-instruct")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--temperature", type=float, default=0.8, help="for the sampled source")
+    d.add_argument("--json", action="store_true", help="print one JSON document")
+    d.set_defaults(func=_cmd_draw)
+
+    m = sub.add_parser("merge", help="join two blind annotators' labels (and a third reading of "
+                       "their disagreements) into a labelled draw")
+    m.add_argument("--draw", required=True, type=Path)
+    m.add_argument("--first", required=True, type=Path)
+    m.add_argument("--second", required=True, type=Path)
+    m.add_argument("--third", type=Path, default=None)
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--json", action="store_true", help="print one JSON document")
+    m.set_defaults(func=_cmd_merge)

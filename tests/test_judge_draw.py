@@ -1,0 +1,146 @@
+"""The judge-choosing protocol: collecting the chapters' outputs, the seeded draw with its fixed
+dev/test split, the annotators' blind copy and the merge of two blind labellings."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from ema_utils.core.errors import DataError, ParameterError
+from ema_utils.core.judges import draw as jd
+
+BASE = "qwen2.5-coder-0.5b-instruct:abc123"
+
+
+def _store(folder, model, rows, max_new_tokens=24):
+    folder.mkdir(parents=True, exist_ok=True)
+    key = f"generations-{abs(hash((model, len(rows)))) % 10**12:012d}"
+    pd.DataFrame(rows).to_json(folder / f"{key}.jsonl", orient="records", lines=True)
+    (folder / f"{key}.inputs.json").write_text(json.dumps({"model": model, "max_new_tokens": max_new_tokens}))
+
+
+@pytest.mark.parametrize("model_id, source", [
+    (BASE, "aligned_greedy"),
+    (BASE + ":bf16", "aligned_greedy"),
+    (BASE + "+npo_safety-1a2b", "npo"),
+    (BASE + ":bf16+sft_cybersecurity-1a2b", "sft"),
+    (BASE + "+npo_retain_1to3_safety-9f", "retain"),
+    (BASE + "+npo_kl_1to1_lambda10_safety-9f", "kl"),
+    (BASE + "+add-direction@12x4", "steered"),
+    (BASE + "+npo_safety-1a+ablate-direction:abcd@all", "ablated"),
+    ("smollm2-135m-instruct:ff", None),
+])
+def test_source_of_reads_the_model_identity(model_id, source):
+    assert jd.source_of(model_id, BASE) == source
+
+
+def test_collect_store_names_sources_and_prompt_kinds(tmp_path):
+    rows = [{"id": "a", "concept": "safety", "prompt": "p1", "response": "I'm sorry"},
+            {"id": "b", "concept": "benign", "prompt": "p2", "response": "Sure"}]
+    _store(tmp_path, BASE, rows)
+    _store(tmp_path, BASE + "+npo_safety-1a", rows[:1])
+    _store(tmp_path, "other-model:00", rows)  # not drawn
+    table = jd.collect_store(BASE, tmp_path)
+    assert sorted(table["source"]) == ["aligned_greedy", "aligned_greedy", "npo"]
+    assert dict(zip(table["prompt_id"], table["prompt_kind"])) == {"a": "harmful", "b": "benign"}
+
+
+def _pool(n_per_source=30):
+    rows = []
+    for source in jd.SOURCES:
+        for i in range(n_per_source):
+            rows.append({"source": source, "model": f"m-{source}", "decoding": "greedy",
+                         "max_new_tokens": 24, "prompt_id": f"p{i}", "concept": "safety",
+                         "prompt_kind": "harmful", "prompt": f"prompt {i}", "response": f"{source} says {i}"})
+    return pd.DataFrame(rows)
+
+
+def test_draw_is_seeded_balanced_and_split_evenly_before_labelling():
+    pool = _pool()
+    first, again = jd.draw(pool, per_source=10, seed=3), jd.draw(pool, per_source=10, seed=3)
+    pd.testing.assert_frame_equal(first, again)
+    assert first.groupby("source").size().eq(10).all()
+    assert first.groupby(["source", "split"]).size().eq(5).all()
+    assert first["id"].is_unique
+    # the split belongs to the item, not to the draw: a larger draw keeps each item's split
+    bigger = jd.draw(pool, per_source=30, seed=3)
+    assert set(first["id"]) <= set(bigger["id"])
+    other = jd.draw(pool, per_source=10, seed=4)
+    assert set(other["id"]) != set(first["id"])
+
+
+def test_draw_refuses_unknown_sources_and_an_empty_pool():
+    with pytest.raises(ParameterError, match="unknown source"):
+        jd.draw(_pool(), sources=["aligned", "npo"])
+    with pytest.raises(DataError, match="ema book"):
+        jd.draw(_pool().iloc[0:0])
+
+
+def test_blind_copy_hides_source_and_split():
+    table = jd.draw(_pool(), per_source=6)
+    blind = jd.blind_copy(table)
+    assert list(blind.columns) == ["id", "prompt", "response"]
+    assert set(blind["id"]) == set(table["id"])
+    assert list(blind["id"]) != list(table["id"])  # not grouped by source
+
+
+def _labels(path, table, flip=(), redact=None):
+    with open(path, "w") as f:
+        for i, item in enumerate(table["id"]):
+            row = {"id": item, "is_refusal": (i % 3 == 0) != (item in flip)}
+            if redact and item == table["id"].iloc[0]:
+                row["redact"] = redact
+            f.write(json.dumps(row) + "\n")
+
+
+def test_merge_takes_agreement_and_a_third_reading_of_disagreements(tmp_path):
+    table = jd.draw(_pool(), per_source=4)
+    disputed = set(table["id"].iloc[[1, 2]])
+    _labels(tmp_path / "a.jsonl", table, redact="says")
+    _labels(tmp_path / "b.jsonl", table, flip=disputed)
+    with pytest.raises(DataError, match="disagree on 2"):
+        jd.merge_annotations(table, tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": i, "is_refusal": True}) + "\n"
+                                              for i in sorted(disputed)))
+    merged = jd.merge_annotations(table, tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl")
+    assert merged.loc[merged["id"].isin(disputed), "is_refusal"].all()
+    same = ~merged["id"].isin(disputed)
+    assert (merged.loc[same, "is_refusal"] == merged.loc[same, "first_annotator"]).all()
+    assert merged["note"].ne("").sum() == 2
+    assert merged["redacted"].sum() == 1 and "[redacted]" in merged["response"].iloc[0]
+
+
+def test_merge_errors_name_the_file_and_the_fix(tmp_path):
+    table = jd.draw(_pool(), per_source=4)
+    _labels(tmp_path / "a.jsonl", table)
+    _labels(tmp_path / "short.jsonl", table.iloc[1:])
+    with pytest.raises(DataError, match="short.jsonl: 1 item"):
+        jd.merge_annotations(table, tmp_path / "a.jsonl", tmp_path / "short.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "nope", "is_refusal": True}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl line 1: id 'nope' is not in the draw"):
+        jd.merge_annotations(table, tmp_path / "a.jsonl", tmp_path / "bad.jsonl")
+
+
+def test_prompt_mix_spans_every_concept_and_both_sets():
+    mix = jd.prompt_mix(n_harmful_per_concept=2, n_benign=3, n_over_refusal=3, seed=0)
+    kinds = mix["concept"].map(jd.prompt_kind).value_counts()
+    assert kinds["benign"] == 3 and kinds["over_refusal"] == 3
+    assert mix["concept"].nunique() >= 7 and mix["id"].is_unique
+    pd.testing.assert_frame_equal(mix, jd.prompt_mix(n_harmful_per_concept=2, n_benign=3,
+                                                     n_over_refusal=3, seed=0))
+
+
+def test_generate_sources_greedy_and_sampled_on_the_tiny_model(isolated_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    prompts = pd.DataFrame({"id": ["a", "b", "c"], "concept": ["safety", "benign", "over_refusal"],
+                            "prompt": ["hi", "write a poem", "how do I kill a process"]})
+    out = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
+                              temperature=1.0, seed=0, progress=False)
+    assert out.groupby("source").size().to_dict() == {"aligned_greedy": 3, "aligned_sampled": 3,
+                                                      "second_model": 3}
+    greedy = out[out["source"] == "aligned_greedy"]["response"].tolist()
+    sampled = out[out["source"] == "aligned_sampled"]["response"].tolist()
+    assert greedy != sampled  # a random tiny model samples other tokens than its argmax
+    again = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
+                                temperature=1.0, seed=0, progress=False)
+    pd.testing.assert_frame_equal(out, again)
