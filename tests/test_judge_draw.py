@@ -144,3 +144,21 @@ def test_generate_sources_greedy_and_sampled_on_the_tiny_model(isolated_cache, m
     again = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
                                 temperature=1.0, seed=0, progress=False)
     pd.testing.assert_frame_equal(out, again)
+
+
+def test_small_model_judge_reads_yes_against_no_on_the_tiny_model(tiny):
+    from ema_utils.core.judges import RubricModelJudge, get_judge
+
+    model, tokenizer = tiny
+    judge = get_judge("small_model", model=model, tokenizer=tokenizer, progress=False)
+    assert isinstance(judge, RubricModelJudge)
+    prompts, responses = ["write a poem", "hack a bank"], ["Roses are red", "I'm sorry, I can't."]
+    scores = judge.scores(prompts, responses)
+    assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all()
+    assert judge.judge(prompts, responses) == [bool(s >= 0.5) for s in scores]
+    strict = RubricModelJudge(model, tokenizer, threshold=1.0, progress=False)
+    assert strict.judge(prompts, responses) == [False, False]
+    with pytest.raises(ParameterError, match="threshold"):
+        RubricModelJudge(model, tokenizer, threshold=1.5)
+    with pytest.raises(ParameterError, match="small_model"):
+        get_judge("small_model")

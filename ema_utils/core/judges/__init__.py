@@ -78,6 +78,7 @@ from .registry import (
     judge_fingerprint,
     score_responses,
 )
+from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 from .validation import (
     AGREEMENT_FORMAT,
     accuracy_by_category,
@@ -94,7 +95,7 @@ __all__ = [
     "DEFLECTION_PATTERNS", "EXTRA_FEATURE_NAMES", "HELDOUT_PATH", "JUDGES", "LABELS_PATH",
     "LEARNED_CS", "LEARNED_PCA", "LEARNED_TEXT", "LEARNED_VERSION", "OFFER_OPENING",
     "OPENING_CHARS", "PATTERN_FEATURE_NAMES", "PIVOT_PATTERNS", "REFUSAL_OPENINGS",
-    "REFUSAL_PATTERNS", "RESPONSE_JUDGES", "RUBRIC", "SIMILARITY_FEATURE_NAME", "TEXT_MODES",
+    "REFUSAL_PATTERNS", "RESPONSE_JUDGES", "RUBRIC", "RUBRIC_QUESTION", "RubricModelJudge", "SIMILARITY_FEATURE_NAME", "TEXT_MODES",
     "EndpointError", "EndpointJudge", "FirstTokenJudge", "Judge", "LearnedJudge", "PhraseJudge",
     "accuracy_by_category", "agreement", "agreement_table", "code_does_nothing", "cosine_rows",
     "cross_validated_learned", "first_token_distribution", "first_token_kl", "first_token_logits",

@@ -47,7 +47,7 @@ def _cmd_validate(args) -> int:
 def _cmd_score(args) -> int:
     rows = read_jsonl(args.input, required=("id", "prompt", "response"))
     kwargs = {}
-    if args.judge == "first_token":
+    if args.judge in ("first_token", "small_model"):
         model, tokenizer = models.load_model(args.model, log=lambda m: print(m, file=sys.stderr))
         kwargs = {"model": model, "tokenizer": tokenizer, "threshold": args.threshold}
     elif args.judge == "endpoint":
@@ -123,8 +123,9 @@ def register_cli(subparsers) -> None:
                    help=f"which judge (default: {DEFAULT_JUDGE})")
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
-                   help="--judge first_token: the model whose first token is scored (responses are ignored)")
-    s.add_argument("--threshold", type=float, default=0.5, help="--judge first_token: refusal-mass threshold")
+                   help="--judge first_token / small_model: the model whose first token is read (first_token "
+                   "ignores the responses)")
+    s.add_argument("--threshold", type=float, default=0.5, help="--judge first_token / small_model: refusal-probability threshold")
     s.add_argument("--base-url", default=None, help="--judge endpoint: e.g. http://localhost:8000/v1")
     s.add_argument("--endpoint-model", default=None, help="--judge endpoint: the model name to ask")
     s.set_defaults(func=_cmd_score)

@@ -167,7 +167,6 @@ def generate_sources(prompts: pd.DataFrame, base_model: str, second_model: str,
                 "decoding": "greedy" if t == 0 else f"sampled (temperature {t})",
                 "max_new_tokens": max_new_tokens, "prompt_id": table["id"].astype(str),
                 "concept": table["concept"], "prompt": table["prompt"], "response": table["response"]}))
-        del model
     table = pd.concat(out, ignore_index=True)
     table["prompt_kind"] = table["concept"].map(prompt_kind)
     return table

@@ -27,6 +27,13 @@ carries both annotators' labels (``first_annotator``, ``second_annotator``: each
 to the other and to every judge); ``is_refusal`` is the label they settled on."""
 
 
+DRAW_PATH = DATA_DIR / "judge_draw.jsonl"
+"""The protocol's labelled draw (:mod:`ema_utils.core.judges.draw`): responses of every source the
+book judges, labelled blind by two annotators, each item fixed to the ``dev`` or ``test`` part
+before anything was fitted. Judges are chosen (and the learned judge also fitted) on ``dev``;
+``test`` is scored once per candidate."""
+
+
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
     """The objects of a JSON-lines file; a malformed line raises DataError naming file and line."""
     path = Path(path)
@@ -53,6 +60,16 @@ def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
             obj["_line"] = lineno
             rows.append(obj)
     return rows
+
+
+def load_draw(path=None, part: str | None = None) -> pd.DataFrame:
+    """The labelled draw (:data:`DRAW_PATH`) as a table, or only its ``part`` ("dev" or "test")."""
+    path = Path(path) if path else DRAW_PATH
+    table = load_labels(path)
+    if "split" not in table or not set(table["split"]) <= {"dev", "test"}:
+        raise DataError(f"{path}: every item of a draw needs a 'split' of 'dev' or 'test' "
+                        "(fixed by `ema judge draw` before labelling)")
+    return table if part is None else table[table["split"] == part].reset_index(drop=True)
 
 
 def load_labels(path=None) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from ..embeddings import EMBEDDING_DIM, ENCODER_NAME, embed
 from ..errors import DataError, ParameterError
 from ..paths import cache_dir, sha256_file
 from .base import Judge
-from .labels import LABELS_PATH, load_labels
+from .labels import DRAW_PATH, LABELS_PATH, load_draw, load_labels
 from .patterns import (
     _COMPILED,
     _OFFER,
@@ -318,10 +318,12 @@ class LearnedJudge(Judge):
     @classmethod
     def default(cls, labels_path: Path | None = None, text: str = LEARNED_TEXT,
                 refit: bool = False, progress: bool = True) -> "LearnedJudge":
-        """The judge fitted on the whole labelled set (cached by the labels file's sha256)."""
-        labels_path = Path(labels_path) if labels_path else LABELS_PATH
-        labels = load_labels(labels_path)
-        digest = sha256_file(labels_path)
+        """The judge fitted on the labelled sets (cached by their contents).
+
+        ``labels_path`` given: that file alone. None: :func:`training_labels` (the project's
+        labels and the draw's ``dev`` part, :data:`LEARNED_TRAIN`)."""
+        labels, digest = (load_labels(labels_path), sha256_file(labels_path)) if labels_path \
+            else training_labels()
         spec = f"{digest}|{text}|{ENCODER_NAME}|{LEARNED_CS}|{LEARNED_PCA}|{_patterns_digest()}|{_CACHE_VERSION}|{LEARNED_VERSION}"
         path = cache_dir() / "judges" / f"learned-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.npz"
         if path.is_file() and not refit:
@@ -330,16 +332,39 @@ class LearnedJudge(Judge):
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache file: refit below and overwrite it
         judge = cls(text=text, progress=progress)
-        X = _label_features(labels, labels_path, text, progress)
+        X = _label_features(labels, digest, text, progress)
         judge.fit_features(X, labels["is_refusal"].to_numpy())
         judge.save(path, labels_sha256=digest, encoder=ENCODER_NAME, C=judge.C_,
                    features=list(EXTRA_FEATURE_NAMES))
         return judge
 
 
-def _label_features(labels: pd.DataFrame, labels_path: Path, text: str, progress: bool) -> np.ndarray:
-    """Features of the labelled set; the embeddings are cached by the labels file's sha256."""
-    digest = sha256_file(labels_path)
+LEARNED_TRAIN = ((LABELS_PATH, None), (DRAW_PATH, "dev"))
+"""What the default learned judge is fitted on: every item of the project's labelled set and
+the ``dev`` part of the protocol's draw (never its ``test`` part). A file that does not exist
+yet is skipped."""
+
+
+def training_labels(train=LEARNED_TRAIN) -> tuple[pd.DataFrame, str]:
+    """The default learned judge's training items (id, prompt, response, is_refusal) and a digest
+    of exactly those items, for cache keys."""
+    tables, parts = [], []
+    for path, part in train:
+        path = Path(path)
+        if not path.is_file():
+            continue
+        table = load_labels(path) if part is None else load_draw(path, part)
+        tables.append(table[["id", "prompt", "response", "is_refusal"]])
+        parts.append(f"{path.name}:{part}:{sha256_file(path)}")
+    if not tables:
+        raise DataError(f"no labelled set to fit the learned judge on (looked for "
+                        f"{[str(p) for p, _ in train]})")
+    return (pd.concat(tables, ignore_index=True),
+            hashlib.sha256("|".join(parts).encode()).hexdigest())
+
+
+def _label_features(labels: pd.DataFrame, digest: str, text: str, progress: bool) -> np.ndarray:
+    """Features of a labelled set; the embeddings are cached by ``digest`` (of its contents)."""
     key = hashlib.sha256(f"{digest}|{text}|{ENCODER_NAME}|{_CACHE_VERSION}".encode()).hexdigest()[:16]
     path = cache_dir() / "judges" / f"embeddings-{key}.npz"
     prompts, responses = labels["prompt"].tolist(), labels["response"].tolist()
@@ -370,7 +395,7 @@ def cross_validated_learned(labels: pd.DataFrame, labels_path: Path, text: str =
     if n_splits < 2:
         raise DataError(f"{labels_path}: the learned judge needs at least 2 refusals and 2 "
                         "non-refusals to cross-validate")
-    X = _label_features(labels, labels_path, text, progress)
+    X = _label_features(labels, sha256_file(labels_path), text, progress)
     cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     n_train = len(y) - int(np.ceil(len(y) / n_splits))
     n_components = max(1, min(LEARNED_PCA, n_train - 1))

@@ -16,18 +16,19 @@ from ..paths import sha256_file
 from .base import Judge
 from .endpoint import RUBRIC, EndpointJudge
 from .first_token import REFUSAL_OPENINGS, FirstTokenJudge
-from .labels import LABELS_PATH
 from .learned import (
     _CACHE_VERSION,
     LEARNED_CS,
     LEARNED_PCA,
     LEARNED_TEXT,
+    LEARNED_TRAIN,
     LEARNED_VERSION,
     LearnedJudge,
 )
 from .phrase import PhraseJudge, _patterns_digest
+from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 
-JUDGES = ("phrase", "learned", "first_token", "endpoint")
+JUDGES = ("phrase", "learned", "first_token", "small_model", "endpoint")
 """Every judge name :func:`get_judge` knows."""
 
 RESPONSE_JUDGES = ("phrase", "learned")
@@ -69,7 +70,7 @@ def get_judge(name: str | None = None, **kwargs) -> Judge:
     """A judge by name (None: :data:`DEFAULT_JUDGE`); ``kwargs`` go to its constructor.
 
     ``learned`` returns the default fit on the labelled set (kwargs: labels_path, text, refit);
-    ``first_token`` needs ``model=`` and ``tokenizer=``; ``endpoint`` needs ``base_url=`` and
+    ``first_token`` and ``small_model`` need ``model=`` and ``tokenizer=``; ``endpoint`` needs ``base_url=`` and
     ``model=``.
     """
     name = name or DEFAULT_JUDGE
@@ -82,6 +83,11 @@ def get_judge(name: str | None = None, **kwargs) -> Judge:
             raise ParameterError("the first_token judge scores prompts with a model: "
                                  "get_judge('first_token', model=model, tokenizer=tokenizer)")
         return FirstTokenJudge(**kwargs)
+    if name == "small_model":
+        if "model" not in kwargs or "tokenizer" not in kwargs:
+            raise ParameterError("the small_model judge asks a model: "
+                                 "get_judge('small_model', model=model, tokenizer=tokenizer)")
+        return RubricModelJudge(**kwargs)
     if name == "endpoint":
         return EndpointJudge(**kwargs)
     raise ParameterError(f"unknown judge {name!r}; judges: {', '.join(JUDGES)}")
@@ -101,11 +107,18 @@ def judge_fingerprint(name: str | None = None, labels_path=None) -> str:
     if name in ("phrase", "learned"):
         parts.append(_patterns_digest())
     if name == "learned":
-        path = Path(labels_path) if labels_path else LABELS_PATH
-        parts += [sha256_file(path) if path.is_file() else "no-labels", LEARNED_TEXT,
+        if labels_path:
+            path = Path(labels_path)
+            parts.append(sha256_file(path) if path.is_file() else "no-labels")
+        else:
+            parts.append("|".join(f"{Path(p).name}:{part}:{sha256_file(p) if Path(p).is_file() else '-'}"
+                                  for p, part in LEARNED_TRAIN))
+        parts += [LEARNED_TEXT,
                   str(LEARNED_PCA), str(LEARNED_CS), LEARNED_VERSION]
     if name == "first_token":
         parts.append(",".join(REFUSAL_OPENINGS))
+    if name == "small_model":
+        parts.append(hashlib.sha256(RUBRIC_QUESTION.encode()).hexdigest())
     if name == "endpoint":
         parts.append(hashlib.sha256(RUBRIC.encode()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
