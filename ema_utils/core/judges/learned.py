@@ -401,3 +401,31 @@ def cross_validated_learned(labels: pd.DataFrame, labels_path: Path, text: str =
     n_components = max(1, min(LEARNED_PCA, n_train - 1))
     clf = _make_classifier(seed, n_components, X.shape[1] - len(EXTRA_FEATURE_NAMES))
     return cross_val_predict(clf, X, y, cv=cv).astype(bool)
+
+
+def cross_validated_on_part(base: pd.DataFrame, base_digest: str, part: pd.DataFrame,
+                            part_digest: str, text: str = LEARNED_TEXT, n_splits: int = 5,
+                            seed: int = 0, progress: bool = True) -> np.ndarray:
+    """Out-of-fold refusal probabilities for the items of ``part`` (e.g. a draw's dev part) of a
+    learned judge fitted on ``base`` plus the other folds of ``part``.
+
+    How the judge that trains on the dev part is compared on that part without scoring items it
+    saw: each fold of ``part`` is predicted by a judge fitted on ``base`` and the remaining
+    folds (stratified K-fold). The digests key the embedding caches."""
+    # deferred: sklearn is slow to import and only needed to fit or cross-validate
+    from sklearn.model_selection import StratifiedKFold
+
+    X_base = _label_features(base, base_digest, text, progress)
+    X_part = _label_features(part, part_digest, text, progress)
+    y_base = base["is_refusal"].to_numpy().astype(int)
+    y_part = part["is_refusal"].to_numpy().astype(int)
+    n_splits = int(min(n_splits, np.bincount(y_part, minlength=2).min()))
+    if n_splits < 2:
+        raise DataError("the part needs at least 2 refusals and 2 non-refusals to cross-validate")
+    out = np.zeros(len(part))
+    for train, test in StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(X_part, y_part):
+        judge = LearnedJudge(text=text, progress=False).fit_features(
+            np.vstack([X_base, X_part[train]]), np.concatenate([y_base, y_part[train]]), seed)
+        out[test] = judge.proba_features(X_part[test])
+    empty = np.array([_is_empty(r) for r in part["response"]], dtype=bool)
+    return np.where(empty, 1.0, out)

@@ -15,6 +15,7 @@ from ..errors import ParameterError
 from ..paths import sha256_file
 from .base import Judge
 from .endpoint import RUBRIC, EndpointJudge
+from .ensemble import CONFIDENT, ENSEMBLE_RULE, EnsembleJudge
 from .first_token import REFUSAL_OPENINGS, FirstTokenJudge
 from .learned import (
     _CACHE_VERSION,
@@ -28,7 +29,7 @@ from .learned import (
 from .phrase import PhraseJudge, _patterns_digest
 from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 
-JUDGES = ("phrase", "learned", "first_token", "small_model", "endpoint")
+JUDGES = ("phrase", "learned", "ensemble", "first_token", "small_model", "endpoint")
 """Every judge name :func:`get_judge` knows."""
 
 RESPONSE_JUDGES = ("phrase", "learned")
@@ -83,6 +84,8 @@ def get_judge(name: str | None = None, **kwargs) -> Judge:
             raise ParameterError("the first_token judge scores prompts with a model: "
                                  "get_judge('first_token', model=model, tokenizer=tokenizer)")
         return FirstTokenJudge(**kwargs)
+    if name == "ensemble":
+        return EnsembleJudge(**kwargs)
     if name == "small_model":
         if "model" not in kwargs or "tokenizer" not in kwargs:
             raise ParameterError("the small_model judge asks a model: "
@@ -104,9 +107,11 @@ def judge_fingerprint(name: str | None = None, labels_path=None) -> str:
     if name not in JUDGES:
         raise ParameterError(f"unknown judge {name!r}; judges: {', '.join(JUDGES)}")
     parts = [name, _CACHE_VERSION]
-    if name in ("phrase", "learned"):
+    if name in ("phrase", "learned", "ensemble"):
         parts.append(_patterns_digest())
-    if name == "learned":
+    if name == "ensemble":
+        parts += [ENSEMBLE_RULE, str(CONFIDENT)]
+    if name in ("learned", "ensemble"):
         if labels_path:
             path = Path(labels_path)
             parts.append(sha256_file(path) if path.is_file() else "no-labels")

@@ -16,8 +16,16 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ParameterError
-from .labels import HELDOUT_PATH, LABELS_PATH, load_labels
-from .learned import LearnedJudge, cross_validated_learned
+from ..paths import sha256_file
+from .ensemble import ENSEMBLE_RULES, ensemble_verdicts
+from .labels import DRAW_PATH, HELDOUT_PATH, LABELS_PATH, load_draw, load_labels
+from .learned import (
+    LEARNED_TRAIN,
+    LearnedJudge,
+    cross_validated_learned,
+    cross_validated_on_part,
+    training_labels,
+)
 from .phrase import PhraseJudge
 from .registry import DEFAULT_JUDGE, RESPONSE_JUDGES
 
@@ -251,3 +259,47 @@ def meets_targets(part: dict, name: str, overall: float = 0.90, per_group: float
             "failing_groups": sorted({g for g, ok in kappa_ok.items() if not ok} |
                                      {g for g, ok in errors_ok.items() if not ok})}
 
+
+
+def draw_predictions(path=None, part: str = "test", judges: Sequence[str] = RESPONSE_JUDGES,
+                     extra: dict | None = None, progress: bool = True) -> pd.DataFrame:
+    """The draw's ``part`` with one ``pred_<name>`` column per judge (and ``proba_learned``).
+
+    ``learned`` is the default learned judge; on the ``dev`` part, which it is fitted on, its
+    predictions are out-of-fold (:func:`cross_validated_on_part`: each dev fold predicted by a
+    judge fitted on the labels and the other dev folds), so no judge is scored on items it saw.
+    ``learned_labels_only`` is the judge fitted on the project's labels alone (the default until
+    the draw). ``extra`` maps more names to judges (e.g. a :class:`RubricModelJudge`).
+    """
+    path = Path(path) if path else DRAW_PATH
+    table = load_draw(path, part)
+    prompts, responses = table["prompt"].tolist(), table["response"].tolist()
+    preds = {}
+    for name in judges:
+        if name == "phrase":
+            preds[name] = PhraseJudge().judge(prompts, responses)
+        elif name in ("learned", *ENSEMBLE_RULES) and "proba_learned" not in table:
+            trains_on_part = any(Path(p) == path and q == part for p, q in LEARNED_TRAIN)
+            if trains_on_part:
+                base_train = tuple((p, q) for p, q in LEARNED_TRAIN if not (Path(p) == path and q == part))
+                base, digest = training_labels(base_train)
+                proba = cross_validated_on_part(base, digest, table, sha256_file(path) + part,
+                                                progress=progress)
+            else:
+                proba = LearnedJudge.default(progress=progress).predict_proba(prompts, responses)
+            table["proba_learned"] = proba
+        elif name == "learned_labels_only":
+            preds[name] = LearnedJudge.default(LABELS_PATH, progress=progress).judge(prompts, responses)
+        elif name not in ENSEMBLE_RULES:
+            raise ParameterError(f"unknown judge {name!r} for the draw; judges: phrase, learned, "
+                                 f"learned_labels_only, {', '.join(ENSEMBLE_RULES)} (or pass extra=)")
+        if name == "learned":
+            preds[name] = (table["proba_learned"] >= 0.5).tolist()
+    for name in judges:
+        if name in ENSEMBLE_RULES:
+            preds[name] = ensemble_verdicts(name, prompts, responses, table["proba_learned"].to_numpy())
+    for name, judge in (extra or {}).items():
+        preds[name] = judge.judge(prompts, responses)
+    for name, pred in preds.items():
+        table[f"pred_{name}"] = np.asarray(pred, dtype=bool)
+    return table
