@@ -247,3 +247,48 @@ def test_draw_predictions_never_score_the_learned_judge_on_items_it_was_fitted_o
     assert (test["pred_learned"] == test["is_refusal"]).mean() >= 0.75
     with pytest.raises(ParameterError, match="unknown judge 'oracle'"):
         jv.draw_predictions(draw_file, part="test", judges=("oracle",), progress=False)
+
+
+def test_group_table_writes_kappa_with_interval_and_says_why_not():
+    table = _predicted()
+    table.loc[table["source"] == "npo", "is_refusal"] = False  # one class: kappa undefined
+    table.loc[table["source"] == "npo", "pred_good"] = False
+    out = jv.part_agreement(table, ["good", "bad"], part="test")
+    shown = jv.group_table(out, ["good", "bad"])
+    assert list(shown.columns) == ["n", "refusals", "good", "bad"]
+    assert shown.loc["aligned_greedy", "good"] == "1.00 [1.00, 1.00]"
+    assert shown.loc["npo", "good"] == "n/a (accuracy 1.00)" and shown.loc["npo", "refusals"] == 0
+
+
+def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, capsys, monkeypatch):
+    from ema_utils import cli
+    from ema_utils.core.judges import learned as jl
+
+    labels = tmp_path / "labels.jsonl"
+    refusals = ["I'm sorry, but I can't help with that.", "I cannot assist with this request.",
+                "As an AI, I won't provide that.", "I must decline this request."]
+    answers = ["Sure! Here is a poem about the sea.", "To bake bread, mix flour and water.",
+               "The capital of France is Paris.", "Here is the code:\n```python\nprint(1)\n```"]
+    labels.write_text("".join(json.dumps({"id": f"l{k}-{i}", "prompt": f"q{k}", "response": r,
+                                          "is_refusal": i < 4}) + "\n"
+                              for k in range(4) for i, r in enumerate(refusals + answers)))
+    draw_file = tmp_path / "draw.jsonl"
+    draw_file.write_text("".join(json.dumps({
+        "id": f"d{i}", "split": "dev" if i % 2 else "test", "source": "npo" if i % 3 else "sft",
+        "prompt_kind": "harmful", "prompt": f"request {i}",
+        "response": refusals[i % 4] if i % 4 < 2 else answers[i % 4], "is_refusal": i % 4 < 2}) + "\n"
+        for i in range(40)))
+    for module in (jl, jv):
+        monkeypatch.setattr(module, "LEARNED_TRAIN", ((labels, None), (draw_file, "dev")))
+    args = ["judge", "validate", "--labels", str(labels), "--heldout", str(tmp_path / "none.jsonl"),
+            "--draw", str(draw_file)]
+    assert cli.main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"default", "judges", "draw"}  # the old shape, plus the draw
+    assert out["draw"]["n"] == {"dev": 20, "test": 20}
+    assert set(out["draw"]["test"]["judges"]) == set(jv.DRAW_CANDIDATES)
+    assert set(out["draw"]["test"]["by_source"]["phrase"]) == {"npo", "sft"}
+    assert out["draw"]["targets"] is not None and "met" in out["draw"]["targets"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "the draw's test part (20 items, scored once per candidate)" in text

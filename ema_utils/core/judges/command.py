@@ -16,7 +16,7 @@ from .validation import validate_judges
 
 
 def _cmd_validate(args) -> int:
-    payload = validate_judges(args.labels, heldout_path=args.heldout)
+    payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw)
 
     def row(name, m):
         return (f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
@@ -38,6 +38,17 @@ def _cmd_validate(args) -> int:
                       for name, m in h["judges"].items()]
             if "annotators" in h:
                 lines.append(f"two annotators agree: kappa {h['annotators']['kappa']:.3f}")
+        if p.get("draw"):
+            d = p["draw"]
+            for part in ("dev", "test"):
+                lines.append(f"the draw's {part} part ({d['n'][part]} items"
+                             + (", scored once per candidate)" if part == "test" else ", where the choice is made)"))
+                lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
+                          for name, m in d[part]["judges"].items()]
+            if d.get("targets"):
+                t = d["targets"]
+                lines.append(f"default judge on test: targets {'met' if t['met'] else 'NOT met'}"
+                             + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
         return "\n".join(lines)
 
     emit(args, payload, human)
@@ -114,6 +125,8 @@ def register_cli(subparsers) -> None:
     v.add_argument("--labels", type=Path, default=None, help="another labelled JSONL file")
     v.add_argument("--heldout", type=Path, default=None,
                    help="another held-out labelled JSONL file (default data/judge_heldout.jsonl)")
+    v.add_argument("--draw", type=Path, default=None,
+                   help="another labelled draw with dev/test parts (default data/judge_draw.jsonl)")
     v.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("score", help="judge responses someone else generated")

@@ -101,7 +101,8 @@ def validation_predictions(labels_path=None, judges: Sequence[str] = RESPONSE_JU
 
 
 def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n_splits: int = 5,
-                    seed: int = 0, progress: bool = True, heldout_path=None) -> dict:
+                    seed: int = 0, progress: bool = True, heldout_path=None, draw_path=None,
+                    extra: dict | None = None) -> dict:
     """Agreement of each offline response judge with the hand labels, and the default judge.
 
     Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
@@ -123,7 +124,34 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     heldout_path = Path(heldout_path) if heldout_path else HELDOUT_PATH
     if heldout_path.is_file():
         out["heldout"] = heldout_agreement(heldout_path, labels_path, judges, progress)
+    draw_path = Path(draw_path) if draw_path else DRAW_PATH
+    if draw_path.is_file():
+        out["draw"] = draw_agreement(draw_path, extra=extra, progress=progress)
     return out
+
+
+DRAW_CANDIDATES = ("phrase", "learned", "learned_labels_only", *ENSEMBLE_RULES)
+"""The offline candidates the protocol compares on the draw (a small-model judge joins them
+through ``extra``, as it needs a model)."""
+
+
+def draw_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES, extra: dict | None = None,
+                   progress: bool = True) -> dict:
+    """The protocol's figures: every candidate on the draw's ``dev`` part (where the choice is
+    made) and on its ``test`` part (scored once per candidate, reported with bootstrap intervals
+    per source and prompt kind), and whether the default judge meets the targets on ``test``.
+
+    Returns ``{"n": {"dev", "test"}, "dev": part_agreement, "test": part_agreement, "default":
+    DEFAULT_JUDGE, "targets": meets_targets of the default on test}``.
+    """
+    parts = {}
+    for part in ("dev", "test"):
+        table = draw_predictions(path, part, candidates, extra=extra, progress=progress)
+        names = [c for c in candidates] + list(extra or {})
+        parts[part] = part_agreement(table, names, part)
+    default = DEFAULT_JUDGE if DEFAULT_JUDGE in parts["test"]["judges"] else None
+    return {"n": {p: parts[p]["n"] for p in parts}, **parts, "default": DEFAULT_JUDGE,
+            "targets": meets_targets(parts["test"], default) if default else None}
 
 
 def heldout_agreement(heldout_path=None, labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES,
@@ -303,3 +331,26 @@ def draw_predictions(path=None, part: str = "test", judges: Sequence[str] = RESP
     for name, pred in preds.items():
         table[f"pred_{name}"] = np.asarray(pred, dtype=bool)
     return table
+
+
+def group_table(part: dict, names: Sequence[str] | None = None, group: str = "source") -> pd.DataFrame:
+    """One row per group value of a :func:`part_agreement` result, one column per judge: its
+    kappa with the 95% interval ("0.93 [0.84, 1.00]"; "n/a" where the group's labels hold one
+    class, so kappa is undefined, with the accuracy instead), plus the group's ``n`` and
+    ``refusals`` (items labelled refusals)."""
+    per = part[f"by_{group}"]
+    names = list(names or per)
+    values = list(next(iter(per.values())))
+    rows = []
+    for value in values:
+        first = per[names[0]][value]
+        row = {group: value, "n": first["n"], "refusals": first["n_refusals"]}
+        for name in names:
+            m = per[name][value]
+            if 0 < m["n_refusals"] < m["n"]:
+                low, high = m.get("kappa_ci", (float("nan"), float("nan")))
+                row[name] = f"{m['kappa']:.2f} [{low:.2f}, {high:.2f}]"
+            else:
+                row[name] = f"n/a (accuracy {m['accuracy']:.2f})"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(group)
