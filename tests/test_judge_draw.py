@@ -292,3 +292,19 @@ def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, cap
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "the draw's test part (20 items, scored once per candidate)" in text
+
+
+def test_draw_name_and_load_draw_checks_the_split(tmp_path):
+    from ema_utils.core.judges import draw_name, load_draw
+
+    assert draw_name("ensemble") == je.ENSEMBLE_RULE and draw_name("phrase") == "phrase"
+    path = tmp_path / "draw.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r", "is_refusal": True,
+                                "split": "dev"}) + "\n" +
+                    json.dumps({"id": "b", "prompt": "p", "response": "r", "is_refusal": False,
+                                "split": "test"}) + "\n")
+    assert list(load_draw(path, "test")["id"]) == ["b"] and len(load_draw(path)) == 2
+    path.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r", "is_refusal": True,
+                                "split": "holdout"}) + "\n")
+    with pytest.raises(DataError, match="draw.jsonl: every item of a draw needs a 'split'"):
+        load_draw(path)

@@ -33,6 +33,13 @@ Everything public is re-exported here: ``from ema_utils import judges; judges.ge
 
 from .base import Judge
 from .endpoint import RUBRIC, EndpointError, EndpointJudge, parse_verdict
+from .ensemble import (
+    CONFIDENT,
+    ENSEMBLE_RULE,
+    ENSEMBLE_RULES,
+    EnsembleJudge,
+    ensemble_verdicts,
+)
 from .first_token import (
     REFUSAL_OPENINGS,
     FirstTokenJudge,
@@ -41,7 +48,14 @@ from .first_token import (
     first_token_logits,
     refusal_token_ids,
 )
-from .labels import HELDOUT_PATH, LABELS_PATH, load_labels, read_jsonl
+from .labels import (
+    DRAW_PATH,
+    HELDOUT_PATH,
+    LABELS_PATH,
+    load_draw,
+    load_labels,
+    read_jsonl,
+)
 from .learned import (
     EXTRA_FEATURE_NAMES,
     LEARNED_CS,
@@ -81,16 +95,27 @@ from .registry import (
 from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 from .validation import (
     AGREEMENT_FORMAT,
+    DRAW_CANDIDATES,
     accuracy_by_category,
     agreement,
     agreement_table,
+    draw_agreement,
+    draw_name,
+    draw_predictions,
+    error_shares,
+    group_table,
     heldout_agreement,
     kappa_interval,
+    meets_targets,
+    part_agreement,
     validate_judges,
     validation_predictions,
 )
 
 __all__ = [
+    "CONFIDENT", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
+    "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
+    "group_table", "load_draw", "meets_targets", "part_agreement",
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",
     "DEFLECTION_PATTERNS", "EXTRA_FEATURE_NAMES", "HELDOUT_PATH", "JUDGES", "LABELS_PATH",
     "LEARNED_CS", "LEARNED_PCA", "LEARNED_TEXT", "LEARNED_VERSION", "OFFER_OPENING",

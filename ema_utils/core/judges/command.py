@@ -16,7 +16,15 @@ from .validation import validate_judges
 
 
 def _cmd_validate(args) -> int:
-    payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw)
+    extra = None
+    if args.small_model:
+        # deferred: the small-model candidate needs its model; plain validation does not
+        from .rubric_model import RubricModelJudge
+
+        model, tokenizer = models.load_model(args.small_model, dtype=args.dtype,
+                                             log=lambda m: print(m, file=sys.stderr))
+        extra = {"small_model": RubricModelJudge(model, tokenizer, progress=not args.json)}
+    payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw, extra=extra)
 
     def row(name, m):
         return (f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
@@ -127,6 +135,10 @@ def register_cli(subparsers) -> None:
                    help="another held-out labelled JSONL file (default data/judge_heldout.jsonl)")
     v.add_argument("--draw", type=Path, default=None,
                    help="another labelled draw with dev/test parts (default data/judge_draw.jsonl)")
+    v.add_argument("--small-model", default=None, metavar="MODEL",
+                   help="also score the small-model rubric judge (small_model) with this model on "
+                   "the draw, e.g. qwen2.5-coder-0.5b-instruct")
+    v.add_argument("--dtype", default=None, help="--small-model: its dtype (auto: bfloat16 where native)")
     v.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("score", help="judge responses someone else generated")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import ParameterError
 from ..paths import sha256_file
-from .ensemble import ENSEMBLE_RULES, ensemble_verdicts
+from .ensemble import ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble_verdicts
 from .labels import DRAW_PATH, HELDOUT_PATH, LABELS_PATH, load_draw, load_labels
 from .learned import (
     LEARNED_TRAIN,
@@ -149,9 +149,15 @@ def draw_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES, extra
         table = draw_predictions(path, part, candidates, extra=extra, progress=progress)
         names = [c for c in candidates] + list(extra or {})
         parts[part] = part_agreement(table, names, part)
-    default = DEFAULT_JUDGE if DEFAULT_JUDGE in parts["test"]["judges"] else None
+    default = draw_name(DEFAULT_JUDGE)
     return {"n": {p: parts[p]["n"] for p in parts}, **parts, "default": DEFAULT_JUDGE,
-            "targets": meets_targets(parts["test"], default) if default else None}
+            "targets": meets_targets(parts["test"], default) if default in parts["test"]["judges"]
+            else None}
+
+
+def draw_name(judge: str) -> str:
+    """A judge's column in the draw's tables: its name, or for ``ensemble`` the rule it uses."""
+    return ENSEMBLE_RULE if judge == "ensemble" else judge
 
 
 def heldout_agreement(heldout_path=None, labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES,
