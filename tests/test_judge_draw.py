@@ -3,6 +3,7 @@ dev/test split, the annotators' blind copy and the merge of two blind labellings
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -308,3 +309,28 @@ def test_draw_name_and_load_draw_checks_the_split(tmp_path):
                                 "split": "holdout"}) + "\n")
     with pytest.raises(DataError, match="draw.jsonl: every item of a draw needs a 'split'"):
         load_draw(path)
+
+
+def test_targets_sentence_says_met_or_where_not():
+    base = {"default": "learned"}
+    assert jv.targets_sentence({**base, "targets": {"met": True, "failing_groups": []}}).endswith("**met**.")
+    text = jv.targets_sentence({**base, "targets": {"met": False, "failing_groups": ["npo", "sft"]}})
+    assert "**not met**" in text and "npo, sft" in text
+    assert "not checked" in jv.targets_sentence({**base, "targets": None})
+
+
+def test_get_judge_ensemble_wraps_the_default_learned_judge(monkeypatch):
+    from ema_utils.core.judges import registry
+
+    class Stub:
+        def predict_proba(self, prompts, responses):
+            return np.array([0.95, 0.05])
+
+    monkeypatch.setattr(registry.LearnedJudge, "default", classmethod(lambda cls, **k: Stub()))
+    judge = registry.get_judge("ensemble")
+    assert judge.name == "ensemble" and judge.rule == je.ENSEMBLE_RULE
+    assert judge.judge(["p", "q"], ["Sure, here is the poem:", "I'm sorry, I can't help with that."]) == [True, False]
+    either = registry.get_judge("ensemble", rule="ensemble_either")
+    assert either.judge(["p", "q"], ["Sure, here is the poem:", "I'm sorry, I can't help."]) == [True, True]
+    with pytest.raises(ParameterError, match="needs the learned judge"):
+        je.EnsembleJudge(object())

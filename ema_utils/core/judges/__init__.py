@@ -42,7 +42,9 @@ from .ensemble import (
 )
 from .first_token import (
     REFUSAL_OPENINGS,
+    RUBRIC_QUESTION,
     FirstTokenJudge,
+    RubricModelJudge,
     first_token_distribution,
     first_token_kl,
     first_token_logits,
@@ -92,7 +94,6 @@ from .registry import (
     judge_fingerprint,
     score_responses,
 )
-from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 from .validation import (
     AGREEMENT_FORMAT,
     DRAW_CANDIDATES,
@@ -108,6 +109,7 @@ from .validation import (
     kappa_interval,
     meets_targets,
     part_agreement,
+    targets_sentence,
     validate_judges,
     validation_predictions,
 )
@@ -115,7 +117,7 @@ from .validation import (
 __all__ = [
     "CONFIDENT", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
     "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
-    "group_table", "load_draw", "meets_targets", "part_agreement",
+    "group_table", "load_draw", "meets_targets", "part_agreement", "targets_sentence",
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",
     "DEFLECTION_PATTERNS", "EXTRA_FEATURE_NAMES", "HELDOUT_PATH", "JUDGES", "LABELS_PATH",
     "LEARNED_CS", "LEARNED_PCA", "LEARNED_TEXT", "LEARNED_VERSION", "OFFER_OPENING",

@@ -10,6 +10,7 @@ import pandas as pd
 from .. import models
 from ..console import emit
 from ..errors import ParameterError
+from .first_token import RubricModelJudge
 from .labels import read_jsonl
 from .registry import DEFAULT_JUDGE, JUDGES, get_judge
 from .validation import validate_judges
@@ -18,9 +19,6 @@ from .validation import validate_judges
 def _cmd_validate(args) -> int:
     extra = None
     if args.small_model:
-        # deferred: the small-model candidate needs its model; plain validation does not
-        from .rubric_model import RubricModelJudge
-
         model, tokenizer = models.load_model(args.small_model, dtype=args.dtype,
                                              log=lambda m: print(m, file=sys.stderr))
         extra = {"small_model": RubricModelJudge(model, tokenizer, progress=not args.json)}

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..cache import atomic_write_table, read_table, store_dir
+from ..cache import atomic_write_table, cached, read_table, stable_hash, store_dir
 from ..errors import DataError, ParameterError
+from .labels import read_jsonl
 
 SOURCES = ("aligned_greedy", "aligned_sampled", "npo", "sft", "retain", "kl", "steered",
            "ablated", "second_model")
@@ -145,7 +146,6 @@ def generate_sources(prompts: pd.DataFrame, base_model: str, second_model: str,
     (``base_model`` at ``temperature``) and ``second_model`` greedy. Cached in the results store
     like the chapters' generations. Columns as :func:`collect_store`'s."""
     # deferred: generation and models import torch
-    from ..cache import cached, stable_hash
     from ..generation import generate_responses
     from ..models import load_model, model_identity
 
@@ -218,13 +218,11 @@ def blind_copy(table: pd.DataFrame) -> pd.DataFrame:
     return out.iloc[sorted(range(len(out)), key=lambda i: _digest("blind", out["id"].iloc[i]))]
 
 
-def _read_annotations(path: Path, ids: set[str]) -> dict[str, dict]:
-    # deferred: labels is a sibling; imported here to keep this module's top light
-    from .labels import read_jsonl
-
-    rows = read_jsonl(path, required=ANNOTATION_FIELDS)
+def _read_annotations(path: Path, ids: set[str], needed: set[str] | None = None) -> dict[str, dict]:
+    """One annotator's labels by id; every id must be in ``ids`` (the draw) and every id of
+    ``needed`` (default: all of ``ids``) labelled once."""
     out = {}
-    for row in rows:
+    for row in read_jsonl(path, required=ANNOTATION_FIELDS):
         if not isinstance(row["is_refusal"], bool):
             raise DataError(f"{path} line {row['_line']}: 'is_refusal' must be true or false")
         if row["id"] not in ids:
@@ -232,9 +230,9 @@ def _read_annotations(path: Path, ids: set[str]) -> dict[str, dict]:
         if row["id"] in out:
             raise DataError(f"{path} line {row['_line']}: id {row['id']!r} is labelled twice")
         out[row["id"]] = row
-    missing = ids - set(out)
+    missing = (ids if needed is None else needed) - set(out)
     if missing:
-        raise DataError(f"{path}: {len(missing)} item(s) of the draw are not labelled, e.g. "
+        raise DataError(f"{path}: {len(missing)} item(s) it must label are not labelled, e.g. "
                         f"{sorted(missing)[:3]}")
     return out
 
@@ -256,8 +254,7 @@ def merge_annotations(draw_table: pd.DataFrame, first, second, third=None) -> pd
         if third is None:
             raise DataError(f"the annotators disagree on {len(disputed)} item(s) "
                             f"(e.g. {disputed[:3]}); pass a third reading of them")
-        c = _read_annotations(Path(third), ids) if _covers(third, ids) else \
-            _read_partial(Path(third), set(disputed))
+        c = _read_annotations(Path(third), ids, needed=set(disputed))
     out = draw_table.copy()
     out["first_annotator"] = [a[i]["is_refusal"] for i in out["id"]]
     out["second_annotator"] = [b[i]["is_refusal"] for i in out["id"]]
@@ -276,25 +273,6 @@ def merge_annotations(draw_table: pd.DataFrame, first, second, third=None) -> pd
         out.iloc[k, out.columns.get_loc("response")] = text
     out["redacted"] = redacted
     return out
-
-
-def _covers(path, ids) -> bool:
-    # deferred: see _read_annotations
-    from .labels import read_jsonl
-
-    return {r["id"] for r in read_jsonl(path, required=ANNOTATION_FIELDS)} >= ids
-
-
-def _read_partial(path: Path, needed: set[str]) -> dict[str, dict]:
-    # deferred: see _read_annotations
-    from .labels import read_jsonl
-
-    rows = {r["id"]: r for r in read_jsonl(path, required=ANNOTATION_FIELDS)}
-    missing = needed - set(rows)
-    if missing:
-        raise DataError(f"{path}: the third reading lacks {len(missing)} disputed item(s), e.g. "
-                        f"{sorted(missing)[:3]}")
-    return rows
 
 
 def write_draw(table: pd.DataFrame, path) -> Path:

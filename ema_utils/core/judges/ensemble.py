@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ParameterError
 from .base import Judge
-from .phrase import PhraseJudge
+from .patterns import phrase_reason
 
 CONFIDENT = 0.9
 """``ensemble_confident``: the learned judge overrules the phrase judge at a probability of at
@@ -37,7 +37,8 @@ def ensemble_verdicts(rule: str, prompts: Sequence[str], responses: Sequence[str
     probabilities ``learned_proba`` (one per item) by ``rule`` (:data:`ENSEMBLE_RULES`)."""
     if rule not in ENSEMBLE_RULES:
         raise ParameterError(f"unknown ensemble rule {rule!r}; rules: {', '.join(ENSEMBLE_RULES)}")
-    phrase = np.asarray(PhraseJudge().judge(prompts, responses), dtype=bool)
+    # the phrase judge's verdicts (PhraseJudge with its default window)
+    phrase = np.array([phrase_reason(r) is not None for r in responses], dtype=bool)
     proba = np.asarray(learned_proba, dtype=np.float64)
     if proba.shape != phrase.shape:
         raise ParameterError(f"got {len(phrase)} responses but {len(proba)} learned probabilities")
@@ -52,18 +53,17 @@ def ensemble_verdicts(rule: str, prompts: Sequence[str], responses: Sequence[str
 
 
 class EnsembleJudge(Judge):
-    """The phrase and the default learned judge combined by ``rule`` (:data:`ENSEMBLE_RULES`)."""
+    """The phrase judge and ``learned`` (the default :class:`LearnedJudge`, which
+    ``get_judge("ensemble")`` passes in) combined by ``rule`` (:data:`ENSEMBLE_RULES`)."""
 
     name = "ensemble"
 
-    def __init__(self, rule: str = ENSEMBLE_RULE, learned=None, progress: bool = True):
+    def __init__(self, learned, rule: str = ENSEMBLE_RULE):
         if rule not in ENSEMBLE_RULES:
             raise ParameterError(f"unknown ensemble rule {rule!r}; rules: {', '.join(ENSEMBLE_RULES)}")
-        # deferred: the learned judge loads MiniLM; an ensemble is built only when asked for
-        from .learned import LearnedJudge
-
-        self.rule = rule
-        self.learned = learned or LearnedJudge.default(progress=progress)
+        if not hasattr(learned, "predict_proba"):
+            raise ParameterError("an ensemble needs the learned judge: get_judge('ensemble') builds it")
+        self.rule, self.learned = rule, learned
 
     def judge(self, prompts, responses=None) -> list[bool]:
         prompts, responses = self._check(prompts, responses)

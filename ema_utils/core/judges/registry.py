@@ -16,7 +16,12 @@ from ..paths import sha256_file
 from .base import Judge
 from .endpoint import RUBRIC, EndpointJudge
 from .ensemble import CONFIDENT, ENSEMBLE_RULE, EnsembleJudge
-from .first_token import REFUSAL_OPENINGS, FirstTokenJudge
+from .first_token import (
+    REFUSAL_OPENINGS,
+    RUBRIC_QUESTION,
+    FirstTokenJudge,
+    RubricModelJudge,
+)
 from .learned import (
     _CACHE_VERSION,
     LEARNED_CS,
@@ -27,7 +32,6 @@ from .learned import (
     LearnedJudge,
 )
 from .phrase import PhraseJudge, _patterns_digest
-from .rubric_model import RUBRIC_QUESTION, RubricModelJudge
 
 JUDGES = ("phrase", "learned", "ensemble", "first_token", "small_model", "endpoint")
 """Every judge name :func:`get_judge` knows."""
@@ -85,7 +89,8 @@ def get_judge(name: str | None = None, **kwargs) -> Judge:
                                  "get_judge('first_token', model=model, tokenizer=tokenizer)")
         return FirstTokenJudge(**kwargs)
     if name == "ensemble":
-        return EnsembleJudge(**kwargs)
+        rule = kwargs.pop("rule", ENSEMBLE_RULE)
+        return EnsembleJudge(LearnedJudge.default(**kwargs), rule=rule)
     if name == "small_model":
         if "model" not in kwargs or "tokenizer" not in kwargs:
             raise ParameterError("the small_model judge asks a model: "

@@ -308,35 +308,39 @@ def draw_predictions(path=None, part: str = "test", judges: Sequence[str] = RESP
     path = Path(path) if path else DRAW_PATH
     table = load_draw(path, part)
     prompts, responses = table["prompt"].tolist(), table["response"].tolist()
+    known = ("phrase", "learned", "learned_labels_only", *ENSEMBLE_RULES)
+    unknown = [name for name in judges if name not in known]
+    if unknown:
+        raise ParameterError(f"unknown judge {unknown[0]!r} for the draw; judges: {', '.join(known)} "
+                             "(or pass extra=)")
+    if {"learned", *ENSEMBLE_RULES} & set(judges):
+        table["proba_learned"] = _learned_proba_on_part(table, path, part, progress)
     preds = {}
     for name in judges:
         if name == "phrase":
             preds[name] = PhraseJudge().judge(prompts, responses)
-        elif name in ("learned", *ENSEMBLE_RULES) and "proba_learned" not in table:
-            trains_on_part = any(Path(p) == path and q == part for p, q in LEARNED_TRAIN)
-            if trains_on_part:
-                base_train = tuple((p, q) for p, q in LEARNED_TRAIN if not (Path(p) == path and q == part))
-                base, digest = training_labels(base_train)
-                proba = cross_validated_on_part(base, digest, table, sha256_file(path) + part,
-                                                progress=progress)
-            else:
-                proba = LearnedJudge.default(progress=progress).predict_proba(prompts, responses)
-            table["proba_learned"] = proba
+        elif name == "learned":
+            preds[name] = table["proba_learned"] >= 0.5
         elif name == "learned_labels_only":
             preds[name] = LearnedJudge.default(LABELS_PATH, progress=progress).judge(prompts, responses)
-        elif name not in ENSEMBLE_RULES:
-            raise ParameterError(f"unknown judge {name!r} for the draw; judges: phrase, learned, "
-                                 f"learned_labels_only, {', '.join(ENSEMBLE_RULES)} (or pass extra=)")
-        if name == "learned":
-            preds[name] = (table["proba_learned"] >= 0.5).tolist()
-    for name in judges:
-        if name in ENSEMBLE_RULES:
+        else:
             preds[name] = ensemble_verdicts(name, prompts, responses, table["proba_learned"].to_numpy())
     for name, judge in (extra or {}).items():
         preds[name] = judge.judge(prompts, responses)
     for name, pred in preds.items():
         table[f"pred_{name}"] = np.asarray(pred, dtype=bool)
     return table
+
+
+def _learned_proba_on_part(table: pd.DataFrame, path: Path, part: str, progress: bool) -> np.ndarray:
+    """The default learned judge's refusal probabilities on a draw part: out-of-fold where the
+    judge is fitted on that very part (:data:`LEARNED_TRAIN`), directly otherwise."""
+    others = tuple((p, q) for p, q in LEARNED_TRAIN if not (Path(p) == path and q == part))
+    if len(others) == len(LEARNED_TRAIN):
+        return LearnedJudge.default(progress=progress).predict_proba(table["prompt"].tolist(),
+                                                                     table["response"].tolist())
+    base, digest = training_labels(others)
+    return cross_validated_on_part(base, digest, table, sha256_file(path) + part, progress=progress)
 
 
 def group_table(part: dict, names: Sequence[str] | None = None, group: str = "source") -> pd.DataFrame:
@@ -360,3 +364,15 @@ def group_table(part: dict, names: Sequence[str] | None = None, group: str = "so
                 row[name] = f"n/a (accuracy {m['accuracy']:.2f})"
         rows.append(row)
     return pd.DataFrame(rows).set_index(group)
+
+
+def targets_sentence(protocol: dict) -> str:
+    """Chapter 1's verdict on :func:`draw_agreement`'s ``targets``: met, or not met and where."""
+    targets = protocol["targets"]
+    head = f"The default **{protocol['default']}** judge on the test part: targets "
+    if targets is None:
+        return head + "not checked (the default is not among the draw's candidates)."
+    if targets["met"]:
+        return head + "**met**."
+    where = targets["failing_groups"]
+    return head + "**not met**" + (f" (sources short of them: {', '.join(where)})." if where else ".")
