@@ -290,9 +290,11 @@ def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, cap
     assert set(out["draw"]["test"]["judges"]) == set(jv.DRAW_CANDIDATES)
     assert set(out["draw"]["test"]["by_source"]["phrase"]) == {"npo", "sft"}
     assert out["draw"]["targets"] is not None and "met" in out["draw"]["targets"]
+    assert out["draw"]["chosen_on_dev"] in jv.DRAW_CANDIDATES
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "the draw's test part (20 items, scored once per candidate)" in text
+    assert f"chosen on the dev part (highest kappa): {out['draw']['chosen_on_dev']}" in text
 
 
 def test_draw_name_and_load_draw_checks_the_split(tmp_path):
@@ -334,3 +336,21 @@ def test_get_judge_ensemble_wraps_the_default_learned_judge(monkeypatch):
     assert either.judge(["p", "q"], ["Sure, here is the poem:", "I'm sorry, I can't help."]) == [True, True]
     with pytest.raises(ParameterError, match="needs the learned judge"):
         je.EnsembleJudge(object())
+
+
+def test_choose_on_dev_takes_the_best_kappa_and_breaks_ties_by_worst_group_then_simplicity():
+    def judge(kappa, accs):
+        return {"kappa": kappa}, {g: {"accuracy": a} for g, a in accs.items()}
+
+    def dev(**named):
+        return {"judges": {n: v[0] for n, v in named.items()},
+                "by_source": {n: v[1] for n, v in named.items()}}
+
+    assert jv.choose_on_dev(dev(phrase=judge(0.80, {"a": 0.9}), learned=judge(0.90, {"a": 0.7}))) == "learned"
+    # within 0.005: the one whose worst source group errs least
+    assert jv.choose_on_dev(dev(phrase=judge(0.898, {"a": 0.9, "b": 0.8}),
+                                learned=judge(0.900, {"a": 0.99, "b": 0.95}))) == "learned"
+    assert jv.choose_on_dev(dev(phrase=judge(0.898, {"a": 0.99, "b": 0.95}),
+                                learned=judge(0.900, {"a": 0.9, "b": 0.8}))) == "phrase"
+    # a full tie: the simpler judge, listed first
+    assert jv.choose_on_dev(dev(phrase=judge(0.9, {"a": 0.9}), learned=judge(0.9, {"a": 0.9}))) == "phrase"

@@ -100,6 +100,7 @@ from .validation import (
     accuracy_by_category,
     agreement,
     agreement_table,
+    choose_on_dev,
     draw_agreement,
     draw_name,
     draw_predictions,
@@ -116,7 +117,7 @@ from .validation import (
 
 __all__ = [
     "CONFIDENT", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
-    "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
+    "choose_on_dev", "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
     "group_table", "load_draw", "meets_targets", "part_agreement", "targets_sentence",
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",
     "DEFLECTION_PATTERNS", "EXTRA_FEATURE_NAMES", "HELDOUT_PATH", "JUDGES", "LABELS_PATH",

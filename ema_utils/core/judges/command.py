@@ -51,6 +51,7 @@ def _cmd_validate(args) -> int:
                              + (", scored once per candidate)" if part == "test" else ", where the choice is made)"))
                 lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
                           for name, m in d[part]["judges"].items()]
+            lines.append(f"chosen on the dev part (highest kappa): {d['chosen_on_dev']}")
             if d.get("targets"):
                 t = d["targets"]
                 lines.append(f"default judge on test: targets {'met' if t['met'] else 'NOT met'}"

@@ -151,8 +151,25 @@ def draw_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES, extra
         parts[part] = part_agreement(table, names, part)
     default = draw_name(DEFAULT_JUDGE)
     return {"n": {p: parts[p]["n"] for p in parts}, **parts, "default": DEFAULT_JUDGE,
+            "chosen_on_dev": choose_on_dev(parts["dev"]),
             "targets": meets_targets(parts["test"], default) if default in parts["test"]["judges"]
             else None}
+
+
+def choose_on_dev(dev: dict) -> str:
+    """The protocol's rule for the default judge, applied to the draw's ``dev`` part (a
+    :func:`part_agreement` result): the highest kappa overall; a tie (to 0.005) goes to the
+    candidate with the fewest errors in its worst source group, then to the simpler judge (the
+    order of ``dev["judges"]``: phrase before learned before ensembles). The test part plays no
+    part in it."""
+    names = list(dev["judges"])
+    best = max(dev["judges"][n]["kappa"] for n in names)
+    tied = [n for n in names if dev["judges"][n]["kappa"] >= best - 0.005]
+
+    def worst_group_error(name: str) -> float:
+        return max(1 - m["accuracy"] for m in dev["by_source"][name].values())
+
+    return min(tied, key=lambda n: (worst_group_error(n), names.index(n)))
 
 
 def draw_name(judge: str) -> str:
