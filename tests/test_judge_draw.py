@@ -35,6 +35,15 @@ def test_source_of_reads_the_model_identity(model_id, source):
     assert jd.source_of(model_id, BASE) == source
 
 
+def test_source_of_takes_a_bare_registry_name_for_any_digest():
+    name = "qwen2.5-coder-0.5b-instruct"
+    assert jd.source_of(f"{name}:1d9614638d18024d:bf16", name) == "aligned_greedy"
+    assert jd.source_of(f"{name}:1d9614638d18024d:bf16+npo_cybersecurity:284b46fbed0b3c0e", name) == "npo"
+    assert jd.source_of(f"{name}:1d9614638d18024d+sft_safety:dc57fe5d7557a4ed", name) == "sft"
+    assert jd.source_of(f"{name}-extra:1d9614638d18024d", name) is None  # another model
+    assert jd.source_of(name, name) is None  # no digest: not a model identity
+
+
 def test_collect_store_names_sources_and_prompt_kinds(tmp_path):
     rows = [{"id": "a", "concept": "safety", "prompt": "p1", "response": "I'm sorry"},
             {"id": "b", "concept": "benign", "prompt": "p2", "response": "Sure"}]
@@ -83,6 +92,8 @@ def test_blind_copy_hides_source_and_split():
     assert list(blind.columns) == ["id", "prompt", "response"]
     assert set(blind["id"]) == set(table["id"])
     assert list(blind["id"]) != list(table["id"])  # not grouped by source
+    # nor named in the ids the annotators see
+    assert not any(source in item for item in blind["id"] for source in jd.SOURCES)
 
 
 def _labels(path, table, flip=(), redact=None):

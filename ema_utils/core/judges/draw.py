@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,13 +61,20 @@ def source_of(model_id: str, base_model: str) -> str | None:
     it under (None for a model the draw does not know, e.g. a checkpoint of another base).
 
     ``base_model`` is the aligned model's identity (``name:digest``, as
-    :func:`ema_utils.core.models.model_identity` gives it, without a dtype tag); a checkpoint is
+    :func:`ema_utils.core.models.model_identity` gives it, without a dtype tag) or its registry
+    name alone (any digest: ``ema judge draw --model-name`` passes the name); a checkpoint is
     ``<base>[:bf16]+<run name>:<adapter digest>`` (``npo_kl_...``, ``npo_retain_...``,
     ``sft_...``), an ablated model adds ``+ablate-``, a steered one ``+add-``.
     """
     if not model_id.startswith(base_model):
         return None
     rest = model_id[len(base_model):]
+    if ":" not in base_model:
+        # a bare registry name stands for every weights digest of it ("name:<digest>...")
+        digest = re.match(r":[0-9a-f]{8,64}(?=$|[:+])", rest)
+        if digest is None:
+            return None
+        rest = rest[digest.end():]
     for tag in (":bf16", ":fp16"):  # the compute dtype's tag (models.model_identity)
         rest = rest[len(tag):] if rest.startswith(tag) else rest
     if rest == "":
@@ -198,7 +206,8 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
         if group.empty:
             continue
         group = group.sample(min(per_source, len(group)), random_state=seed).copy()
-        group["id"] = [f"draw-{source}-{_digest(source, m, p, r)[:10]}"
+        # the id must not name the source: annotators see it
+        group["id"] = [f"draw-{_digest(source, m, p, r)[:12]}"
                        for m, p, r in zip(group["model"], group["prompt"], group["response"])]
         order = sorted(group["id"], key=lambda i: _digest("judge-split", i))
         dev = set(order[: (len(order) + 1) // 2])
