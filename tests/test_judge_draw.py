@@ -70,11 +70,17 @@ def test_draw_is_seeded_balanced_and_split_evenly_before_labelling():
     first, again = jd.draw(pool, per_source=10, seed=3), jd.draw(pool, per_source=10, seed=3)
     pd.testing.assert_frame_equal(first, again)
     assert first.groupby("source").size().eq(10).all()
-    assert first.groupby(["source", "split"]).size().eq(5).all()
     assert first["id"].is_unique
-    # the split belongs to the item, not to the draw: a larger draw keeps each item's split
     bigger = jd.draw(pool, per_source=30, seed=3)
+    assert 0.4 <= bigger["split"].value_counts(normalize=True)["dev"] <= 0.6  # about half each
+    # the split belongs to the text, not to the draw: a larger draw keeps each item's split
     assert set(first["id"]) <= set(bigger["id"])
+    assert bigger.set_index("id").loc[first["id"], "split"].tolist() == first["split"].tolist()
+    # one text drawn from two sources sits in one part
+    twin = pool.assign(response=pool["prompt"] + " refused")
+    both = jd.draw(twin, per_source=30, seed=3)
+    assert both.groupby(["prompt", "response"])["split"].nunique().eq(1).all()
+    assert both.groupby(["prompt", "response"]).size().gt(1).all()
     other = jd.draw(pool, per_source=10, seed=4)
     assert set(other["id"]) != set(first["id"])
 

@@ -10,8 +10,8 @@ responses nobody tuned it on, of every kind the book judges. The protocol:
    aligned model greedy on benign instructions, and the registry's second model, on one fixed
    mix of harmful, benign and over-refusal prompts (:func:`prompt_mix`).
 2. :func:`draw` samples the same number of distinct responses from every source (seeded) and
-   fixes each item's ``split`` (:data:`SPLITS`: half ``dev``, half ``test`` within each source,
-   by a hash of the item's id), before anything is labelled or fitted.
+   fixes each item's ``split`` (:data:`SPLITS`: ``dev`` or ``test`` by a hash of its text, so
+   one text never sits in both parts), before anything is labelled or fitted.
 3. Two annotators label the draw blind (to each other, to the judges, to the source) with the
    rubric; :func:`merge_annotations` joins their labels and a third reading of the items they
    disagree on into the labelled file (:data:`ema_utils.core.judges.labels.DRAW_PATH`).
@@ -191,9 +191,9 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
 
     Within a source, pairs are drawn at random under ``seed`` (identical texts count once; a
     source with fewer pairs gives what it has), prompt kinds as they come. The split is fixed
-    here, before labelling: within each source, items sorted by a hash of their id, the first
-    half ``dev`` and the rest ``test``, so every source is split evenly and no one chose which
-    item went where. Raises ParameterError for an unknown source in ``sources``.
+    here, before labelling, by :func:`text_split` (a hash of the text: no one chose which item
+    went where, and a text drawn from two sources is in one part). Raises ParameterError for an
+    unknown source in ``sources``.
     """
     unknown = sorted(set(sources) - set(SOURCES))
     if unknown:
@@ -209,9 +209,7 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
         # the id must not name the source: annotators see it
         group["id"] = [f"draw-{_digest(source, m, p, r)[:12]}"
                        for m, p, r in zip(group["model"], group["prompt"], group["response"])]
-        order = sorted(group["id"], key=lambda i: _digest("judge-split", i))
-        dev = set(order[: (len(order) + 1) // 2])
-        group["split"] = ["dev" if i in dev else "test" for i in group["id"]]
+        group["split"] = [text_split(p, r) for p, r in zip(group["prompt"], group["response"])]
         picked.append(group)
     if not picked:
         raise DataError("nothing to draw from: the pool holds none of the sources "
@@ -219,6 +217,15 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
     columns = ["id", "split", "source", "prompt_kind", "concept", "model", "decoding",
                "max_new_tokens", "prompt_id", "prompt", "response"]
     return pd.concat(picked, ignore_index=True)[columns]
+
+
+def text_split(prompt: str, response: str) -> str:
+    """An item's part, fixed by a hash of its text: ``dev`` or ``test``, about half each.
+
+    The text, not the item, decides, so the same (prompt, response) drawn from two sources (the
+    aligned model's stock refusal, say) lands in one part: a judge fitted on ``dev`` never meets
+    a ``test`` text it was fitted on."""
+    return SPLITS[int(_digest("judge-split", prompt, response), 16) % 2]
 
 
 def blind_copy(table: pd.DataFrame) -> pd.DataFrame:
