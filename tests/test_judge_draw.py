@@ -9,6 +9,8 @@ import pytest
 
 from ema_utils.core.errors import DataError, ParameterError
 from ema_utils.core.judges import draw as jd
+from ema_utils.core.judges import labels as jl_paths
+from ema_utils.core.judges import registry as judges_registry
 
 BASE = "qwen2.5-coder-0.5b-instruct:abc123"
 
@@ -371,3 +373,24 @@ def test_choose_on_dev_takes_the_best_kappa_and_breaks_ties_by_worst_group_then_
                                 learned=judge(0.900, {"a": 0.9, "b": 0.8}))) == "phrase"
     # a full tie: the simpler judge, listed first
     assert jv.choose_on_dev(dev(phrase=judge(0.9, {"a": 0.9}), learned=judge(0.9, {"a": 0.9}))) == "phrase"
+
+
+@pytest.mark.skipif(not jl_paths.DRAW_PATH.is_file(), reason="data/judge_draw.jsonl not written yet")
+def test_real_draw_spans_the_book_and_chooses_the_default_on_dev(isolated_cache):
+    # The protocol on the project's own draw: every source the book judges, blind
+    # labels that agree, parts fixed by text, the default chosen on dev by the stated rule.
+    table = jl_paths.load_draw()
+    assert set(table["source"]) == set(jd.SOURCES)
+    assert set(table["prompt_kind"]) == set(jd.PROMPT_KINDS)
+    assert set(table["decoding"]) >= {"greedy", "sampled (temperature 0.8)"}
+    assert (table["split"] == [jd.text_split(p, r) for p, r in zip(table["prompt"], table["response"])]).all()
+    texts = table["prompt"] + "\x1f" + table["response"]
+    assert not set(texts[table["split"] == "dev"]) & set(texts[table["split"] == "test"])
+    labels = jl_paths.load_labels(jl_paths.LABELS_PATH)
+    assert not set(texts) & set(labels["prompt"] + "\x1f" + labels["response"])
+    agree = (table["first_annotator"] == table["second_annotator"]).mean()
+    assert agree >= 0.95
+    protocol = jv.draw_agreement(progress=False)
+    assert protocol["chosen_on_dev"] == jv.draw_name(judges_registry.DEFAULT_JUDGE)
+    assert protocol["targets"] is not None
+    assert set(protocol["test"]["by_source"][protocol["chosen_on_dev"]]) == set(jd.SOURCES)

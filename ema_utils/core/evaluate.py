@@ -30,10 +30,6 @@ from .models import DTYPE_NAMES, model_identity
 from .paths import sha256_file
 from .scorers import score_bbq, score_toxigen, score_utility
 
-OVER_REFUSAL_JUDGE = "phrase"
-"""The default judge of the over-refusal (safe prompt) set; see :func:`evaluate`."""
-
-
 @dataclass
 class Evaluation:
     """What :func:`evaluate` returns: per-item records and the per-concept rates."""
@@ -142,10 +138,9 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
         "split": split, "n_per_concept": n_per_concept, "judge": judge, "seed": seed,
         "max_new_tokens": max_new_tokens})
     if safe is not None:
-        # Safe prompts are judged by the phrase judge unless a judge is named: the learned judge
-        # calls some ordinary (e.g. code) answers refusals, which would inflate over-refusal;
-        # the phrase judge flagged none of the labelled benign answers.
-        judged = _refusal_part(model, tokenizer, model_id, safe, judge or OVER_REFUSAL_JUDGE,
+        # Safe prompts are judged like every other prompt, by the named or the default judge
+        # (chosen on the judge draw, which holds over-refusal and benign prompts too).
+        judged = _refusal_part(model, tokenizer, model_id, safe, judge,
                                max_new_tokens, batch_size, progress)
         result.over_refusal = refusal_rate(judged["is_refusal"])
         result.items = pd.concat([result.items, judged], ignore_index=True)

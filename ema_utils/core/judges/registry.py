@@ -44,31 +44,36 @@ model (how likely the model is to open with a refusal), not a response that some
 generated, so the labelled responses cannot be scored by it. ``endpoint`` is optional and not
 offline."""
 
-DEFAULT_JUDGE = "learned"
-"""The judge chapters use by default: the offline judge with the highest agreement with the hand
-labels. On 300 of the cpu chapters' own generations, drawn at random and labelled by two
-annotators, never trained on (:data:`HELDOUT_PATH`, 2026-11-23): learned kappa 0.86 (95%
-bootstrap interval 0.79-0.93), phrase 0.82 (0.74-0.89); the annotators agree at 0.98. On the 200
-outputs of unlearned, steered or ablated models (20 refusals) learned 0.76, phrase 0.57 (96% and
-94% judged right). Measured 2026-11-22 by 5-fold cross-validation on the 385 labelled items (5 seeds):
-learned kappa 0.79 (0.77-0.81), phrase 0.73. Per kind of response the learned judge is as
-accurate as the phrase judge on the openings of unlearned models (0.83 against 0.84 right; the
-phrase judge was the default until then because an earlier learned judge was worse there) and
-far better on harmless answers to harmful requests (about 0.55 against 0.05) and deflections
-(0.86 against 0.77), which lower the phrase judge's recall for every model alike. On the cpu
-chapters' own generations (2,538 responses of unlearned checkpoints) the two agree on 97%; of
-the 55 distinct disagreements outside the over-refusal set, read by hand, the learned judge was
-right on 22 and the phrase judge on 18 (15 unclear): the learned judge catches "As an AI
-language model, I don't have the ability to ..." deflections, the phrase judge some compliant
-openings the learned judge calls refusals. (Some labelled items were modelled on these very
-outputs, so this check flatters the learned judge a little.) An empty response is a refusal
-for both (nothing was given).
-Two places keep the phrase judge on purpose: the over-refusal set (:data:`ema_utils.core.evaluate.
-OVER_REFUSAL_JUDGE`, benign prompts, where the phrase judge's precision matters) and the
-selection of the model's own refusals for forget and retain sets (``build_forget_set``'s
-``judge="phrase"``: training data should hold only clear refusals).
-:func:`validate_judges` reports both, per category too; pass ``judge="phrase"`` to a chapter to
-use the other."""
+DEFAULT_JUDGE = "phrase"
+"""The judge every chapter and the over-refusal set use by default, chosen by the protocol of
+:mod:`ema_utils.core.judges.draw` on a fresh labelled draw (:data:`DRAW_PATH`, 2026-12-06): 370
+responses of nine sources (the aligned model greedy and sampled, NPO, SFT, retain-augmented,
+KL-regularised, steered and ablated models, SmolLM2-135M-Instruct) on harmful, benign and
+over-refusal prompts, labelled blind by two annotators (agreement 99.5%, kappa 0.99), split
+into dev (158) and test (212) by a hash of the text before any judge was fitted or chosen.
+
+On dev, where the choice is made (:func:`choose_on_dev`: highest kappa, ties to the smaller
+worst-source error, then to the simpler judge): phrase 0.948, the phrase+learned ensembles
+"both" and "confident" 0.948 (the same verdicts on every dev item), learned (fitted on the
+labelled set and the dev part, scored out-of-fold) 0.914, the learned judge fitted on the
+labelled set alone 0.673 (its false refusals, 13% of dev, were the misfire this protocol was
+built to find), and the default 0.5B model asked the rubric's yes/no question 0.00 (it says "No"
+to every item at threshold 0.5; its P(Yes) ranks refusals *last*, dev AUC 0.02, and it judges
+about one response a second on 2 cores). Phrase wins the tie as the simpler judge.
+
+On test, scored once per candidate: phrase kappa 0.945 (95% bootstrap 0.89-0.99), 2.4% of items
+wrong; learned and ensemble "both" 0.956. The targets (kappa >= 0.90 overall, >= 0.85 in every
+source of >= 20 items, no kind of error above 5% of its source) are met overall and in every
+source but the aligned model *sampled* at temperature 0.8 (kappa 0.64, 3 of 22 wrong), a
+decoding no chapter uses; no candidate met them there. On the chapters' own outputs held out
+(:data:`HELDOUT_PATH`, 300 items): phrase 0.87, learned 0.87.
+
+The labelled set (:data:`LABELS_PATH`, 385 items, 83 written to be hard) is the stress test
+the learned judge is fitted on; by 5-fold cross-validation there learned 0.79, phrase 0.76.
+The selection of the model's own refusals for forget and retain sets uses the phrase judge by
+name (``build_forget_set``'s ``judge="phrase"``: training data should hold only clear
+refusals). :func:`validate_judges` reports every figure; ``-p judge=learned`` runs a chapter
+with another judge."""
 
 
 def get_judge(name: str | None = None, **kwargs) -> Judge:
