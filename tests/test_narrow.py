@@ -314,6 +314,27 @@ def test_claims_table_and_overall_line():
     assert "**holds**" in narrow.overall_line(verdicts, "m")
     verdicts["stability"]["verdict"] = "n/a"
     assert "cannot be fully judged" in narrow.overall_line(verdicts, "m")
+    verdicts["narrow"] = {"verdict": "yes", "text": "n"}
+    verdicts["stability"]["verdict"] = "yes"
+    assert "**holds**" in narrow.overall_line(verdicts, "m")
+
+
+@pytest.mark.parametrize("narrow_result", ["partly", "no"])
+def test_headline_withholds_efficiency_and_stability_without_a_narrow_solution(narrow_result):
+    # The second paper compares the general solution with a *narrow* one; a KL run that fails
+    # the narrow test makes that a comparison of two general solutions: no verdict is printed.
+    verdicts = {"narrow": {"verdict": narrow_result, "text": "n"},
+                "efficiency": {"verdict": "no", "text": "e"},
+                "stability": {"verdict": "no", "text": "s"},
+                "steering": {"verdict": "yes", "text": "st"}}
+    line = narrow.overall_line(verdicts, "m")
+    assert "is not judged" in line and f"narrow test: {narrow_result}" in line
+    assert "does not hold" not in line and "**holds" not in line
+    by_claim = narrow.claims(verdicts).set_index("claim")["holds here"]
+    assert by_claim[narrow.CLAIMS["efficiency"][0]] == narrow.WITHHELD
+    assert by_claim[narrow.CLAIMS["stability"][0]] == narrow.WITHHELD
+    assert by_claim[narrow.CLAIMS["steering"][0]] == "yes"  # other claims keep their verdicts
+    assert by_claim[narrow.CLAIMS["narrow"][0]] == narrow_result
 
 
 def test_common_norms():

@@ -344,22 +344,50 @@ CLAIMS = {
 }
 
 
+COMPARED_WITH_NARROW = ("efficiency", "stability")
+"""The claims that compare the general solution with the *narrow* one: without a solution that
+passes the narrow test they compare two general solutions, so no verdict is printed for them."""
+
+WITHHELD = "withheld (no narrow solution)"
+
+
+def _narrow_missing(verdicts: dict) -> str | None:
+    """The narrow test's verdict when a narrow test was run and did not pass, else None."""
+    v = (verdicts.get("narrow") or {}).get("verdict")
+    return v if v is not None and v != "yes" else None
+
+
 def claims(verdicts: dict) -> pd.DataFrame:
     """The claims table: claim, the second paper's finding, this run's numbers, holds here.
 
     ``verdicts``: key of :data:`CLAIMS` -> a verdict dict (``verdict``, ``text``); a missing key
-    is listed as "not tested" (e.g. the optional drift experiment)."""
+    is listed as "not tested" (e.g. the optional drift experiment). When the narrow test ran and
+    did not pass, the claims of :data:`COMPARED_WITH_NARROW` are listed as :data:`WITHHELD`."""
+    missing = _narrow_missing(verdicts)
     rows = []
     for key, (claim, paper) in CLAIMS.items():
         v = verdicts.get(key)
+        held = v["verdict"] if v else "not tested"
+        if v and missing and key in COMPARED_WITH_NARROW:
+            held = WITHHELD
         rows.append({"claim": claim, "Soligo et al. 2026": paper,
                      "this run": v["text"] if v else "not run in this chapter",
-                     "holds here": v["verdict"] if v else "not tested"})
+                     "holds here": held})
     return pd.DataFrame(rows)
 
 
 def overall_line(verdicts: dict, model: str) -> str:
-    """One Markdown sentence: does "general is more efficient and more stable" hold?"""
+    """One Markdown sentence: does "general is more efficient and more stable" hold?
+
+    Only against a solution that passed the narrow test; otherwise the sentence says why no
+    verdict is given (the second paper's comparison needs a narrow solution)."""
+    missing = _narrow_missing(verdicts)
+    if missing:
+        return (f"\"General is more efficient and more stable\" **is not judged** for refusal "
+                f"unlearning on {model}: the KL-regularised run is not a narrow solution (narrow "
+                f"test: {missing}), so efficiency and stability would compare two general "
+                "solutions. A stronger KL weight, chosen on the development split, must pass the "
+                "narrow test first.")
     e = (verdicts.get("efficiency") or {}).get("verdict", "n/a")
     s = (verdicts.get("stability") or {}).get("verdict", "n/a")
     if e == "yes" and s == "yes":
