@@ -86,3 +86,30 @@ def test_ema_unlearn_runs_on_the_tiny_model(tiny, canned_refusals, tmp_path,
     out = json.loads(capsys.readouterr().out)
     assert out["name"] == "npo_safety" and [r["step"] for r in out["trajectory"]] == [0, 1, 2]
     assert (tmp_path / "build").exists() and out["losses"]
+
+
+@pytest.mark.parametrize("ratio, per_step", [(1, 2), (2, 4), ("1:3", 6)])
+def test_the_forget_retain_ratio_sets_the_retain_data_per_step(tiny, canned_refusals, tmp_path,
+                                                                monkeypatch, ratio, per_step):
+    # The paper's forget:retain ratio changes how much retain data each step sees (#23): at 1:2
+    # a step holds two retain examples per forget example, so the retain term weighs more.
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    model, tokenizer = tiny
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, tokenizer, forget=None, config=None, retain=None, **kwargs):
+        seen["config"], seen["retain"] = config, retain
+        raise Stop
+
+    monkeypatch.setattr(trainer, "unlearn", capture)
+    config = trainer.UnlearnConfig(method="npo_retain", max_steps=2, batch_size=2, lora_r=2, lora_alpha=2)
+    with pytest.raises(Stop):
+        interventions.run_intervention(model, tokenizer, "tiny", "safety", "npo", config, n_forget=4,
+                                       retain_ratio=ratio, traj_n_per_concept=1, traj_max_new_tokens=2,
+                                       kl_n_per_concept=1, judge="phrase", batch_size=4, progress=False)
+    assert seen["config"].retain_batch_size == per_step and seen["config"].batch_size == 2
+    assert len(seen["retain"]) == 4 * per_step // 2  # the retain set grows with the ratio too
+    assert interventions.retain_batch(4, 0.1) == 1  # never an empty retain batch

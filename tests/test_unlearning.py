@@ -212,6 +212,30 @@ def test_retain_loss_is_the_weighted_sum_and_keeps_retain_closer():
     assert drift_aug < drift_plain
 
 
+@pytest.mark.parametrize("retain_batch_size, per_step", [(None, 1), (2, 2), (3, 3)])
+def test_retain_batch_size_is_the_retain_data_each_step_sees(monkeypatch, retain_batch_size, per_step):
+    # the forget:retain ratio reaches training through retain_batch_size (interventions.retain_batch)
+    real = trainer.get_method
+    seen = []
+
+    def spying(name):
+        method = real(name)
+
+        class Spy:
+            def __getattr__(self, attr):
+                return getattr(method, attr)
+
+            def loss(self, step):
+                seen.append((len(step.batches["forget"]["input_ids"]), len(step.batches["retain"]["input_ids"])))
+                return method.loss(step)
+        return Spy()
+
+    monkeypatch.setattr(trainer, "get_method", spying)
+    # one step: the 3 retain examples hold a full batch of each size (an epoch's last batch is short)
+    _run("npo_retain", batch_size=1, max_steps=1, retain_batch_size=retain_batch_size)
+    assert seen == [(1, per_step)]
+
+
 def test_sft_retain_combines_both_cross_entropies():
     result, _ = _run("sft_retain", w_retain=0.5, w_sft=2.0)
     lo = result.losses

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -80,6 +80,12 @@ class InterventionRun:
                 "settings": self.settings}
 
 
+def retain_batch(forget_batch: int, ratio: float) -> int:
+    """Retain examples per step beside ``forget_batch`` forget examples at forget:retain 1:``ratio``
+    (at least one)."""
+    return max(1, round(forget_batch * parse_ratio(ratio)))
+
+
 def intervention_name(method: str, concept: str, retain_ratio: float | None = None) -> Condition:
     """The run's Condition (which is its name): "npo_safety"; with a retain set
     "npo_retain_1to2_safety" (forget:retain = 1:2)."""
@@ -105,7 +111,9 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
 
     ``config`` is an :class:`ema_utils.methods.trainer.UnlearnConfig` whose method is "npo", "sft"
     or one of their augmented variants (then a retain set of ``retain_ratio`` times the forget
-    set is built from the aligned model's own behaviour); ``method`` names the family
+    set is built from the aligned model's own behaviour, and each step sees ``retain_ratio``
+    retain examples per forget example, :func:`retain_batch`, unless ``config.retain_batch_size``
+    is set); ``method`` names the family
     ("npo" or "sft") for the forget data. ``model`` must carry no adapter; it is returned to
     that state before this function returns. ``forget_candidates`` limits how many train
     prompts are tried for the forget set (0: all; a seeded, nested sample), ``n_forget`` how
@@ -121,6 +129,10 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     if get_method(config.method).family != method:
         raise ParameterError(f"config.method '{config.method}' does not match method '{method}'")
     ratio = parse_ratio(retain_ratio)
+    if config.uses_retain and config.retain_batch_size is None:
+        # The paper's forget:retain ratio is retain data per step: 1:ratio means ratio retain
+        # examples beside every forget example, so a larger ratio weighs the retain term more.
+        config = replace(config, retain_batch_size=retain_batch(config.batch_size, ratio))
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     name = intervention_name(config.method, concept, ratio if config.uses_retain else None)
     prompts = load_prompts(concept, split="train")
