@@ -274,6 +274,16 @@ def read_jsonl(path: Path | str, kind: str, known_concepts: Sequence[str] | None
 
 # --- HarmBench ----------------------------------------------------------------------------------
 
+def _read_source_csv(name: str) -> pd.DataFrame:
+    """A packaged CSV source (checksum verified by source_path), every field as text."""
+    path = source_path(name)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, csv.Error) as exc:  # pragma: no cover - the file is hash-pinned
+        raise DataError(f"{path}: cannot parse the {name} CSV ({exc}). Fix: reinstall "
+                        f"with {INSTALL_COMMAND}") from exc
+
+
 def load_harmbench(concepts: Iterable[str] | None = None, split: str | None = None,
                    include_unmapped: bool = False) -> pd.DataFrame:
     """HarmBench behaviours (test and val files) mapped onto concepts, as loader rows.
@@ -282,12 +292,7 @@ def load_harmbench(concepts: Iterable[str] | None = None, split: str | None = No
     """
     frames = []
     for name in ("harmbench_test", "harmbench_val"):
-        path = source_path(name)
-        try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, csv.Error) as exc:  # pragma: no cover - the file is hash-pinned
-            raise DataError(f"{path}: cannot parse the HarmBench CSV ({exc}). Fix: reinstall "
-                            f"with {INSTALL_COMMAND}") from exc
+        table = _read_source_csv(name)
         table["file"] = name
         frames.append(table)
     hb = pd.concat(frames, ignore_index=True)
@@ -386,9 +391,7 @@ def load_mmlu(split: str | None = None, n_per_subject: int = 0, seed: int = 0) -
                          "choices": [item[f"answer_{k}"] for k in "abcd"],
                          "answer": MMLU_LETTERS.index(item["correct_answer"]),
                          "split": split_for_id(item_id)})
-    table = pd.DataFrame(rows)
-    if _check_split(split) is not None:
-        table = table[table["split"] == split]
+    table = _filter(pd.DataFrame(rows), None, split)
     if n_per_subject:
         table = pd.concat([g.sample(min(n_per_subject, len(g)), random_state=seed)
                            for _, g in table.groupby("subject", sort=True)])
@@ -399,20 +402,13 @@ def load_strongreject(split: str | None = None) -> pd.DataFrame:
     """StrongREJECT's 313 forbidden prompts, an external harmful set the project did not write
     (scored, never trained on), as loader rows: id (``strongreject/<row>``), concept
     "strongreject", prompt, source (StrongREJECT's own source column), category, split."""
-    path = source_path("strongreject")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, csv.Error) as exc:  # pragma: no cover - the file is hash-pinned
-        raise DataError(f"{path}: cannot parse the StrongREJECT CSV ({exc}). Fix: reinstall "
-                        f"with {INSTALL_COMMAND}") from exc
+    raw = _read_source_csv("strongreject")
     ids = [f"strongreject/{k}" for k in range(1, len(raw) + 1)]
     table = pd.DataFrame({"id": ids, "concept": "strongreject",
                           "prompt": raw["forbidden_prompt"].str.strip(), "source": raw["source"],
                           "scorer": "refusal", "category": raw["category"],
                           "split": [split_for_id(i) for i in ids]})
-    if _check_split(split) is not None:
-        table = table[table["split"] == split]
-    return table.reset_index(drop=True)
+    return _filter(table, None, split)
 
 
 # --- the main loader ----------------------------------------------------------------------------
