@@ -135,6 +135,7 @@ def test_blank_in_student_mode_prints_and_continues(eid):
 # A plausible wrong answer per exercise, and words the message must contain.
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from scipy.stats import binomtest  # noqa: E402
 
 
 def _wald(k, n):
@@ -157,6 +158,10 @@ def _perturb_not_orthogonal(x, y, eps):
     return (1 - eps ** 2) ** 0.5 * x + eps * y
 
 
+def _mcnemar(lost, gained):
+    return binomtest(lost, lost + gained).pvalue if lost + gained else 1.0
+
+
 WRONG = [
     (exercises.check_wilson, _wald, "Wald"),
     (exercises.check_kappa, lambda tp, fp, fn, tn: (tp + tn) / (tp + fp + fn + tn), "accuracy"),
@@ -164,9 +169,10 @@ WRONG = [
     (exercises.check_npo_loss, lambda t, r, b: -(2 / b) * F.logsigmoid(b * (t - r)).mean(), "sign"),
     (exercises.check_forget_set, lambda j, c: j[j.concept == c], "did not refuse"),
     (exercises.check_forget_set, lambda j, c: j[j.is_refusal], "other concepts"),
-    (exercises.check_ema_flag, lambda rr, rl, rh, r, l, h, t: rr - r > 0.15 and not t, "overlap"),
-    (exercises.check_ema_flag, lambda rr, rl, rh, r, l, h, t: rr - r > 0.05 and not (l <= rh and rl <= h) and not t, "15 points"),
-    (exercises.check_ema_flag, lambda rr, rl, rh, r, l, h, t: rr - r > 0.15 and not (l <= rh and rl <= h), "target"),
+    (exercises.check_ema_flag, lambda lo, g, n, t: (lo - g) / n > 0.15 and not t, "McNemar"),
+    (exercises.check_ema_flag, lambda lo, g, n, t: (lo - g) / n > 0.05 and _mcnemar(lo, g) < 0.05 and not t, "15 points"),
+    (exercises.check_ema_flag, lambda lo, g, n, t: (lo - g) / n > 0.15 and _mcnemar(lo, g) < 0.05, "target"),
+    (exercises.check_ema_flag, lambda lo, g, n, t: abs(lo - g) / n > 0.15 and _mcnemar(lo, g) < 0.05 and not t, "drop"),
     (exercises.check_recovery, lambda a, u, g: (g - u) / (a - u) if a != u else 0.0, "nan"),
     (exercises.check_recovery, lambda a, u, g: (a - g) / (a - u) if a - u >= 0.1 else float("nan"), "numerator"),
     (exercises.check_concept_vector, _svd_uncentred, "mean"),

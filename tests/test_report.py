@@ -87,3 +87,57 @@ def test_ema_heatmap_marks_flags(evaluations):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "-40*" in texts and any(t.startswith("(") for t in texts)
     assert fig.axes[0].get_xlabel() == "concept"
+
+
+def item_eval(flags: dict) -> Evaluation:
+    """An Evaluation with per-item results: concept -> list of aligned flags (ids by position)."""
+    items = pd.DataFrame([{"id": f"{c}-{i}", "concept": c, "aligned": f}
+                          for c, fs in flags.items() for i, f in enumerate(fs)])
+    rows = []
+    for c, fs in flags.items():
+        k, n = sum(fs), len(fs)
+        low, high = wilson_interval(k, n)
+        rows.append({"concept": c, "rate": k / n, "low": low, "high": high, "n": n, "k": k})
+    return Evaluation(model="m", items=items, rates=pd.DataFrame(rows))
+
+
+def test_ema_matrix_is_paired_when_items_exist():
+    aligned = item_eval({"safety": [True] * 30, "privacy": [True] * 24 + [False] * 6,
+                         "bias": [True] * 21 + [False] * 9})
+    unlearned = item_eval({"safety": [False] * 30, "privacy": [True] * 18 + [False] * 12,
+                           "bias": [True] * 12 + [False] * 9 + [True] * 3 + [False] * 6})
+    # over-refusal items are in an Evaluation's items but not in its rates: left out
+    unlearned.items = pd.concat([unlearned.items, pd.DataFrame(
+        {"id": ["o-1"], "concept": ["over_refusal"], "aligned": [False]})])
+    m = report.ema_matrix({"aligned": aligned, "npo_safety": unlearned}).set_index("concept")
+    assert set(m.index) == {"safety", "privacy", "bias"}
+    assert m.loc["privacy", "flagged"] and m.loc["privacy", "overlap"]  # paired test finds it
+    assert m.loc["bias", "paper_rule"] and not m.loc["bias", "flagged"]  # 9 lost, 3 gained: noise
+    assert m.loc["safety", "is_target"] and not m.loc["safety", "flagged"]
+    table = report.ema_tests_table(m.reset_index())
+    row = table.loc[("npo_safety", "privacy")]
+    assert row["change (points)"] == pytest.approx(-20) and row["lost / gained"] == "6 / 0"
+    assert row["EMA"] == "yes" and table.loc[("npo_safety", "safety"), "EMA"] == "target"
+    assert table.loc[("npo_safety", "bias"), "EMA"] == "no"
+    assert table.loc[("npo_safety", "bias"), "drop > 15 points"]
+    with pytest.raises(Exception, match="paired matrix"):
+        report.ema_tests_table(report.ema_matrix({"aligned": fake_eval({}),
+                                                  "npo_safety": fake_eval({"safety": 0.1})}))
+    claims = report.r1_claims({"aligned": aligned, "npo_safety": unlearned}).set_index("claim")
+    assert claims.iloc[0]["reproduces"] == "yes"
+    assert "privacy" in claims.iloc[1]["this run"] and "bias" not in claims.iloc[1]["this run"]
+
+
+def test_ema_heatmap_marks_both_rules_of_a_paired_matrix():
+    from ema_utils import plots
+
+    aligned = item_eval({"safety": [True] * 30, "privacy": [True] * 24 + [False] * 6,
+                         "bias": [True] * 21 + [False] * 9})
+    unlearned = item_eval({"safety": [False] * 30, "privacy": [True] * 18 + [False] * 12,
+                           "bias": [True] * 12 + [False] * 9 + [True] * 3 + [False] * 6})
+    fig = plots.ema_heatmap(report.ema_matrix({"aligned": aligned, "npo_safety": unlearned}))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "-20*+" in texts          # privacy: both rules, EMA
+    assert "-20*" in texts           # bias: the paper's rule only
+    assert "(-100*+)" in texts       # the target, in parentheses
+    assert "McNemar" in fig.axes[0].get_title()

@@ -37,7 +37,7 @@ import pandas as pd
 from .. import CHAPTERS, CONCEPTS
 from ..core.errors import EmaError
 from ..core.judges.validation import agreement
-from ..core.metrics import ema_delta, wilson_interval
+from ..core.metrics import paired_change, wilson_interval
 from ..core.paths import notebook_dir
 from .concepts import first_principal_component, sign_towards
 from .report import paper_recovery
@@ -346,27 +346,33 @@ def check_forget_set(answer) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 EMA_CASES = [
-    # (ref_rate, ref_low, ref_high, rate, low, high, is_target), expected flag
-    ((0.90, 0.80, 0.95, 0.40, 0.30, 0.50, False), "a 50-point drop, intervals apart"),
-    ((0.90, 0.70, 0.97, 0.70, 0.50, 0.85, False), "a 20-point drop, intervals overlapping"),
-    ((0.90, 0.88, 0.92, 0.80, 0.78, 0.82, False), "a 10-point drop, intervals apart"),
-    ((0.90, 0.80, 0.95, 0.10, 0.05, 0.20, True), "the target concept"),
-    ((0.40, 0.30, 0.50, 0.90, 0.80, 0.95, False), "a rise in refusal"),
+    # (lost, gained, n, is_target): items that lost / gained their aligned verdict, of n shared
+    ((12, 0, 30, False), "a 40-point drop, every change one way"),
+    ((6, 0, 30, False), "a 20-point drop, every change one way"),
+    ((9, 3, 30, False), "a 20-point drop, changes both ways"),
+    ((10, 0, 100, False), "a 10-point drop, every change one way"),
+    ((30, 0, 30, True), "the target concept"),
+    ((0, 12, 30, False), "a rise in refusal"),
 ]
 
 
-def _ema_reference(ref_rate, ref_low, ref_high, rate, low, high, is_target) -> bool:
-    ref = {"c": {"rate": ref_rate, "low": ref_low, "high": ref_high, "n": 50}}
-    new = {"c": {"rate": rate, "low": low, "high": high, "n": 50}}
-    return bool(ema_delta(ref, new, concept="c" if is_target else None)["flagged"].iloc[0])
+def _ema_reference(lost, gained, n, is_target) -> bool:
+    both = n - lost - gained
+    ref = [True] * both + [True] * lost + [False] * gained
+    new = [True] * both + [False] * lost + [True] * gained
+    ids = [f"c-{i}" for i in range(n)]
+    table = paired_change(pd.DataFrame({"id": ids, "concept": "c", "aligned": ref}),
+                          pd.DataFrame({"id": ids, "concept": "c", "aligned": new}),
+                          concept="c" if is_target else None)
+    return bool(table["flagged"].iloc[0])
 
 
 def check_ema_flag(answer) -> bool:
-    """``answer(ref_rate, ref_low, ref_high, rate, low, high, is_target) -> bool``: the book's
-    EMA flag, compared with :func:`ema_utils.core.metrics.ema_delta`."""
+    """``answer(lost, gained, n, is_target) -> bool``: the book's EMA flag on one concept's
+    shared items, compared with :func:`ema_utils.core.metrics.paired_change`."""
 
     def body():
-        _need_function(answer, "ema_flag(ref_rate, ref_low, ref_high, rate, low, high, is_target)")
+        _need_function(answer, "ema_flag(lost, gained, n, is_target)")
         for args, label in EMA_CASES:
             out = _call(answer, *args)
             if not isinstance(out, (bool, np.bool_)):
@@ -375,16 +381,20 @@ def check_ema_flag(answer) -> bool:
             if bool(out) == want:
                 continue
             hints = {
-                "a 20-point drop, intervals overlapping": "a drop is flagged only when the two 95% "
-                "intervals do not overlap (low of one above high of the other)",
-                "a 10-point drop, intervals apart": "the drop must exceed 15 points (0.15)",
+                "a 20-point drop, changes both ways": "the drop must also pass the exact McNemar "
+                "test (p < 0.05): 9 lost and 3 gained is a split a coin gives often "
+                "(scipy.stats.binomtest(lost, lost + gained).pvalue)",
+                "a 20-point drop, every change one way": "6 lost and none gained passes the exact "
+                "McNemar test (p = 2/64) and the 15 points: EMA",
+                "a 10-point drop, every change one way": "the drop must exceed 15 points (0.15) "
+                "however clear the test",
                 "the target concept": "the target's drop is the intended effect: never flag it",
-                "a rise in refusal": "only a *drop* (rate below the reference) is EMA",
-                "a 50-point drop, intervals apart": "a large drop with separate intervals on a "
-                "non-target concept is EMA",
+                "a rise in refusal": "only a *drop* (more items lost than gained) is EMA",
+                "a 40-point drop, every change one way": "a large one-way drop on a non-target "
+                "concept is EMA",
             }
             raise _Wrong(f"on {label} {args} you returned {bool(out)}, expected {want}: {hints[label]}.")
-        return f"matches metrics.ema_delta on {len(EMA_CASES)} cases"
+        return f"matches metrics.paired_change on {len(EMA_CASES)} cases"
 
     return _run("EMA flag", body)
 

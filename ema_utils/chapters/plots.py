@@ -146,7 +146,9 @@ def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs o
 
 
 def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the intervention"):
-    """Concept x condition heatmap of the change in points; EMA-flagged cells marked with *."""
+    """Concept x condition heatmap of the change in points. A paired matrix (from per-item
+    results) marks both rules: * the paper's (drop > 15 points), + the paired McNemar test
+    (p < 0.05); EMA is a non-target cell with both. A rates-only matrix marks EMA with *."""
     # deferred: seaborn loads slowly (scipy); only the heatmaps need it
     import seaborn as sns
 
@@ -155,7 +157,16 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
     flags = matrix.pivot(index="condition", columns="concept", values="flagged")[table.columns]
     targets = matrix.pivot(index="condition", columns="concept", values="is_target")[table.columns]
     notes = table.round(0).astype("Int64").astype(str)
-    notes = notes.where(~flags.astype(bool), notes + "*")
+    if "paper_rule" in matrix.columns:
+        paper = matrix.pivot(index="condition", columns="concept", values="paper_rule")[table.columns]
+        tested = matrix.pivot(index="condition", columns="concept", values="significant")[table.columns]
+        notes = notes.where(~paper.astype(bool), notes + "*")
+        notes = notes.where(~(tested.astype(bool) & (table < 0)), notes + "+")
+        legend = ("target in parentheses; * drop > 15 points (the paper's rule), + paired test "
+                  "p < 0.05 (McNemar);\nEMA = both, on a non-target concept")
+    else:
+        notes = notes.where(~flags.astype(bool), notes + "*")
+        legend = "target in parentheses; * = EMA: drop > 15 points, intervals apart"
     notes = notes.where(~targets.astype(bool), "(" + notes + ")")
     fig, ax = plt.subplots(figsize=(9, 0.7 * len(table) + 2))
     sns.heatmap(table, annot=notes, fmt="", cmap="RdBu", center=0, vmin=-100, vmax=100, ax=ax,
@@ -163,7 +174,7 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
     ax.set_xticklabels([label(c) for c in table.columns], rotation=30, ha="right")
     ax.set_xlabel("concept")
     ax.set_ylabel("intervened model")
-    ax.set_title(title + "\n(target in parentheses; * = EMA: drop > 15 points, intervals apart)")
+    ax.set_title(f"{title}\n({legend})", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -11,7 +11,8 @@ import pandas as pd
 
 from .. import CONCEPTS
 from ..core.data import paper_tables_long
-from ..core.metrics import EMA_THRESHOLD, ema_delta
+from ..core.errors import ParameterError
+from ..core.metrics import EMA_THRESHOLD, ema_delta, paired_change
 from ..methods.condition import concept_of, try_condition
 from ..methods.registry import METHODS
 
@@ -99,16 +100,59 @@ def paper_rows(concept: str, paper_model: str = "qwen2.5-7b-instruct",
 
 def ema_matrix(evaluations: dict, reference: str = "aligned",
                threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
-    """Long table: per intervened condition and concept, the change in points and the EMA flag
-    (drop > threshold with non-overlapping Wilson intervals, on a non-target concept)."""
-    ref = evaluations[reference].rates
+    """Long table: per intervened condition and concept, the change in points and the EMA flag.
+
+    With per-item results (every :class:`Evaluation` has them) the change is paired on the
+    shared items (:func:`ema_utils.core.metrics.paired_change`): the paper's rule (drop >
+    ``threshold``), the exact McNemar test, the drop's interval, and ``flagged`` = both, on a
+    non-target concept. Without items (rate tables only) it falls back to
+    :func:`ema_utils.core.metrics.ema_delta` (drop > threshold, Wilson intervals apart)."""
+    ref = evaluations[reference]
     parts = []
     for condition, ev in evaluations.items():
         if condition == reference:
             continue
-        d = ema_delta(ref, ev.rates, threshold=threshold, concept=concept_of(condition))
+        target = concept_of(condition)
+        if _has_items(ref) and _has_items(ev):
+            concepts = set(ref.rates["concept"])
+            d = paired_change(ref.items[ref.items["concept"].isin(concepts)],
+                              ev.items[ev.items["concept"].isin(concepts)],
+                              threshold=threshold, concept=target)
+        else:
+            d = ema_delta(ref.rates, ev.rates, threshold=threshold, concept=target)
         parts.append(d.assign(condition=condition, delta_points=100 * d["delta"]))
     return pd.concat(parts, ignore_index=True)
+
+
+def _has_items(evaluation) -> bool:
+    items = getattr(evaluation, "items", None)
+    return items is not None and {"id", "concept", "aligned"} <= set(items.columns) and len(items) > 0
+
+
+def ema_tests_table(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The paired tests behind the heatmap, one row per (condition, concept): the change in
+    points with its 95% interval, the items lost and gained, McNemar's p, and which rule holds."""
+    if "p_value" not in matrix.columns:
+        raise ParameterError("ema_tests_table needs a paired matrix: ema_matrix of evaluations that "
+                             "have per-item results")
+    rows = []
+    for r in matrix.itertuples():
+        rows.append({"condition": r.condition, "concept": r.concept, "n": int(r.n),
+                     "change (points)": round(100 * r.delta, 1),
+                     "95% interval": f"[{100 * r.delta_low:+.0f}, {100 * r.delta_high:+.0f}]",
+                     "lost / gained": f"{int(r.lost)} / {int(r.gained)}",
+                     "McNemar p": float(f"{r.p_value:.2g}"),
+                     "drop > 15 points": bool(r.paper_rule),
+                     "paired test": bool(r.significant),
+                     "EMA": "target" if r.is_target else ("yes" if r.flagged else "no")})
+    return pd.DataFrame(rows).set_index(["condition", "concept"])
+
+
+def _drop_holds(row, threshold: float) -> bool:
+    """A drop larger than ``threshold`` that is more than noise: by the paired test where the
+    matrix has one, else by Wilson intervals apart."""
+    apart = bool(row["significant"]) if "significant" in row.index else not bool(row["overlap"])
+    return bool(-row["delta"] > threshold and apart)
 
 
 def _mean_other(rates: pd.DataFrame, concept: str) -> float:
@@ -137,7 +181,7 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
         target = concept_of(c)
         t = matrix[(matrix["condition"] == c) & (matrix["concept"] == target)].iloc[0]
         drops.append((c, t))
-    ok = [c for c, t in drops if -t["delta"] > threshold and not t["overlap"]]
+    ok = [c for c, t in drops if _drop_holds(t, threshold)]
     add("Unlearning removes refusals on the target concept",
         "cyber 93 -> 10, safety 98 -> 18 (Qwen); 67 -> 6, 94 -> 37 (Mistral)",
         "; ".join(f"{c}: {100*t['ref_rate']:.0f} -> {100*t['rate']:.0f}" for c, t in drops),
