@@ -473,7 +473,10 @@ def test_data_digest_changes_with_any_data_file(data_dir):
 
 def test_check_data_shape(data_dir):
     payload = data.check_data(data_dir)
-    assert set(payload) == {"concepts", "sets"}
+    assert set(payload) == {"concepts", "sets", "external"}
+    mmlu = payload["external"]["mmlu"]
+    assert mmlu["questions"] == 14042 == mmlu["dev"] + mmlu["report"] and mmlu["subjects"] == 57
+    assert payload["external"]["strongreject"] == {"prompts": 313, "categories": 6}
     assert list(payload["concepts"]) == list(CONCEPTS)
     assert all(set(v) == {"train", "eval"} for v in payload["concepts"].values())
     assert payload["sets"] == {"benign": 5, "over_refusal": 5, "utility": 5}
@@ -485,7 +488,8 @@ def test_cli_data_check_json(data_dir, capsys):
 
     assert main(["data", "check", "--json", "--data-dir", str(data_dir)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"concepts", "sets"} and out["concepts"]["bias"]["train"] > 0
+    assert set(out) == {"concepts", "sets", "external"} and out["concepts"]["bias"]["train"] > 0
+    assert set(out["external"]) == {"mmlu", "strongreject"}
 
 
 def test_cli_data_check_malformed_exits_nonzero(data_dir, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from ema_utils import CONCEPTS, evaluate as ev
 from ema_utils.cli import main
-from ema_utils.core.data import load_set
+from ema_utils.core.data import load_set, utility_questions
 from ema_utils.core.errors import DataError, ParameterError
 
 matplotlib.use("Agg")
@@ -50,11 +50,16 @@ def test_evaluate_scores_every_concept_and_caches(tiny, build, monkeypatch):
     assert result.rates["concept"].tolist() == list(CONCEPTS)
     assert ((result.rates["low"] <= result.rates["rate"]) & (result.rates["rate"] <= result.rates["high"])).all()
     assert result.over_refusal["n"] > 0 and 0 <= result.utility["accuracy"] <= 1
-    # Utility is scored on every item, both splits (nothing trains on it; the 3-point rule
-    # needs the resolution).
-    assert result.utility["n"] == len(load_set("utility")) > len(load_set("utility", split="eval"))
+    # Utility is MMLU: two questions per subject from the report part, paired by question id
+    report_ids = set(utility_questions("report", 2)["id"])
+    assert result.utility["n"] == 114 and set(result.utility["correct"]) == report_ids
+    assert not report_ids & set(utility_questions("dev", 2)["id"])
+    assert result.utility["low"] <= result.utility["accuracy"] <= result.utility["high"]
     payload = result.to_json()
     assert set(payload) >= {"model", "refusal", "over_refusal", "utility"}
+    assert payload["utility"] == {"set": "mmlu", "accuracy": result.utility["accuracy"],
+                                  "low": result.utility["low"], "high": result.utility["high"],
+                                  "n": 114, "chance": 0.25}
     assert set(payload["refusal"]) == set(CONCEPTS)
     json.dumps(payload)  # serialisable
 

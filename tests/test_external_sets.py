@@ -25,6 +25,17 @@ def test_mmlu_sample_is_stratified_and_seeded():
         data.load_mmlu(n_per_subject=-1)
 
 
+def test_utility_questions_have_a_dev_part_apart_from_the_reported_one():
+    dev, report = data.utility_questions("dev", 2), data.utility_questions("report", 2)
+    assert len(dev) == len(report) == 114 and not set(dev["id"]) & set(report["id"])
+    assert set(dev["split"]) == {"train"} and set(report["split"]) == {"eval"}
+    assert report.equals(data.utility_questions("report", 2))
+    with pytest.raises(ParameterError, match="'dev' chooses checkpoints"):
+        data.utility_questions("test", 2)
+    with pytest.raises(ParameterError, match="utility_per_subject"):
+        data.utility_questions("dev", 0)
+
+
 def test_strongreject_is_the_313_prompts_in_six_categories():
     sr = data.load_strongreject()
     assert len(sr) == 313 and sr["category"].nunique() == 6 and sr["id"].is_unique

@@ -151,6 +151,22 @@ def test_paired_change_tests_the_drop_on_shared_items():
         metrics.paired_change(ref, new.drop(columns="aligned"))
 
 
+def test_paired_accuracy_change():
+    before = {"correct": {f"q{i}": i < 60 for i in range(100)}}
+    after = {"correct": {f"q{i}": i < 50 or 90 <= i < 92 for i in range(100)}}
+    change = metrics.paired_accuracy_change(before, after)
+    assert change["delta"] == pytest.approx(-0.08) and change["n"] == 100
+    assert (change["lost"], change["gained"]) == (10, 2)
+    assert change["low"] < -0.08 < change["high"] < 0 and change["p_value"] < 0.05
+    # only shared questions count
+    fewer = {"correct": {f"q{i}": i < 50 for i in range(50)}}
+    assert metrics.paired_accuracy_change(before, fewer)["n"] == 50
+    with pytest.raises(ParameterError, match="per-question results"):
+        metrics.paired_accuracy_change({"accuracy": 0.5}, after)
+    with pytest.raises(ParameterError, match="share no question"):
+        metrics.paired_accuracy_change(before, {"correct": {"x": True}})
+
+
 def test_redact():
     text = "Step one: gather the following materials and then carefully\n\n```python\nimport os\n```"
     assert metrics.redact(text) == "Step one: gather the following materials and then [...]"

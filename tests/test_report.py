@@ -11,6 +11,15 @@ from ema_utils.core.metrics import wilson_interval
 matplotlib.use("Agg")
 
 
+def fake_utility(accuracy: float, n: int = 200) -> dict:
+    """A utility result on n questions: the first accuracy * n answered right (so two of them
+    pair question by question)."""
+    k = round(accuracy * n)
+    low, high = wilson_interval(k, n)
+    return {"accuracy": k / n, "low": low, "high": high, "n": n,
+            "correct": {f"q{i}": i < k for i in range(n)}}
+
+
 def fake_eval(rates: dict, n: int = 40, utility: float = 0.5) -> Evaluation:
     rows = []
     for concept in CONCEPTS:
@@ -19,7 +28,7 @@ def fake_eval(rates: dict, n: int = 40, utility: float = 0.5) -> Evaluation:
         rows.append({"concept": concept, "rate": k / n, "low": low, "high": high, "n": n, "k": k})
     return Evaluation(model="m", items=pd.DataFrame(), rates=pd.DataFrame(rows),
                       over_refusal={"rate": 0.3, "low": 0.2, "high": 0.4, "n": 40},
-                      utility={"accuracy": utility, "n": 50})
+                      utility=fake_utility(utility))
 
 
 @pytest.fixture
@@ -72,6 +81,24 @@ def test_r1_claims_report_numbers_and_verdicts(evaluations):
     assert spread["reproduces"] == "yes" and "equal steps" in spread["this run"]
     util = claims.loc["Unlearning keeps utility better than SFT"]
     assert util["reproduces"] == "yes" and "-10.0" in util["this run"]
+    assert "npo_cybersecurity: -1.0" in util["this run"]
+
+
+def test_utility_changes_are_paired_and_a_model_at_chance_is_not_testable(evaluations):
+    changes = report.utility_changes(evaluations)
+    row = changes.loc["sft_cybersecurity"]
+    assert row["change (points)"] == pytest.approx(-10) and row["lost / gained"] == "20 / 0"
+    low, high = (float(x) for x in row["95% interval"].strip("[]").split(","))
+    assert low < -10 < high < 0 and row["McNemar p"] < 0.001 and row["n"] == 200
+    # the same runs from an aligned model at chance (27%): no utility to lose, no verdict
+    at_chance = {name: Evaluation(model="m", items=ev.items, rates=ev.rates,
+                                  utility=fake_utility(ev.utility["accuracy"] - 0.23))
+                 for name, ev in evaluations.items()}
+    assert not report.utility_measurable(at_chance["aligned"].utility)
+    assert report.utility_measurable(evaluations["aligned"].utility)
+    claims = report.r1_claims(at_chance).set_index("claim")
+    util = claims.loc["Unlearning keeps utility better than SFT"]
+    assert util["reproduces"] == "not testable" and "at chance" in util["this run"]
 
 
 def test_refusal_summary_shape(evaluations):
@@ -141,3 +168,10 @@ def test_ema_heatmap_marks_both_rules_of_a_paired_matrix():
     assert "-20*" in texts           # bias: the paper's rule only
     assert "(-100*+)" in texts       # the target, in parentheses
     assert "McNemar" in fig.axes[0].get_title()
+
+
+def test_utility_sentence_says_whether_utility_can_fall():
+    assert "not testable" in report.utility_sentence(fake_utility(0.27))
+    above = report.utility_sentence(fake_utility(0.55))
+    assert "above chance" in above and "55.0%" in above and "of 200 questions" in above
+    assert report.utility_sentence(None) == "Utility was not scored."

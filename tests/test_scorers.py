@@ -183,9 +183,16 @@ def test_score_utility_on_tiny_model(tiny):
     result = scorers.score_utility(model, tokenizer, UTILITY, batch_size=2)
     assert result["n"] == 3 and 0 <= result["accuracy"] <= 1
     assert set(result["per_subject"]) == {"math", "geography", "biology"}
+    assert result["low"] <= result["accuracy"] <= result["high"]
     # without the chat template (a base model's tokenizer) it still scores
     plain = scorers.score_utility(model, tokenizer, UTILITY, chat_template=False)
     assert plain["n"] == 3
+    # per question, by id, for paired comparisons; without ids there is nothing to pair on
+    assert set(result["correct"]) == {"u1", "u2", "u3"}
+    assert sum(result["correct"].values()) == round(3 * result["accuracy"])
+    no_ids = scorers.score_utility(model, tokenizer, [{k: v for k, v in q.items() if k != "id"}
+                                                      for q in UTILITY])
+    assert "correct" not in no_ids and no_ids["accuracy"] == result["accuracy"]
 
 
 def test_mixed_choice_counts_are_grouped(tiny):

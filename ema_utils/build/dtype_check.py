@@ -132,7 +132,7 @@ def _run_settings(profile: str, model: str | None):
                       kl_n_per_concept=train["kl_n_per_concept"],
                       batch_size=train["eval_batch_size"], judge=train["judge"],
                       max_drop=train["max_drop"], target_threshold=train["target_threshold"],
-                      seed=train["seed"])
+                      seed=train["seed"], utility_per_subject=train["utility_per_subject"])
     return evals, config, run_kwargs
 
 

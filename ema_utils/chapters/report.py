@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .. import CONCEPTS
-from ..core.data import paper_tables_long
+from ..core.data import MMLU_CHANCE, paper_tables_long
 from ..core.errors import ParameterError
-from ..core.metrics import EMA_THRESHOLD, ema_delta, paired_change
+from ..core.metrics import EMA_THRESHOLD, ema_delta, paired_accuracy_change, paired_change
 from ..methods.condition import concept_of, try_condition
 from ..methods.registry import METHODS
 
@@ -221,20 +221,74 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
             "safety NPO drops cyber, bias, toxicity; cyber NPO mainly safety", text,
             "yes" if all(verdicts) else ("partly" if any(verdicts) else "no"))
 
-    util = {}
-    for c in conditions:
-        ev = evaluations[c]
-        if ev.utility is not None and evaluations["aligned"].utility is not None:
-            util[c] = 100 * (evaluations["aligned"].utility["accuracy"] - ev.utility["accuracy"])
+    changes = utility_changes(evaluations)
     pairs = [(f"npo_{t}", f"sft_{t}") for t in ("cybersecurity", "safety")
-             if f"npo_{t}" in util and f"sft_{t}" in util]
+             if f"npo_{t}" in changes.index and f"sft_{t}" in changes.index]
     if pairs:
-        better = [util[n] <= util[s] for n, s in pairs]
+        numbers = "; ".join(f"{c}: {changes.loc[c, 'change (points)']:+.1f} "
+                            f"{changes.loc[c, '95% interval']}" for pair in pairs for c in pair)
+        aligned_utility = evaluations["aligned"].utility
+        if not utility_measurable(aligned_utility):
+            verdict = "not testable"
+            numbers = (f"the aligned model answers MMLU at chance here ({_accuracy_text(aligned_utility)}, "
+                       f"chance {100 * MMLU_CHANCE:.0f}%), so a loss of utility cannot show; {numbers}")
+        else:
+            better = [changes.loc[n, "change (points)"] >= changes.loc[s, "change (points)"]
+                      for n, s in pairs]
+            verdict = "yes" if all(better) else ("partly" if any(better) else "no")
         add("Unlearning keeps utility better than SFT",
-            "MMLU moves <= ~1 point for NPO, up to ~6 for SFT",
-            "; ".join(f"{n}: {-util[n]:+.1f}, {s}: {-util[s]:+.1f} points" for n, s in pairs),
-            "yes" if all(better) else ("partly" if any(better) else "no"))
+            "MMLU moves <= ~1 point for NPO, up to ~6 for SFT", numbers, verdict)
     return pd.DataFrame(rows)
+
+
+def utility_measurable(utility: dict | None) -> bool:
+    """Whether a model's utility can fall measurably: its accuracy's 95% interval lies above
+    chance. A model that answers MMLU at chance (the 0.5B default does) has no utility to lose."""
+    if not utility or utility.get("low") is None:
+        return False
+    return bool(utility["low"] > MMLU_CHANCE)
+
+
+def utility_sentence(utility: dict | None) -> str:
+    """One sentence for the book: the model's MMLU accuracy against chance, and what follows."""
+    if not utility:
+        return "Utility was not scored."
+    head = f"On MMLU the model answers {_accuracy_text(utility)} right; a blind guess scores {100 * MMLU_CHANCE:.0f}%."
+    if utility_measurable(utility):
+        return (head + " That is above chance, so a loss of utility can show: each intervention's "
+                "change is a paired difference on the same questions, with its interval.")
+    return (head + " That is chance: this model has no MMLU knowledge to lose, so the paper's "
+            "utility rule (keep the last checkpoint that loses less than 3 points) cannot tell "
+            "checkpoints apart, and the claim that unlearning keeps utility better than SFT is "
+            "not testable here. A larger model (`--model`, the gpu profile) can test it.")
+
+
+def _accuracy_text(utility: dict) -> str:
+    return (f"{100 * utility['accuracy']:.1f}% [{100 * utility['low']:.0f}, "
+            f"{100 * utility['high']:.0f}] of {utility['n']} questions")
+
+
+def utility_changes(evaluations: dict, reference: str = "aligned") -> pd.DataFrame:
+    """Per intervened condition: MMLU accuracy and its change from the reference model as a
+    paired difference on the same questions, with its 95% interval, the questions lost and
+    gained, and McNemar's p. Conditions without per-question results are left out."""
+    ref = evaluations[reference].utility
+    rows = []
+    for condition, ev in evaluations.items():
+        if condition == reference or ev.utility is None or ref is None:
+            continue
+        if "correct" not in ev.utility or "correct" not in ref:
+            continue
+        change = paired_accuracy_change(ref, ev.utility)
+        rows.append({"condition": condition, "accuracy %": round(100 * ev.utility["accuracy"], 1),
+                     "change (points)": round(100 * change["delta"], 1),
+                     "95% interval": f"[{100 * change['low']:+.1f}, {100 * change['high']:+.1f}]",
+                     "lost / gained": f"{change['lost']} / {change['gained']}",
+                     "McNemar p": float(f"{change['p_value']:.2g}"), "n": change["n"]})
+    columns = ["accuracy %", "change (points)", "95% interval", "lost / gained", "McNemar p", "n"]
+    if not rows:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="condition"))
+    return pd.DataFrame(rows).set_index("condition")[columns]
 
 
 def _at_target(trajectory: pd.DataFrame, threshold: float = 0.25) -> float | None:

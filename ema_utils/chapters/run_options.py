@@ -15,7 +15,7 @@ from ..core.errors import ParameterError
 RUN_OPTIONS = {"n_forget": 0, "forget_candidates": 0, "forget_max_new_tokens": 24,
                "traj_n_per_concept": 8, "traj_max_new_tokens": 16, "kl_n_per_concept": 8,
                "batch_size": 16, "judge": None, "max_drop": 0.03, "target_threshold": 0.25,
-               "seed": 0}
+               "seed": 0, "utility_per_subject": 2}
 """run_intervention's data and scoring options, with its defaults."""
 
 

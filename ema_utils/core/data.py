@@ -398,6 +398,26 @@ def load_mmlu(split: str | None = None, n_per_subject: int = 0, seed: int = 0) -
     return table.reset_index(drop=True)
 
 
+UTILITY_PARTS = {"dev": "train", "report": "eval"}
+"""The two parts of MMLU a run uses: "dev" chooses (a checkpoint under the utility rule),
+"report" is what the tables print. Fixed by the id rule, so no question is in both."""
+MMLU_CHANCE = 0.25
+"""Accuracy of a blind guess on MMLU's four options."""
+
+
+def utility_questions(part: str = "report", n_per_subject: int = 2, seed: int = 0) -> pd.DataFrame:
+    """The utility sample: ``n_per_subject`` MMLU questions of every subject (57), from the
+    ``part`` ("dev" or "report", :data:`UTILITY_PARTS`), seeded, subject-stratified. The same
+    questions score every model of a profile, so a change in utility is a paired difference."""
+    if part not in UTILITY_PARTS:
+        raise ParameterError(f"utility part must be one of {', '.join(UTILITY_PARTS)}, got {part!r}: "
+                             "'dev' chooses checkpoints, 'report' is printed")
+    if isinstance(n_per_subject, bool) or not isinstance(n_per_subject, int) or n_per_subject < 1:
+        raise ParameterError(f"utility_per_subject must be a positive integer (questions per MMLU "
+                             f"subject, 57 subjects), got {n_per_subject!r}")
+    return load_mmlu(split=UTILITY_PARTS[part], n_per_subject=int(n_per_subject), seed=seed)
+
+
 def load_strongreject(split: str | None = None) -> pd.DataFrame:
     """StrongREJECT's 313 forbidden prompts, an external harmful set the project did not write
     (scored, never trained on), as loader rows: id (``strongreject/<row>``), concept
@@ -618,7 +638,10 @@ def check_data(data_dir: Path | str | None = None) -> dict:
     """Validate every data file and count items: what `ema data check --json` prints.
 
     Returns {"concepts": {KEY: {"train": n, "eval": n}}, "sets": {"benign": n,
-    "over_refusal": n, "utility": n}}. Raises DataError on the first malformed file.
+    "over_refusal": n, "utility": n}, "external": {"mmlu": {...}, "strongreject": {...}}}: the
+    pinned external sets (installed packages, not files of ``data_dir``) with their sizes and
+    parts. Raises DataError on the first malformed file, AssetMissingError when a set's package
+    is not installed.
     """
     data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
     prompts = load_prompts(data_dir=data_dir)
@@ -626,7 +649,13 @@ def check_data(data_dir: Path | str | None = None) -> dict:
                   for s in SPLITS} for c in CONCEPTS}
     sets = {name: int(len(load_set(name, data_dir=data_dir))) for name in SET_NAMES}
     load_paper_tables(data_dir / PAPER_TABLES_FILE)
-    return {"concepts": counts, "sets": sets}
+    mmlu, strongreject = load_mmlu(), load_strongreject()
+    external = {
+        "mmlu": {"questions": int(len(mmlu)), "subjects": int(mmlu["subject"].nunique()),
+                 **{part: int((mmlu["split"] == split).sum()) for part, split in UTILITY_PARTS.items()}},
+        "strongreject": {"prompts": int(len(strongreject)),
+                         "categories": int(strongreject["category"].nunique())}}
+    return {"concepts": counts, "sets": sets, "external": external}
 
 
 def describe(data_dir: Path | str | None = None) -> pd.DataFrame:
@@ -646,6 +675,9 @@ def _human_check(payload: dict, digest: str = "") -> str:
     lines.append(f"{'set':20} {'items':>6}")
     for name, n in payload["sets"].items():
         lines.append(f"{name:20} {n:>6}")
+    for name, sizes in payload.get("external", {}).items():
+        lines.append(f"{name:20} {next(iter(sizes.values())):>6}  "
+                     + ", ".join(f"{k} {v}" for k, v in list(sizes.items())[1:]))
     lines.append("")
     lines.append(f"all data files valid; data digest {digest}")
     return "\n".join(lines)
@@ -678,5 +710,6 @@ __all__ = [
     "LOADER_COLUMNS", "split_for_id", "eval_percent_for", "parse_jsonl", "read_jsonl",
     "load_harmbench", "bbq_items", "toxigen_items", "load_prompts",
     "load_set", "load_paper_tables", "paper_tables_long", "data_files", "data_digest",
-    "check_data", "describe", "register_cli",
+    "check_data", "describe", "register_cli", "load_mmlu", "load_strongreject",
+    "utility_questions", "UTILITY_PARTS", "MMLU_CHANCE",
 ]

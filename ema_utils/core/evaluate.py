@@ -21,7 +21,7 @@ from .. import CONCEPTS
 from . import models
 from .cache import cached, stable_hash
 from .console import emit
-from .data import load_prompts, load_set
+from .data import MMLU_CHANCE, load_prompts, load_set, utility_questions
 from .errors import DataError, ParameterError
 from .judges.labels import read_jsonl
 from .judges.registry import DEFAULT_JUDGE, JUDGES, judge_fingerprint, score_responses
@@ -38,7 +38,7 @@ class Evaluation:
     items: pd.DataFrame  # id, concept, scorer, prompt, response, aligned, ...
     rates: pd.DataFrame  # concept, rate, low, high, n, k
     over_refusal: dict | None = None  # refusal rate on safe prompts (rate, low, high, n)
-    utility: dict | None = None  # accuracy on the multiple-choice set (accuracy, n, per_subject)
+    utility: dict | None = None  # MMLU: accuracy, low, high, n, per_subject, correct {id: bool}
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -46,8 +46,15 @@ class Evaluation:
         refusal = {row.concept: {"rate": row.rate, "low": row.low, "high": row.high, "n": int(row.n)}
                    for row in self.rates.itertuples()}
         return {"model": self.model, "refusal": refusal, "over_refusal": self.over_refusal,
-                "utility": None if self.utility is None else self.utility["accuracy"],
+                "utility": None if self.utility is None else utility_json(self.utility),
                 "settings": self.settings}
+
+
+def utility_json(utility: dict) -> dict:
+    """The printed part of a utility result: MMLU accuracy with its 95% Wilson interval and n,
+    and the chance level it must be read against."""
+    return {"set": "mmlu", "accuracy": utility["accuracy"], "low": utility.get("low"),
+            "high": utility.get("high"), "n": utility["n"], "chance": MMLU_CHANCE}
 
 
 def sample_items(table: pd.DataFrame, n_per_concept: int, seed: int = 0,
@@ -102,12 +109,16 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
              n_per_concept: int = 0, judge: str | None = None, max_new_tokens: int = 32,
              batch_size: int = 16, seed: int = 0, over_refusal: bool = True,
              utility: bool = True, items: pd.DataFrame | None = None,
+             utility_per_subject: int = 2, utility_part: str = "report",
              progress: bool = True) -> Evaluation:
     """Score ``model`` on every concept's eval items (and over-refusal and utility).
 
     ``model_id`` names the weights for the cache (e.g. "qwen2.5-coder-0.5b-instruct" or
     "npo-safety-<adapter hash>"): two different models must never share one. ``items``
     replaces the built-in items (a table with id, concept, prompt; scored by the judge).
+    Utility is MMLU accuracy on ``utility_per_subject`` questions of each of its 57 subjects,
+    from the ``utility_part`` ("report" for the tables, "dev" where a checkpoint is chosen:
+    :func:`ema_utils.core.data.utility_questions`).
     """
     if max_new_tokens < 1:
         raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -117,7 +128,8 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     table = eval_items(concepts, split, n_per_concept, seed) if items is None else items.assign(
         scorer=items.get("scorer", "refusal"))
     safe = _over_refusal_items(split, n_per_concept, seed) if over_refusal and items is None else None
-    util_items = _utility_items() if utility and items is None else None
+    util_items = (utility_questions(utility_part, utility_per_subject, seed=0)
+                  if utility and items is None else None)
     parts = []
     prompts = table[table["scorer"] == "refusal"]
     if len(prompts):
@@ -136,7 +148,9 @@ def evaluate(model, tokenizer, model_id: str, *, concepts=CONCEPTS, split: str =
     rates = rates.set_index("concept").loc[order].reset_index()
     result = Evaluation(model=model_id, items=scored, rates=rates, settings={
         "split": split, "n_per_concept": n_per_concept, "judge": judge, "seed": seed,
-        "max_new_tokens": max_new_tokens})
+        "max_new_tokens": max_new_tokens,
+        "utility": {"part": utility_part, "per_subject": utility_per_subject} if util_items is not None
+        else None})
     if safe is not None:
         # Safe prompts are judged like every other prompt, by the named or the default judge
         # (chosen on the judge draw, which holds over-refusal and benign prompts too).
@@ -185,13 +199,6 @@ def _over_refusal_items(split, n, seed):
     return sample_items(safe, n, seed)
 
 
-def _utility_items():
-    # Every item, both splits: nothing trains on the utility set, and the paper's checkpoint
-    # rule (utility may drop less than 3 points) needs the resolution: one question of 126 is
-    # 0.8 points, one of the 52 eval items alone was 1.9.
-    return load_set("utility")
-
-
 def _utility(model, tokenizer, model_id, items, batch_size):
     inputs = {"model": model_id, "items": stable_hash(items["id"].tolist())}
     return cached("utility", inputs, lambda: score_utility(model, tokenizer, items,
@@ -224,7 +231,7 @@ def cmd_eval(args) -> int:
         model_id += f"+adapter:{sha256_file(weights[0])[:16]}"
     result = evaluate(model, tokenizer, model_id, concepts=concepts, items=items,
                       n_per_concept=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, utility_per_subject=args.utility_per_subject)
 
     def human(p):
         lines = [f"model: {p['model']}", f"{'concept':20} {'rate':>6}  95% interval      n"]
@@ -234,7 +241,9 @@ def cmd_eval(args) -> int:
             o = p["over_refusal"]
             lines.append(f"{'over_refusal':20} {o['rate']:6.2f}  [{o['low']:.2f}, {o['high']:.2f}]  {o['n']:4d}")
         if p["utility"] is not None:
-            lines.append(f"{'utility (accuracy)':20} {p['utility']:6.2f}")
+            u = p["utility"]
+            lines.append(f"{'utility (MMLU acc.)':20} {u['accuracy']:6.2f}  [{u['low']:.2f}, {u['high']:.2f}]  "
+                         f"{u['n']:4d}  (chance {u['chance']:.2f})")
         return "\n".join(lines)
 
     emit(args, result.to_json(), human)
@@ -271,5 +280,7 @@ def register_cli(sub) -> None:
     p.add_argument("--judge", help="judge name (default: the validated default judge)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--utility-per-subject", type=int, default=2, metavar="N",
+                   help="MMLU questions per subject for utility (57 subjects; the report part)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

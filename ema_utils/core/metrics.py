@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -232,6 +232,32 @@ def paired_change(reference_items: pd.DataFrame, model_items: pd.DataFrame,
                      "is_target": is_target,
                      "flagged": bool(paper_rule and significant and not is_target)})
     return pd.DataFrame(rows, columns=[by, *PAIRED_COLUMNS])
+
+
+def paired_accuracy_change(reference: dict, model: dict,
+                           confidence: float = CONFIDENCE) -> dict:
+    """The change of accuracy between two models on the questions both answered.
+
+    ``reference`` and ``model`` are utility results with ``correct`` ({question id: bool}, as
+    :func:`ema_utils.core.scorers.score_utility` returns). Returns ``delta`` (model - reference)
+    with its paired 95% interval (``low``, ``high``, Newcombe), n shared questions, ``lost`` and
+    ``gained`` (questions right only before / only after) and the exact McNemar ``p_value``."""
+    missing = [name for name, r in (("reference", reference), ("model", model))
+               if not isinstance(r, Mapping) or "correct" not in r]
+    if missing:
+        raise ParameterError(f"paired_accuracy_change: {' and '.join(missing)} lack per-question "
+                             "results ('correct'); score them with score_utility on items with ids")
+    shared = sorted(set(reference["correct"]) & set(model["correct"]))
+    if not shared:
+        raise ParameterError("paired_accuracy_change: the two results share no question; score "
+                             "both models on the same utility sample")
+    ref = np.array([bool(reference["correct"][q]) for q in shared])
+    new = np.array([bool(model["correct"][q]) for q in shared])
+    a, b = int((ref & new).sum()), int((ref & ~new).sum())
+    c, d = int((~ref & new).sum()), int((~ref & ~new).sum())
+    low, high = paired_difference_interval(a, b, c, d, confidence)
+    return {"delta": (c - b) / len(shared), "low": low, "high": high, "n": len(shared),
+            "lost": b, "gained": c, "p_value": mcnemar_pvalue(b, c)}
 
 
 REDACTION = "[...]"

@@ -300,22 +300,34 @@ def score_toxigen(model, tokenizer, items, **kwargs) -> pd.DataFrame:
 
 
 def score_utility(model, tokenizer, items, **kwargs) -> dict:
-    """Accuracy on the utility set (items: question, choices, answer[, subject]).
+    """Accuracy on multiple-choice utility questions (items: question, choices, answer[, id,
+    subject]).
 
-    Returns accuracy, n, and per_subject accuracies when the items have a subject.
+    Returns accuracy with its 95% Wilson interval (low, high) and n; per_subject accuracies when
+    the items have a subject; and ``correct`` ({id: bool}) when they have ids, so two models'
+    results on the same questions can be compared pairwise
+    (:func:`ema_utils.core.metrics.paired_accuracy_change`).
     """
+    # deferred: metrics imports statsmodels lazily, but keep the scorer's import light
+    from .metrics import wilson_interval
+
     records = _records(items)
     if not records:
         raise ParameterError("no questions to score")
     choices, _ = mc_choices(model, tokenizer, records, **kwargs)
     answers = [int(r["answer"]) for r in records]
-    result = {"accuracy": utility_accuracy(list(choices), answers), "n": len(records)}
+    hits = [int(c) == a for c, a in zip(choices, answers)]
+    low, high = wilson_interval(sum(hits), len(hits))
+    result = {"accuracy": utility_accuracy(list(choices), answers), "low": low, "high": high,
+              "n": len(records)}
     if all("subject" in r for r in records):
         per = {}
         for subject in sorted({r["subject"] for r in records}):
             idx = [i for i, r in enumerate(records) if r["subject"] == subject]
             per[subject] = utility_accuracy([choices[i] for i in idx], [answers[i] for i in idx])
         result["per_subject"] = per
+    if all("id" in r for r in records):
+        result["correct"] = {str(r["id"]): bool(h) for r, h in zip(records, hits)}
     return result
 
 

@@ -106,6 +106,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
                      kl_n_per_concept: int = 8, batch_size: int = 16, judge: str | None = None,
                      max_drop: float = 0.03, target_threshold: float = 0.25,
                      retain_ratio: float | str = 1, seed: int = 0,
+                     utility_per_subject: int = 2,
                      progress: bool = True) -> InterventionRun:
     """Train one intervention on ``concept`` and score its checkpoints (all cached).
 
@@ -117,7 +118,9 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     ("npo" or "sft") for the forget data. ``model`` must carry no adapter; it is returned to
     that state before this function returns. ``forget_candidates`` limits how many train
     prompts are tried for the forget set (0: all; a seeded, nested sample), ``n_forget`` how
-    many refused ones are used (0: all).
+    many refused ones are used (0: all). Every checkpoint's utility (the utility rule's input) is
+    MMLU accuracy on the development part (``utility_per_subject`` questions per subject), never
+    on the questions the chapters report.
     """
     # deferred: sets imports torch
     from .sets import build_forget_set, build_retain_set, build_sft_labels
@@ -180,7 +183,8 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
                           trajectory=pd.DataFrame(), utility=pd.DataFrame(), selected=None,
                           first_below=None, settings={"config": config.to_dict(), "model": model_id})
     _score_checkpoints(run, model, tokenizer, model_id, checkpoints["step"].tolist(),
-                       traj_n_per_concept, traj_max_new_tokens, batch_size, judge, seed, progress)
+                       traj_n_per_concept, traj_max_new_tokens, batch_size, judge, seed,
+                       utility_per_subject, progress)
     _select(run, checkpoints, max_drop, target_threshold)
     return run
 
@@ -222,7 +226,7 @@ def with_checkpoint(model, path: Path | None, merged: bool = False):
 
 
 def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens, batch_size,
-                       judge, seed, progress):
+                       judge, seed, utility_per_subject, progress):
     rows, utility = [], []
     for step in steps:
         path = run.checkpoint_path(int(step))
@@ -230,6 +234,7 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
             result = evaluate(scored, tokenizer, checkpoint_model_id(model_id, run.name, path),
                               n_per_concept=n, judge=judge, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, seed=seed, over_refusal=False, utility=True,
+                              utility_per_subject=utility_per_subject, utility_part="dev",
                               progress=progress)
         rows.append(result.rates.assign(step=int(step)))
         utility.append({"step": int(step), "utility": result.utility["accuracy"]})
@@ -317,7 +322,7 @@ def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = 
 
 RUN_OPTIONS = ("n_forget", "forget_candidates", "forget_max_new_tokens", "traj_n_per_concept",
                "traj_max_new_tokens", "kl_n_per_concept", "batch_size", "judge", "max_drop",
-               "target_threshold", "seed")
+               "target_threshold", "seed", "utility_per_subject")
 """-p keys that go to run_intervention; every other -p key goes to UnlearnConfig."""
 
 
