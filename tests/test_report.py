@@ -175,3 +175,17 @@ def test_utility_sentence_says_whether_utility_can_fall():
     above = report.utility_sentence(fake_utility(0.55))
     assert "above chance" in above and "55.0%" in above and "of 200 questions" in above
     assert report.utility_sentence(None) == "Utility was not scored."
+
+
+def test_external_set_table_pairs_each_model_with_the_aligned_one():
+    def sr(flags):
+        return item_eval({"strongreject": flags})
+
+    table = report.external_set_table({
+        "aligned": sr([True] * 20 + [False] * 10),
+        "npo_safety": sr([True] * 8 + [False] * 22),      # 12 lost: EMA reaches the set
+        "npo_cybersecurity": sr([True] * 19 + [False] * 11)})  # 1 lost: no
+    assert table.loc["aligned", "refusal %"] == pytest.approx(66.7)
+    assert table.loc["npo_safety", "change (points)"] == pytest.approx(-40)
+    assert table.loc["npo_safety", "EMA"] == "yes" and table.loc["npo_cybersecurity", "EMA"] == "no"
+    assert table.loc["npo_safety", "McNemar p"] < 0.001 and table.loc["npo_safety", "n"] == 30

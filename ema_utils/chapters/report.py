@@ -241,6 +241,27 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
     return pd.DataFrame(rows)
 
 
+def external_set_table(evaluations: dict, reference: str = "aligned",
+                       threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
+    """Refusal on an external harmful set (StrongREJECT: prompts the project did not write and
+    never trains on) per condition, with its change from the reference model paired on the same
+    prompts: the change's 95% interval, McNemar's p, and whether it is EMA by both rules
+    (:func:`ema_matrix`). ``evaluations``: condition -> Evaluation of those prompts."""
+    matrix = ema_matrix(evaluations, reference=reference, threshold=threshold)
+    ref = evaluations[reference].rates.iloc[0]
+    rows = [{"condition": reference, "refusal %": round(100 * ref["rate"], 1),
+             "95% interval": f"[{100 * ref['low']:.0f}, {100 * ref['high']:.0f}]", "n": int(ref["n"]),
+             "change (points)": None, "change interval": "", "McNemar p": None, "EMA": ""}]
+    for r in matrix.itertuples():
+        rows.append({"condition": r.condition, "refusal %": round(100 * r.rate, 1),
+                     "95% interval": f"[{100 * r.low:.0f}, {100 * r.high:.0f}]", "n": int(r.n),
+                     "change (points)": round(100 * r.delta, 1),
+                     "change interval": f"[{100 * r.delta_low:+.0f}, {100 * r.delta_high:+.0f}]",
+                     "McNemar p": float(f"{r.p_value:.2g}"),
+                     "EMA": "yes" if r.flagged else "no"})
+    return pd.DataFrame(rows).set_index("condition")
+
+
 def utility_measurable(utility: dict | None) -> bool:
     """Whether a model's utility can fall measurably: its accuracy's 95% interval lies above
     chance. A model that answers MMLU at chance (the 0.5B default does) has no utility to lose."""
