@@ -360,6 +360,16 @@ def test_correlation_table_recovers_a_planted_relation():
     flat = table.assign(p=np.nan)
     assert "Not testable" in C.verdict_text(flat, 1, 1, "synthetic")
 
+    # without the forced-choice concepts: four concepts left, the same perfect ranking
+    reduced_ema = C.without_concepts({"npo_safety": ema})
+    assert reduced_ema["npo_safety"].set_index("concept").loc[["bias", "toxicity"], "drop_points"].isna().all()
+    assert not ema["drop_points"].isna().any()  # the input is not changed
+    reduced = C.correlation_table(hs, reduced_ema, n_boot=0, progress=False, vectors={"pca": vectors})
+    side = C.with_and_without(table, reduced, layer=1).loc[("npo_safety", "drop_points")]
+    assert side["n_concepts (all)"] == 6 and side["n_concepts (refusal-scored only)"] == 4
+    assert side["rho (refusal-scored only)"] == pytest.approx(1)
+    assert side["p (refusal-scored only)"] == pytest.approx(1 / 24, abs=1e-3)
+
 
 def _check_labelled(fig):
     import matplotlib.pyplot as plt

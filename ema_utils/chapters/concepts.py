@@ -456,6 +456,42 @@ def same_model(notes: Sequence[str]) -> bool:
     return not any("measured on another model" in n for n in notes)
 
 
+FORCED_CHOICE = ("bias", "toxicity")
+"""Concepts scored by forced choice (BBQ's letter, ToxiGen's yes/no), not by a judged refusal:
+their "EMA" is a different kind of measurement, so the test is also run without them."""
+
+
+def without_concepts(ema: Mapping[str, pd.DataFrame], concepts: Iterable[str] = FORCED_CHOICE,
+                     measures: Mapping[str, str] = MEASURES) -> dict[str, pd.DataFrame]:
+    """The EMA tables with the measures of ``concepts`` blanked (NaN): the correlation then
+    leaves those concepts out (:func:`correlation_by_layer` skips unmeasured ones)."""
+    drop = set(concepts)
+    out = {}
+    for run, table in ema.items():
+        table = table.copy()
+        for measure in measures:
+            if measure in table.columns:
+                table[measure] = table[measure].astype(float)
+                table.loc[table["concept"].isin(drop), measure] = float("nan")
+        out[run] = table
+    return out
+
+
+def with_and_without(full: pd.DataFrame, reduced: pd.DataFrame, layer: int,
+                     method: str = "pca") -> pd.DataFrame:
+    """At ``layer``: each (run, measure)'s correlation with every concept and without the
+    forced-choice ones, side by side (rho, one-sided exact p, concepts)."""
+    cols = ["run", "measure", "rho", "p", "n_concepts"]
+
+    def at(table):
+        part = table[(table["layer"] == layer) & (table["method"] == method)]
+        return part[cols].set_index(["run", "measure"])
+
+    both = at(full).join(at(reduced), lsuffix=" (all)", rsuffix=" (refusal-scored only)",
+                         how="outer")
+    return both.round(3)
+
+
 # --- the whole test -----------------------------------------------------------------------------
 
 def vector_agreement(a: ConceptVectors, b: ConceptVectors) -> pd.DataFrame:
