@@ -251,7 +251,7 @@ def external_set_table(evaluations: dict, reference: str = "aligned",
     ref = evaluations[reference].rates.iloc[0]
     rows = [{"condition": reference, "refusal %": round(100 * ref["rate"], 1),
              "95% interval": f"[{100 * ref['low']:.0f}, {100 * ref['high']:.0f}]", "n": int(ref["n"]),
-             "change (points)": None, "change interval": "", "McNemar p": None, "EMA": ""}]
+             "change (points)": "", "change interval": "", "McNemar p": "", "EMA": ""}]
     for r in matrix.itertuples():
         rows.append({"condition": r.condition, "refusal %": round(100 * r.rate, 1),
                      "95% interval": f"[{100 * r.low:.0f}, {100 * r.high:.0f}]", "n": int(r.n),
