@@ -16,7 +16,7 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
     model, tokenizer = tiny
     config = trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=4, checkpoint_every=2,
                                    batch_size=2, lora_r=2, lora_alpha=2)
-    kwargs = dict(n_forget=4, traj_n_per_concept=1, traj_max_new_tokens=2, kl_n_per_concept=1,
+    kwargs = dict(n_forget=4, traj_n_per_concept=1, traj_max_new_tokens=2, kl_n_per_concept=2,
                   judge="phrase", batch_size=4, progress=False)
     run = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo", config,
                                          **kwargs)
@@ -27,6 +27,25 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
     assert set(run.kl["concept"]) == set(CONCEPTS)
     assert (run.kl[run.kl["step"] == 0]["kl"].abs() < 1e-6).all(), "no change at step 0"
     assert (run.kl[run.kl["step"] == 4]["kl"] > 0).any(), "training moved the first token"
+    # the mean over each concept's KL prompts carries its interval over those prompts
+    trained = run.kl[run.kl["step"] == 4]
+    assert (trained["n"] == 2).all() and (trained["low"] <= trained["kl"] + 1e-12).all()
+    assert (trained["kl"] <= trained["high"] + 1e-12).all()
+    # a run folder written before per-prompt values were kept: the means, intervals NaN
+    (run.folder / "kl.jsonl").rename(run.folder / "kl.jsonl.bak")
+    try:
+        old = interventions.kl_by_concept(run.folder)
+    finally:
+        (run.folder / "kl.jsonl.bak").rename(run.folder / "kl.jsonl")
+    merged = old.merge(run.kl, on=["step", "concept"], suffixes=("_old", ""))
+    assert len(merged) == len(run.kl) and old["low"].isna().all()
+    assert (merged["kl_old"] - merged["kl"]).abs().max() < 1e-6
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ema_utils import plots
+
+    assert plots.kl_curves([run]).axes[0].collections, "each concept's interval band is drawn"
     assert run.selected is None or run.selected["step"] in (2, 4)
     assert run.checkpoint_path(0) is None and run.checkpoint_path(4).is_dir()
     assert not checkpoints.has_adapter(model), "the caller's model is left without an adapter"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -149,6 +150,21 @@ def test_paired_change_tests_the_drop_on_shared_items():
     assert again.loc["privacy", "n"] == 30
     with pytest.raises(ParameterError, match="model_items lacks"):
         metrics.paired_change(ref, new.drop(columns="aligned"))
+
+
+def test_mean_interval():
+    rng = np.random.default_rng(0)
+    skewed = rng.exponential(0.2, size=40)
+    mean, low, high = metrics.mean_interval(skewed)
+    assert mean == pytest.approx(skewed.mean()) and 0 < low < mean < high
+    assert metrics.mean_interval(skewed) == (mean, low, high)  # seeded
+    few = metrics.mean_interval(skewed[:8])
+    many = metrics.mean_interval(np.tile(skewed[:8], 5))  # the same spread, five times the prompts
+    assert many[2] - many[1] < 0.6 * (few[2] - few[1])
+    assert metrics.mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    one = metrics.mean_interval([0.3, float("nan")])
+    assert one[0] == 0.3 and math.isnan(one[1]) and math.isnan(one[2])
+    assert all(math.isnan(x) for x in metrics.mean_interval([]))
 
 
 def test_paired_accuracy_change():

@@ -87,16 +87,20 @@ def training_curves(runs, title: str = "Training loss per step"):
 
 
 def kl_curves(runs, title: str = "First-token KL(aligned || trained) per concept"):
-    """The paper's Fig. 2: per concept, the mean first-token KL over training (one panel a run)."""
+    """The paper's Fig. 2: per concept, the mean first-token KL over training (one panel a run),
+    with its 95% bootstrap interval over the KL prompts as a band where the run has one."""
     fig, axes = _grid(len(runs))
     for ax, run in zip(axes, runs):
         for concept in ordered_concepts(run.kl["concept"]):
-            rows = run.kl[run.kl["concept"] == concept]
-            ax.plot(rows["step"], rows["kl"], marker="o", label=label(concept),
-                    linewidth=2.5 if concept == run.concept else 1.2)
+            rows = run.kl[run.kl["concept"] == concept].sort_values("step")
+            line, = ax.plot(rows["step"], rows["kl"], marker="o", label=label(concept),
+                            linewidth=2.5 if concept == run.concept else 1.2)
+            if {"low", "high"} <= set(rows.columns) and rows["low"].notna().any():
+                ax.fill_between(rows["step"], rows["low"], rows["high"], color=line.get_color(),
+                                alpha=0.12, linewidth=0)
         ax.set_title(run.name)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("mean KL (nats)")
+        ax.set_ylabel("mean KL (nats), 95% band")
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -234,6 +234,29 @@ def paired_change(reference_items: pd.DataFrame, model_items: pd.DataFrame,
     return pd.DataFrame(rows, columns=[by, *PAIRED_COLUMNS])
 
 
+def mean_interval(values, confidence: float = CONFIDENCE, n_resamples: int = 2000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` with a percentile bootstrap interval over
+    them (scipy). Skewed, non-negative measures such as a KL divergence keep an interval that
+    stays on their side of zero, where a t-interval would not. With fewer than two values the
+    interval is NaN; NaNs are left out."""
+    # deferred: scipy is slow to import
+    from scipy.stats import bootstrap
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(float(v))], dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    mean = float(x.mean())
+    if x.size < 2:
+        return (mean, float("nan"), float("nan"))
+    if np.all(x == x[0]):
+        return (mean, mean, mean)
+    result = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                       method="percentile", random_state=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return (mean, float(low), float(high))
+
+
 def paired_accuracy_change(reference: dict, model: dict,
                            confidence: float = CONFIDENCE) -> dict:
     """The change of accuracy between two models on the questions both answered.

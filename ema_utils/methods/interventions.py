@@ -56,7 +56,7 @@ class InterventionRun:
     folder: Path  # the training artifact: checkpoints, losses.jsonl, checkpoints.jsonl, kl.jsonl
     forget_stats: dict
     losses: pd.DataFrame
-    kl: pd.DataFrame  # step, concept, kl (mean first-token KL per concept)
+    kl: pd.DataFrame  # step, concept, kl (mean first-token KL), low, high (95%), n prompts
     trajectory: pd.DataFrame  # step, concept, rate, low, high, n (+ utility per step)
     utility: pd.DataFrame  # step, utility
     selected: dict | None  # the paper's rule: last checkpoint whose utility drops < max_drop
@@ -177,7 +177,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     folder = cached(f"unlearn-{name}", inputs, train, kind="dir")
     losses = pd.read_json(folder / "losses.jsonl", lines=True)
     checkpoints = pd.read_json(folder / "checkpoints.jsonl", lines=True)
-    kl = _kl_long(checkpoints)
+    kl = kl_by_concept(folder, checkpoints)
     run = InterventionRun(name=name, concept=concept, method=method, folder=folder,
                           forget_stats=stats, losses=losses, kl=kl,
                           trajectory=pd.DataFrame(), utility=pd.DataFrame(), selected=None,
@@ -189,11 +189,28 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     return run
 
 
-def _kl_long(checkpoints: pd.DataFrame) -> pd.DataFrame:
+def kl_by_concept(folder: Path, checkpoints: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per checkpoint and concept: the mean first-token KL over the run's KL prompts with its
+    95% bootstrap interval over prompts (step, concept, kl, low, high, n), from the per-prompt
+    values the trainer writes (kl.jsonl). A run folder without them (written before they were
+    kept) gives the means from checkpoints.jsonl, with NaN intervals."""
+    from ..core.metrics import mean_interval
+
+    path = Path(folder) / "kl.jsonl"
+    per_prompt = pd.read_json(path, lines=True) if path.is_file() and path.stat().st_size else None
+    if per_prompt is not None and {"step", "concept", "kl"} <= set(per_prompt.columns):
+        rows = []
+        for (step, concept), part in per_prompt.groupby(["step", "concept"], sort=False):
+            mean, low, high = mean_interval(part["kl"])
+            rows.append({"step": int(step), "concept": concept, "kl": mean, "low": low,
+                         "high": high, "n": int(part["kl"].notna().sum())})
+        return pd.DataFrame(rows, columns=["step", "concept", "kl", "low", "high", "n"])
+    if checkpoints is None:
+        checkpoints = pd.read_json(Path(folder) / "checkpoints.jsonl", lines=True)
     cols = [c for c in checkpoints.columns if c.startswith("kl_")]
     long = checkpoints.melt(id_vars="step", value_vars=cols, var_name="concept", value_name="kl")
     long["concept"] = long["concept"].str.removeprefix("kl_")
-    return long
+    return long.assign(low=float("nan"), high=float("nan"), n=0)
 
 
 def checkpoint_model_id(model_id: str, run_name: str, path: Path | None) -> str:
