@@ -162,8 +162,8 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
     targets = matrix.pivot(index="condition", columns="concept", values="is_target")[table.columns]
     notes = table.round(0).astype("Int64").astype(str)
     if "paper_rule" in matrix.columns:
-        paper = matrix.pivot(index="condition", columns="concept", values="paper_rule")[table.columns]
-        tested = matrix.pivot(index="condition", columns="concept", values="significant")[table.columns]
+        paper, tested = (matrix.pivot(index="condition", columns="concept", values=v)[table.columns]
+                         for v in ("paper_rule", "significant"))
         notes = notes.where(~paper.astype(bool), notes + "*")
         notes = notes.where(~(tested.astype(bool) & (table < 0)), notes + "+")
         legend = ("target in parentheses; * drop > 15 points (the paper's rule), + paired test "
@@ -184,8 +184,6 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
 
 
 # --- chapter 4: retain-loss mitigation -----------------------------------------------------------
-
-
 
 def recovery_by_concept(per_concept: pd.DataFrame, title: str = "", ax=None):
     """Per concept, the recovered fraction of each augmented model with its 95% bootstrap

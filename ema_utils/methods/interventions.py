@@ -26,7 +26,7 @@ from ..core.data import load_prompts
 from ..core.errors import ParameterError
 from ..core.evaluate import eval_items, evaluate, sample_items
 from ..core.judges.registry import get_judge
-from ..core.metrics import display_response
+from ..core.metrics import display_response, mean_interval
 from ..core.models import DTYPE_NAMES, model_identity
 from ..core.params import parse_overrides
 from .checkpoints import (
@@ -194,8 +194,6 @@ def kl_by_concept(folder: Path, checkpoints: pd.DataFrame | None = None) -> pd.D
     95% bootstrap interval over prompts (step, concept, kl, low, high, n), from the per-prompt
     values the trainer writes (kl.jsonl). A run folder without them (written before they were
     kept) gives the means from checkpoints.jsonl, with NaN intervals."""
-    from ..core.metrics import mean_interval
-
     path = Path(folder) / "kl.jsonl"
     per_prompt = pd.read_json(path, lines=True) if path.is_file() and path.stat().st_size else None
     if per_prompt is not None and {"step", "concept", "kl"} <= set(per_prompt.columns):
