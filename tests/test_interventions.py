@@ -132,3 +132,49 @@ def test_the_forget_retain_ratio_sets_the_retain_data_per_step(tiny, canned_refu
     assert seen["config"].retain_batch_size == per_step and seen["config"].batch_size == 2
     assert len(seen["retain"]) == 4 * per_step // 2  # the retain set grows with the ratio too
     assert interventions.retain_batch(4, 0.1) == 1  # never an empty retain batch
+
+
+def test_the_training_seed_changes_training_only(tiny, canned_refusals, tmp_path, monkeypatch):
+    # The data seed draws the forget subset and the scored items; the training seed (the
+    # config's) only LoRA's initialisation and the batch order. Two training seeds on one data
+    # seed: the same forget set and items, different adapters.
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    model, tokenizer = tiny
+    kwargs = dict(n_forget=4, forget_candidates=8, traj_n_per_concept=1, traj_max_new_tokens=2,
+                  kl_n_per_concept=1, judge="phrase", batch_size=4, seed=3, progress=False)
+    runs = [interventions.run_intervention(
+        model, tokenizer, "tiny", "cybersecurity", "npo",
+        trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,
+                              batch_size=2, lora_r=2, lora_alpha=2, seed=train_seed), **kwargs)
+        for train_seed in (0, 1)]
+    forget = [pd.read_json(r.folder.parent / f"{r.folder.name}.inputs.json", typ="series")["forget"]
+              for r in runs]
+    assert forget[0] == forget[1], "the same forget set"
+    assert runs[0].trajectory[["step", "concept", "n"]].equals(runs[1].trajectory[["step", "concept", "n"]])
+    assert runs[0].folder != runs[1].folder
+    assert not runs[0].losses["npo"].equals(runs[1].losses["npo"]), "training differs"
+
+
+def test_ema_unlearn_takes_a_training_seed_apart_from_the_data_seed(monkeypatch):
+    from ema_utils import models
+    from ema_utils.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(model, tokenizer, model_id, concept, method, config, **kwargs):
+        seen.update(train=config.seed, data=kwargs.get("seed"))
+        raise Stop
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(interventions, "model_identity", lambda *a: "m")
+    monkeypatch.setattr(interventions, "run_intervention", fake_run)
+    for argv, want in ((["-p", "seed=3", "-p", "train_seed=5"], {"train": 5, "data": 3}),
+                       (["-p", "seed=3"], {"train": 3, "data": 3}),
+                       (["-p", "train_seed=2"], {"train": 2, "data": None})):
+        seen.clear()
+        with pytest.raises(Stop):
+            main(["unlearn", "--concept", "safety", "--method", "npo", *argv])
+        assert seen == want, argv

@@ -359,6 +359,9 @@ def cmd_unlearn(args) -> int:
         raise ParameterError("--retain-loss kl needs --retain-ratio (e.g. --retain-ratio 1:1)")
     params.setdefault("method", method)
     params["lora"] = not args.full
+    # -p seed=N draws the data (and seeds training unless -p train_seed=M says otherwise)
+    if "train_seed" in params:
+        params["seed"] = params.pop("train_seed")
     if "seed" in run_kwargs:
         params.setdefault("seed", run_kwargs["seed"])
     _check(args.concept, method)
