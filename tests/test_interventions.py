@@ -142,17 +142,22 @@ def test_the_training_seed_changes_training_only(tiny, canned_refusals, tmp_path
     model, tokenizer = tiny
     kwargs = dict(n_forget=4, forget_candidates=8, traj_n_per_concept=1, traj_max_new_tokens=2,
                   kl_n_per_concept=1, judge="phrase", batch_size=4, seed=3, progress=False)
-    runs = [interventions.run_intervention(
-        model, tokenizer, "tiny", "cybersecurity", "npo",
-        trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,
-                              batch_size=2, lora_r=2, lora_alpha=2, seed=train_seed), **kwargs)
-        for train_seed in (0, 1)]
+    config = trainer.UnlearnConfig(method="npo", lr=1e-2, max_steps=2, checkpoint_every=2,
+                                   batch_size=2, lora_r=2, lora_alpha=2)
+    runs = interventions.run_seeds(model, tokenizer, "tiny", "cybersecurity", "npo", config,
+                                   train_seeds=[0, 1], **kwargs)
+    assert [r.name for r in runs] == ["npo_cybersecurity", "npo_seed1_cybersecurity"]
+    assert [r.settings["config"]["seed"] for r in runs] == [0, 1]
     forget = [pd.read_json(r.folder.parent / f"{r.folder.name}.inputs.json", typ="series")["forget"]
               for r in runs]
     assert forget[0] == forget[1], "the same forget set"
     assert runs[0].trajectory[["step", "concept", "n"]].equals(runs[1].trajectory[["step", "concept", "n"]])
     assert runs[0].folder != runs[1].folder
     assert not runs[0].losses["npo"].equals(runs[1].losses["npo"]), "training differs"
+    for bad in ([], [1, 1], [-1], "0"):
+        with pytest.raises(ParameterError, match="train_seeds"):
+            interventions.run_seeds(model, tokenizer, "tiny", "cybersecurity", "npo", config,
+                                    train_seeds=bad, **kwargs)
 
 
 def test_ema_unlearn_takes_a_training_seed_apart_from_the_data_seed(monkeypatch):

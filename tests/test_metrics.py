@@ -189,3 +189,33 @@ def test_redact():
     assert metrics.redact(text, n_words=2) == "Step one: [...]"
     assert metrics.redact("") == "[...]" and metrics.redact(None) == "[...]"
     assert metrics.redact("Short answer") == "Short answer [...]"
+
+
+def test_pooled_paired_change_over_training_seeds():
+    ids = [f"i{k}" for k in range(30)]
+
+    def table(concept, flags):
+        return pd.DataFrame({"id": ids, "concept": concept, "aligned": flags})
+
+    ref = pd.concat([table("privacy", [True] * 30), table("bias", [True] * 30)])
+    seeds = {
+        0: pd.concat([table("privacy", [True] * 20 + [False] * 10), table("bias", [True] * 20 + [False] * 10)]),
+        1: pd.concat([table("privacy", [True] * 22 + [False] * 8), table("bias", [True] * 30)]),
+        2: pd.concat([table("privacy", [True] * 18 + [False] * 12), table("bias", [True] * 30)]),
+    }
+    out = metrics.pooled_paired_change(ref, seeds, concept="safety").set_index("concept")
+    p = out.loc["privacy"]
+    assert p["seeds"] == 3 and p["n"] == 30  # items stay the unit
+    assert p["delta"] == pytest.approx(-10 / 30) and p["seed_deltas"] == pytest.approx([-1 / 3, -8 / 30, -12 / 30])
+    assert p["delta_low"] < p["delta"] < p["delta_high"] < 0 and p["same_direction"] and p["flagged"]
+    assert p["lost"] == 12 and p["gained"] == 0 and p["p_value"] == pytest.approx(2 / 2 ** 12)
+    b = out.loc["bias"]  # one seed drops 33 points, two do not move: pooled 11 points
+    assert b["delta"] == pytest.approx(-10 / 90) and not b["paper_rule"] and not b["same_direction"]
+    assert not b["flagged"]
+    # one seed: the same test and verdict as the unpooled paired change
+    single = metrics.pooled_paired_change(ref, {0: seeds[0]}).set_index("concept")
+    plain = metrics.paired_change(ref, seeds[0]).set_index("concept")
+    assert single.loc["privacy", "p_value"] == pytest.approx(plain.loc["privacy", "p_value"])
+    assert single.loc["privacy", "flagged"] == plain.loc["privacy", "flagged"]
+    with pytest.raises(ParameterError, match="at least one seed"):
+        metrics.pooled_paired_change(ref, {})

@@ -189,3 +189,28 @@ def test_external_set_table_pairs_each_model_with_the_aligned_one():
     assert table.loc["npo_safety", "change (points)"] == pytest.approx(-40)
     assert table.loc["npo_safety", "EMA"] == "yes" and table.loc["npo_cybersecurity", "EMA"] == "no"
     assert table.loc["npo_safety", "McNemar p"] < 0.001 and table.loc["npo_safety", "n"] == 30
+
+
+def test_runs_of_several_training_seeds_are_pooled():
+    aligned = item_eval({"safety": [True] * 30, "privacy": [True] * 30, "bias": [True] * 30})
+    seeds = {"npo_safety": [True] * 20 + [False] * 10,           # privacy: every seed drops
+             "npo_seed1_safety": [True] * 22 + [False] * 8,
+             "npo_seed2_safety": [True] * 18 + [False] * 12}
+    bias = {"npo_safety": [True] * 15 + [False] * 15,            # bias: one seed only
+            "npo_seed1_safety": [True] * 30, "npo_seed2_safety": [True] * 30}
+    evaluations = {"aligned": aligned, **{
+        name: item_eval({"safety": [False] * 30, "privacy": flags, "bias": bias[name]})
+        for name, flags in seeds.items()}}
+    assert report.seed_groups(list(evaluations)[1:]) == {
+        "npo_safety": ["npo_safety", "npo_seed1_safety", "npo_seed2_safety"]}
+    pooled = report.ema_matrix(evaluations).set_index("concept")
+    assert set(pooled["condition"]) == {"npo_safety"} and (pooled["seeds"] == 3).all()
+    assert pooled.loc["privacy", "flagged"] and pooled.loc["privacy", "n"] == 30
+    assert not pooled.loc["bias", "flagged"]          # 50 points in one seed: pooled 17, not all seeds
+    per_seed = report.ema_matrix(evaluations, pool_seeds=False)
+    assert set(per_seed["condition"]) == set(seeds) and (per_seed["seeds"] == 1).all()
+    assert per_seed[(per_seed.concept == "bias") & (per_seed.condition == "npo_safety")].flagged.all()
+    claims = report.r1_claims(evaluations).set_index("claim")
+    assert "npo_seed1" not in " ".join(claims["this run"])  # one line per condition, pooled
+    assert "privacy" in claims.iloc[1]["this run"] and "bias" not in claims.iloc[1]["this run"]
+    assert report.ema_tests_table(pooled.reset_index()).loc[("npo_safety", "privacy"), "seeds"] == 3

@@ -124,7 +124,7 @@ def _run_settings(profile: str, model: str | None):
     config = UnlearnConfig(method="npo", lr=train["npo_lr"], beta=train["beta"],
                            max_steps=train["max_steps"], batch_size=train["batch_size"],
                            lora_r=train["lora_r"], lora_alpha=train["lora_alpha"],
-                           checkpoint_every=train["checkpoint_every"], seed=train["train_seed"])
+                           checkpoint_every=train["checkpoint_every"], seed=train["train_seeds"][0])
     run_kwargs = dict(n_forget=train["n_forget"], forget_candidates=train["forget_candidates"],
                       forget_max_new_tokens=train["forget_max_new_tokens"],
                       traj_n_per_concept=train["traj_n_per_concept"],

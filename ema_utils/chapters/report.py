@@ -12,7 +12,8 @@ import pandas as pd
 from .. import CONCEPTS
 from ..core.data import MMLU_CHANCE, paper_tables_long
 from ..core.errors import ParameterError
-from ..core.metrics import EMA_THRESHOLD, ema_delta, paired_accuracy_change, paired_change
+from ..core.metrics import (EMA_THRESHOLD, ema_delta, paired_accuracy_change, paired_change,
+                             pooled_paired_change)
 from ..methods.condition import concept_of, try_condition
 from ..methods.registry import METHODS
 
@@ -99,29 +100,62 @@ def paper_rows(concept: str, paper_model: str = "qwen2.5-7b-instruct",
 
 
 def ema_matrix(evaluations: dict, reference: str = "aligned",
-               threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
+               threshold: float = EMA_THRESHOLD, pool_seeds: bool = True) -> pd.DataFrame:
     """Long table: per intervened condition and concept, the change in points and the EMA flag.
 
     With per-item results (every :class:`Evaluation` has them) the change is paired on the
     shared items (:func:`ema_utils.core.metrics.paired_change`): the paper's rule (drop >
     ``threshold``), the exact McNemar test, the drop's interval, and ``flagged`` = both, on a
-    non-target concept. Without items (rate tables only) it falls back to
+    non-target concept. Runs of one condition with several training seeds ("npo_safety",
+    "npo_seed1_safety", ...) become one row per concept under the first seed's name, pooled
+    over the seeds (:func:`ema_utils.core.metrics.pooled_paired_change`: EMA needs the pooled
+    drop, its test and every seed's direction); ``pool_seeds=False`` keeps a row per seed.
+    ``seeds`` counts the runs behind a row. Without items (rate tables only) it falls back to
     :func:`ema_utils.core.metrics.ema_delta` (drop > threshold, Wilson intervals apart)."""
     ref = evaluations[reference]
+    concepts = set(ref.rates["concept"])
+
+    def items(ev):
+        return ev.items[ev.items["concept"].isin(concepts)]
+
+    groups = seed_groups([c for c in evaluations if c != reference]) if pool_seeds else {
+        c: [c] for c in evaluations if c != reference}
     parts = []
-    for condition, ev in evaluations.items():
-        if condition == reference:
-            continue
+    for condition, members in groups.items():
+        condition = condition if condition in evaluations else members[0]
         target = concept_of(condition)
-        if _has_items(ref) and _has_items(ev):
-            concepts = set(ref.rates["concept"])
-            d = paired_change(ref.items[ref.items["concept"].isin(concepts)],
-                              ev.items[ev.items["concept"].isin(concepts)],
-                              threshold=threshold, concept=target)
+        with_items = _has_items(ref) and all(_has_items(evaluations[m]) for m in members)
+        if with_items and len(members) > 1:
+            d = pooled_paired_change(items(ref), {m: items(evaluations[m]) for m in members},
+                                     threshold=threshold, concept=target)
+        elif with_items:
+            d = paired_change(items(ref), items(evaluations[condition]), threshold=threshold,
+                              concept=target).assign(seeds=1)
         else:
-            d = ema_delta(ref.rates, ev.rates, threshold=threshold, concept=target)
+            d = ema_delta(ref.rates, evaluations[condition].rates, threshold=threshold,
+                          concept=target).assign(seeds=1)
         parts.append(d.assign(condition=condition, delta_points=100 * d["delta"]))
     return pd.concat(parts, ignore_index=True)
+
+
+def seed_groups(conditions) -> dict[str, list[str]]:
+    """Conditions grouped by their training seed: {first seed's name: [it, other seeds' names]}.
+    A run named with a seed ("npo_seed1_safety") joins the plain run of its condition
+    ("npo_safety"); names that are no condition stay alone."""
+    groups: dict[str, list[str]] = {}
+    for c in conditions:
+        parsed = try_condition(c)
+        key = c if parsed is None or parsed.train_seed is None else parsed.replace(train_seed=None).name
+        groups.setdefault(key, []).append(c)
+    for key, members in groups.items():  # the plain-named (first) seed leads its group
+        members.sort(key=lambda m: m != key)
+    return groups
+
+
+def main_conditions(evaluations: dict, reference: str = "aligned") -> list[str]:
+    """The intervened conditions other than extra training seeds (the runs chapters 4-6 use)."""
+    return [c for c in evaluations if c != reference
+            and not ((parsed := try_condition(c)) is not None and parsed.train_seed is not None)]
 
 
 def _has_items(evaluation) -> bool:
@@ -138,6 +172,7 @@ def ema_tests_table(matrix: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in matrix.itertuples():
         rows.append({"condition": r.condition, "concept": r.concept, "n": int(r.n),
+                     "seeds": int(getattr(r, "seeds", 1)),
                      "change (points)": round(100 * r.delta, 1),
                      "95% interval": f"[{100 * r.delta_low:+.0f}, {100 * r.delta_high:+.0f}]",
                      "lost / gained": f"{int(r.lost)} / {int(r.gained)}",
@@ -175,7 +210,7 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
     def add(claim, paper, numbers, verdict):
         rows.append({"claim": claim, "paper": paper, "this run": numbers, "reproduces": verdict})
 
-    conditions = [c for c in evaluations if c != "aligned"]
+    conditions = main_conditions(evaluations)
     drops = []
     for c in conditions:
         target = concept_of(c)

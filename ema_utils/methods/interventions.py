@@ -189,6 +189,28 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
     return run
 
 
+def run_seeds(model, tokenizer, model_id: str, concept: str, method: str, config,
+              train_seeds=(0,), **kwargs) -> list[InterventionRun]:
+    """:func:`run_intervention` once per training seed, on the same data (``kwargs["seed"]``).
+
+    The first seed's run keeps the plain name ("npo_safety": chapters 4-6 build on it); each
+    further seed's run is named with its seed ("npo_seed1_safety"), so chapter 3 can pool them
+    (:func:`ema_utils.core.metrics.pooled_paired_change`)."""
+    seeds = list(train_seeds) if isinstance(train_seeds, (list, tuple)) else [train_seeds]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ParameterError(f"train_seeds must be a list of distinct integers >= 0, e.g. [0, 1, 2]; "
+                             f"got {train_seeds!r}")
+    runs = []
+    for k, train_seed in enumerate(seeds):
+        run = run_intervention(model, tokenizer, model_id, concept, method,
+                               replace(config, seed=train_seed), **kwargs)
+        if k:
+            run.name = run.name.replace(train_seed=train_seed)
+        runs.append(run)
+    return runs
+
+
 def kl_by_concept(folder: Path, checkpoints: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per checkpoint and concept: the mean first-token KL over the run's KL prompts with its
     95% bootstrap interval over prompts (step, concept, kl, low, high, n), from the per-prompt
