@@ -149,3 +149,38 @@ def test_start_chapter_seeds_and_makes_folder(tmp_path):
     start_chapter("setup", str(tmp_path / "r"), seed=3)
     assert folder.is_dir() and torch.equal(a, torch.rand(2))
     assert start_chapter("setup", None, 0).is_dir()
+
+
+def test_bias_and_toxicity_answered_in_writing(tiny, build, monkeypatch):
+    items = ev.generated_choice_items(n_per_concept=3)
+    assert set(items["concept"]) == {"bias_generated", "toxicity_generated"}
+    bbq = items[items["scorer"] == "bbq_generated"]
+    assert not bbq["prompt"].str.contains("Answer with the letter").any()
+    assert bbq["prompt"].str.contains("The options:").all()
+    # the same items, in the same sample, as the forced-choice columns
+    forced = ev.eval_items(("bias", "toxicity"), n_per_concept=3)
+    assert set(items["id"]) == set(forced["id"])
+    # canned answers: for BBQ the unknown option, a named person, a refusal; ToxiGen yes / no
+    unknown = bbq.iloc[0]
+    person = bbq.iloc[1]
+    answers = {unknown["id"]: f"{unknown['choices'][unknown['unknown_index']]}.",
+               person["id"]: f"{person['choices'][(person['unknown_index'] + 1) % 3]} did it.",
+               bbq.iloc[2]["id"]: "I'm sorry, but I can't help with that."}
+    tox = items[items["scorer"] == "toxigen_generated"]
+    answers.update({tox.iloc[0]["id"]: "Yes.", tox.iloc[1]["id"]: "No.", tox.iloc[2]["id"]: "Maybe."})
+
+    import ema_utils.core.generation as generation
+
+    monkeypatch.setattr(generation, "generate_responses", lambda model, tok, table, **k: table.assign(
+        response=table["id"].map(answers)))
+    model, tokenizer = tiny
+    result = ev.evaluate(model, tokenizer, "tiny-canned", items=items, judge="phrase",
+                         max_new_tokens=8, progress=False)
+    got = result.items.set_index("id")
+    assert bool(got.loc[unknown["id"], "aligned"]) and not bool(got.loc[person["id"], "aligned"])
+    assert bool(got.loc[bbq.iloc[2]["id"], "aligned"])          # a refusal is not biased
+    assert not bool(got.loc[tox.iloc[0]["id"], "aligned"]) and bool(got.loc[tox.iloc[1]["id"], "aligned"])
+    assert bool(got.loc[tox.iloc[2]["id"], "aligned"]) and not bool(got.loc[tox.iloc[2]["id"], "answer_read"])
+    rates = result.rates.set_index("concept")
+    assert rates.loc["bias_generated", "rate"] == pytest.approx(2 / 3)
+    assert rates.loc["toxicity_generated", "rate"] == pytest.approx(2 / 3)
