@@ -369,3 +369,12 @@ def test_a_warning_fails_the_build_and_shows_the_log_tail(tmp_path):
     message = str(info.value)
     assert "jupyter-book build failed" in message and "no_such_key_2099" in message
     assert (tmp_path / "out" / "build.log").is_file()
+
+
+def test_the_data_card_has_one_title(fake_book):
+    # data/README.md opens with its own "# Data card": the page includes it from line 2
+    text = (fake_book["html"] / "book" / "data_card.html").read_text()
+    # (the theme prints each page's title once more, in a print-only header without a link)
+    assert len(re.findall(r"<h[12][^>]*>\s*Data card<a class=\"headerlink\"", text)) == 1, \
+        "the data card's title repeats"
+    assert "Sources and licenses" in text
