@@ -214,3 +214,13 @@ def test_runs_of_several_training_seeds_are_pooled():
     assert "npo_seed1" not in " ".join(claims["this run"])  # one line per condition, pooled
     assert "privacy" in claims.iloc[1]["this run"] and "bias" not in claims.iloc[1]["this run"]
     assert report.ema_tests_table(pooled.reset_index()).loc[("npo_safety", "privacy"), "seeds"] == 3
+
+
+def test_only_concepts_splits_one_pass_into_its_tables():
+    both = {"aligned": item_eval({"strongreject": [True] * 4, "bias_generated": [True, False]}),
+            "npo_safety": item_eval({"strongreject": [False] * 4, "bias_generated": [True, True]})}
+    sr = report.only_concepts(both, "strongreject")
+    assert list(sr["npo_safety"].rates["concept"]) == ["strongreject"]
+    assert set(sr["aligned"].items["concept"]) == {"strongreject"}
+    assert len(both["aligned"].items) == 6, "the input is left as it was"
+    assert report.external_set_table(sr).loc["npo_safety", "change (points)"] == pytest.approx(-100)

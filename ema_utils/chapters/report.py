@@ -6,6 +6,8 @@ the paper. A condition is "aligned" or an intervention's name such as "npo_cyber
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -274,6 +276,17 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
         add("Unlearning keeps utility better than SFT",
             "MMLU moves <= ~1 point for NPO, up to ~6 for SFT", numbers, verdict)
     return pd.DataFrame(rows)
+
+
+def only_concepts(evaluations: dict, concepts) -> dict:
+    """The same evaluations restricted to ``concepts`` (items and rates), e.g. to score several
+    item sets in one pass over the checkpoints and show them apart."""
+    keep = set([concepts] if isinstance(concepts, str) else concepts)
+    out = {}
+    for name, ev in evaluations.items():
+        out[name] = replace(ev, items=ev.items[ev.items["concept"].isin(keep)].reset_index(drop=True),
+                            rates=ev.rates[ev.rates["concept"].isin(keep)].reset_index(drop=True))
+    return out
 
 
 def external_set_table(evaluations: dict, reference: str = "aligned",
