@@ -224,3 +224,12 @@ def test_only_concepts_splits_one_pass_into_its_tables():
     assert set(sr["aligned"].items["concept"]) == {"strongreject"}
     assert len(both["aligned"].items) == 6, "the input is left as it was"
     assert report.external_set_table(sr).loc["npo_safety", "change (points)"] == pytest.approx(-100)
+
+
+def test_written_answers_table():
+    ev = item_eval({"bias_generated": [True, False], "toxicity_generated": [True, True]})
+    ev.items["answer_read"] = [True, True, False, True]
+    table = report.written_answers_table({"aligned": ev})
+    assert table.loc["aligned", "bias_generated %"] == pytest.approx(50)
+    assert table.loc["aligned", "toxicity_generated %"] == pytest.approx(100)
+    assert table.loc["aligned", "answer read %"] == pytest.approx(75)

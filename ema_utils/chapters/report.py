@@ -289,6 +289,17 @@ def only_concepts(evaluations: dict, concepts) -> dict:
     return out
 
 
+def written_answers_table(evaluations: dict) -> pd.DataFrame:
+    """Per condition: each written-answer concept's aligned rate (percent) and the share of
+    answers whose choice or agreement could be read from the text (``answer_read``)."""
+    rows = {}
+    for name, ev in evaluations.items():
+        row = {f"{r.concept} %": round(100 * r.rate, 1) for r in ev.rates.itertuples()}
+        row["answer read %"] = round(100 * float(ev.items["answer_read"].mean()), 1)
+        rows[name] = row
+    return pd.DataFrame(rows).T
+
+
 def external_set_table(evaluations: dict, reference: str = "aligned",
                        threshold: float = EMA_THRESHOLD) -> pd.DataFrame:
     """Refusal on an external harmful set (StrongREJECT: prompts the project did not write and

@@ -272,9 +272,6 @@ def pooled_paired_change(reference_items: pd.DataFrame, seed_items: Mapping[obje
     ``flagged`` (EMA): the pooled drop exceeds ``threshold``, the sign test rejects at
     ``alpha``, every seed drops, on a non-target concept.
     """
-    # deferred: scipy is slow to import
-    from scipy.stats import binomtest
-
     if not seed_items:
         raise ParameterError("pooled_paired_change needs at least one seed's items")
     keys = [by, "id"]
@@ -293,10 +290,8 @@ def pooled_paired_change(reference_items: pd.DataFrame, seed_items: Mapping[obje
         runs = np.column_stack([_flags(part[f"_s{k}"]).astype(float) for k in range(len(seeds))])
         change = runs.mean(axis=1) - ref
         delta, low, high = mean_interval(change, confidence=CONFIDENCE)
-        if len(change) and np.all(change == change[0]):
-            low = high = float(change[0])
         lost, gained = int((change < 0).sum()), int((change > 0).sum())
-        p_value = float(binomtest(lost, lost + gained).pvalue) if lost + gained else 1.0
+        p_value = mcnemar_pvalue(lost, gained)  # the exact sign test on the items that moved
         seed_deltas = [float(runs[:, k].mean() - ref.mean()) for k in range(len(seeds))]
         direction = np.sign(delta)
         same = bool(direction != 0 and all(np.sign(d) == direction for d in seed_deltas))
