@@ -10,6 +10,7 @@ import pytest
 
 from ema_utils import orchestrate
 from ema_utils.cli import main
+from ema_utils.core import results
 from ema_utils.core.errors import EmaError, ParameterError
 
 PROFILES = """
@@ -34,7 +35,7 @@ def sandbox(tmp_path, monkeypatch):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell(
-        "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None")
+        "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None\nrun_slot = None")
     params.metadata["tags"] = ["parameters"]
     counter = tmp_path / "executions.txt"
     body = nbformat.v4.new_code_cell(
@@ -115,6 +116,60 @@ def test_cli_run_results_clean(sandbox, capsys, tmp_path):
     assert (tmp_path / "notebooks" / "01_setup.ipynb").exists(), "clean never removes sources"
 
 
+def test_progress_and_logs_reach_the_terminal_not_the_page(sandbox, capfd):
+    path = orchestrate.notebook_path("setup")
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "from ema_utils.core import console\n"
+        "console.log('[ema] training the stand-in')\n"
+        "for _ in console.progress_bar(range(3), desc='unlearn (npo)', mininterval=0): pass"))
+    nbformat.write(nb, str(path))
+    run = orchestrate.run_chapter("setup", "smoke", log=lambda m: None)
+    executed = nbformat.read(str(run.notebook), as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if o.output_type == "stream" or "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not outputs, f"the page shows build output: {outputs}"
+    err = capfd.readouterr().err
+    assert "[ema] training the stand-in" in err and "unlearn (npo): 100%" in err
+    assert "[ema] training the stand-in" in (run.folder / "progress.log").read_text()
+
+
+def test_another_model_is_kept_apart_from_the_profiles_own(sandbox, capsys, monkeypatch):
+    quiet = {"log": lambda m: None}
+    cached = []  # a packaged model is de-quantized before the chapter starts, not inside it
+    monkeypatch.setattr(orchestrate, "ensure_cached", lambda name, log: cached.append(name))
+    own = orchestrate.run_chapter("setup", "smoke", **quiet)
+    other = orchestrate.run_chapter("setup", "smoke", model="smollm2-135m-instruct", **quiet)
+    assert cached == ["smollm2-135m-instruct"], "tiny-random is built in code; smollm2 is packaged"
+    assert other.slot == "smoke@smollm2-135m-instruct" and own.slot == "smoke"
+    assert other.key != own.key and not other.reused
+    # the profile's own model still has its results, pointer and executed chapter
+    assert orchestrate.chapter_summary("setup", "smoke")["model"] == "tiny-random"
+    assert orchestrate.chapter_summary("setup", other.slot)["model"] == "smollm2-135m-instruct"
+    own_page = nbformat.read(str(orchestrate.executed_dir("smoke") / "01_setup.ipynb"), as_version=4)
+    assert "tiny-random" in own_page.cells[1].source, "the default model's page was overwritten"
+    assert (orchestrate.executed_dir(other.slot) / "01_setup.ipynb").is_file()
+    assert results.slots_with("setup", "smoke") == ["smoke", "smoke@smollm2-135m-instruct"]
+    # naming the profile's own model is the profile's slot, not a new one
+    assert orchestrate.run_chapter("setup", "smoke", model="tiny-random", **quiet).reused
+    assert main(["results", "setup", "--profile", "smoke", "--model", "smollm2-135m-instruct",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "smollm2-135m-instruct"
+    assert main(["results", "setup", "--profile", "smoke", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "tiny-random"
+    with pytest.raises(EmaError, match="ema run setup --profile other --model smollm2"):
+        orchestrate.chapter_results("setup", results.run_slot("other", "smollm2-135m-instruct"))
+
+
+def test_run_slot_names_are_safe_file_names():
+    assert results.run_slot("cpu") == "cpu"
+    assert results.run_slot("cpu", "Qwen/Qwen2.5-7B-Instruct") == "cpu@Qwen_Qwen2.5-7B-Instruct"
+    assert results.run_slot("gpu", "/models/my model/") == "gpu@models_my_model"
+    assert results.slot_profile("gpu@models_my_model") == "gpu"
+    assert results.slot_options("cpu@x") == "--profile cpu --model x"
+    assert results.slot_options("cpu") == "--profile cpu"
+
+
 def test_failing_notebook_reports_cell_and_keeps_no_finished_run(sandbox, tmp_path):
     path = orchestrate.notebook_path("setup")
     nb = nbformat.read(str(path), as_version=4)
@@ -180,13 +235,13 @@ def chain(sandbox, tmp_path, monkeypatch):
         "setup": folder / "01_setup.ipynb",
         "unlearning": _stand_in(
             folder / "02_unlearning.ipynb",
-            "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None",
+            "model = 'tiny-random'\nseed = 0\nn = 1\nresults_dir = None\nprofile = None\nrun_slot = None",
             head.format(letter="u") + "save_summary(results_dir, {'n': n})"),
         "cross_domain": _stand_in(
             folder / "03_cross_domain.ipynb",
-            "model = 'tiny-random'\nseed = 0\nresults_dir = None\nprofile = None",
+            "model = 'tiny-random'\nseed = 0\nresults_dir = None\nprofile = None\nrun_slot = None",
             head.format(letter="c")
-            + "save_summary(results_dir, {'upstream_n': chapter_summary('unlearning', profile)['n']})"),
+            + "save_summary(results_dir, {'upstream_n': chapter_summary('unlearning', run_slot)['n']})"),
     }
     monkeypatch.setattr(orchestrate, "notebook_path",
                         lambda chapter: paths.get(chapter, tmp_path / "none.ipynb"))

@@ -4,9 +4,14 @@ A chapter run is keyed by (chapter, parameters, notebook, code, model digest, da
 the keys of the latest finished runs of the earlier chapters it reads, ``DEPENDS_ON`` in
 ema_utils.core.results). The executed notebook, its run record and its summary live in
 ``<build>/results/<chapter>/<key>/``; a run whose key already has a finished folder does no
-model work at all. A pointer file ``<build>/results/<chapter>/<profile>.json`` names the key of
-the latest run per profile, which is how later chapters and ``ema results`` find an earlier
-chapter's artifacts (ema_utils.core.results reads them).
+model work at all. A pointer file ``<build>/results/<chapter>/<slot>.json`` names the key of
+the latest run per slot (the profile, or ``<profile>@<model>`` for a ``--model`` other than the
+profile's: ema_utils.core.results.run_slot), which is how later chapters and ``ema results``
+find an earlier chapter's artifacts. Each slot has its own executed chapters and its own book,
+so a run with another model never replaces the default model's.
+
+While a chapter executes, what the library logs and its progress bars go to the terminal that
+runs `ema run`/`ema book` (ema_utils.core.console.ProgressRelay), never into the page.
 
 Before papermill starts, every parameter value is checked by name (:func:`validate_parameters`)
 and the build folder is checked for writing, so a mistake fails in a second, not inside a
@@ -34,15 +39,17 @@ import yaml
 
 from .. import CHAPTERS, CONCEPTS
 from ..core.cache import atomic_write_json, stable_hash, writable_dir
-from ..core.console import emit
+from ..core.console import ProgressRelay, emit
 from ..core.data import data_digest
 from ..core.errors import EmaError, ParameterError
 from ..core.judges.registry import JUDGES
 from ..core.models import (
     DTYPE_NAMES,
     MODEL_NAMES,
+    REGISTRY,
     _looks_like_hub_id,
     dtype_tag,
+    ensure_cached,
     model_digest,
     resolve_dtype,
 )
@@ -62,7 +69,9 @@ from ..core.results import (  # noqa: F401  (re-exported)
     check_chapter,
     point_at,
     results_root,
+    run_slot,
     save_summary,
+    slot_options,
     upstream_keys,
 )
 from ..methods.checkpoints import CHECKPOINT_RULES
@@ -71,7 +80,7 @@ from ..methods.registry import METHODS
 from .book import build_book
 
 PROFILES_FILE = Path(__file__).parents[1] / "profiles.yml"
-INJECTED = ("results_dir", "profile")  # set by the orchestrator, not part of the run key
+INJECTED = ("results_dir", "profile", "run_slot")  # set by the orchestrator, not in the run key
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "gguf", "pandas", "numpy", "scikit-learn",
                      "scipy", "statsmodels", "seaborn", "matplotlib", "papermill", "jupyter-book",
                      "myst-nb", "sphinx", "ipywidgets")
@@ -358,6 +367,13 @@ def validate_parameters(chapter: str, params: dict, defaults: dict | None = None
     return params
 
 
+def slot_for(profile: str, model: str | None = None) -> str:
+    """The slot a run is kept in: the profile's own for its model (or no --model), else
+    ``profile@model`` (ema_utils.core.results.run_slot)."""
+    own = get_profile(profile).get("common", {}).get("model")
+    return run_slot(profile, None if model in (None, "", own) else model)
+
+
 def run_key(chapter: str, params: dict, profile: str) -> str:
     model = params.get("model")
     # The notebook's text and the library's code are part of the key: an edited chapter or
@@ -395,14 +411,19 @@ class ChapterRun:
     key: str
     folder: Path
     reused: bool
+    slot: str = ""
+
+    def __post_init__(self):
+        self.slot = self.slot or self.profile
 
     @property
     def notebook(self) -> Path:
         return self.folder / notebook_path(self.chapter).name
 
 
-def executed_dir(profile: str) -> Path:
-    return build_dir() / "executed" / profile
+def executed_dir(slot: str) -> Path:
+    """The executed chapters of a slot (a profile, or profile@model), as the book reads them."""
+    return build_dir() / "executed" / slot
 
 
 def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
@@ -411,9 +432,10 @@ def run_chapter(chapter: str, profile: str = "cpu", model: str | None = None,
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     params = validate_parameters(chapter, resolve_parameters(chapter, profile, model, overrides))
     writable_dir(build_dir(), "EMA_BUILD_DIR")  # fail now, not at the first artifact
-    key = run_key(chapter, params, profile)
+    slot = slot_for(profile, model)
+    key = run_key(chapter, params, slot)
     folder = results_root() / chapter / key
-    run = ChapterRun(chapter, profile, key, folder, reused=False)
+    run = ChapterRun(chapter, profile, key, folder, reused=False, slot=slot)
     if not force and (folder / "run.json").is_file() and run.notebook.is_file():
         log(f"[ema] {chapter}: reusing finished run {key} (same parameters, model and data)")
         run.reused = True
@@ -431,16 +453,22 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / "run.json").unlink(missing_ok=True)  # not finished until written again
     partial = run.folder / f".partial-{run.notebook.name}"
+    model = params.get("model")
+    if REGISTRY.get(model) is not None:
+        # A first de-quantization (a minute, with its own progress bar) happens here, in the
+        # terminal, not inside the chapter's first model-loading cell.
+        ensure_cached(model, log=log)
     log(f"[ema] {run.chapter}: executing {notebook_path(run.chapter).name} "
-        f"(profile {run.profile}, key {run.key}); log follows")
+        f"({slot_options(run.slot)}, key {run.key})")
     started = time.time()
     memory = PeakMemory()  # the kernel is a child process: its memory counts
     try:
-        with memory:
+        with memory, ProgressRelay(run.folder / "progress.log"):
             papermill.execute_notebook(
                 str(notebook_path(run.chapter)), str(partial),
-                parameters={**params, "results_dir": str(run.folder), "profile": run.profile},
-                kernel_name="python3", execution_timeout=cell_timeout, log_output=True,
+                parameters={**params, "results_dir": str(run.folder), "profile": run.profile,
+                            "run_slot": run.slot},
+                kernel_name="python3", execution_timeout=cell_timeout, log_output=False,
                 progress_bar=False, cwd=str(notebook_path(run.chapter).parent),
             )
     except papermill.PapermillExecutionError as exc:
@@ -476,14 +504,14 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
 
 def _publish(run: ChapterRun) -> None:
     """Point the profile at this run and copy its notebook where the book build finds it."""
-    out = executed_dir(run.profile)
+    out = executed_dir(run.slot)
     out.mkdir(parents=True, exist_ok=True)
     for src, dest in ((run.notebook, out / run.notebook.name),
                       (run.folder / "run.json", out / f"{run.notebook.stem}.run.json")):
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
-    point_at(run.chapter, run.profile, run.key, run.folder)
+    point_at(run.chapter, run.slot, run.key, run.folder)
 
 
 def tree_rss(pid: int) -> int:
@@ -581,17 +609,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def book_dir(slot: str) -> Path:
+    """Where a slot's book is built (its html is under ``_build/html``)."""
+    return build_dir() / "book" / slot
+
+
 def cmd_book(args) -> int:
     for chapter in available_chapters():
         run_chapter(chapter, args.profile, args.model)
-    html = build_book(executed_dir(args.profile), build_dir() / "book" / args.profile, args.profile)
+    slot = slot_for(args.profile, args.model)
+    html = build_book(executed_dir(slot), book_dir(slot), args.profile)
     print(f"book built: {html / 'index.html'}")
     return 0
 
 
 def cmd_results(args) -> int:
     get_profile(args.profile)  # an unknown profile names the known ones
-    summary = chapter_summary(check_chapter(args.chapter), args.profile)
+    summary = chapter_summary(check_chapter(args.chapter), slot_for(args.profile, args.model))
     emit(args, summary, lambda s: json.dumps(s, indent=2, default=str))
     return 0
 
@@ -629,6 +663,7 @@ def register_cli(sub) -> None:
     p = sub.add_parser("results", help="a finished chapter's key numbers")
     p.add_argument("chapter")
     p.add_argument("--profile", default="cpu")
+    p.add_argument("--model", help="the model given to `ema run --model` (default: the profile's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_results)
 

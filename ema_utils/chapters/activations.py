@@ -22,15 +22,14 @@ refusal directions. Choices made here (the paper does not state them):
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from ..core.console import progress_bar
 from .. import CONCEPTS
 from ..core.cache import cached, stable_hash
 from ..core.data import load_set
@@ -103,8 +102,8 @@ def hidden_states(model, tokenizer, prompts, batch_size: int = 8, system: str | 
     device = next(model.parameters()).device
     decoder = _decoder(model)
     out = None
-    bar = tqdm(total=len(prompts), desc="hidden states", unit="prompt", disable=not progress,
-               file=sys.stderr)
+    bar = progress_bar(total=len(prompts), desc="hidden states", unit="prompt",
+                       disable=not progress)
     with torch.inference_mode():
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
             input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)

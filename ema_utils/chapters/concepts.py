@@ -38,15 +38,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
+from ..core.console import progress_bar
 from .. import CONCEPTS
 from ..core.errors import EmaError, ParameterError
 from ..core.results import (
@@ -299,8 +298,8 @@ def bootstrap_similarity(hs: HiddenStates, concept: str, layers: Iterable[int], 
               for g, idx in where.items()} for _ in range(n_boot)]
     layers = list(layers)
     out = np.full((len(layers), n_boot, len(others)), np.nan)
-    bar = tqdm(total=len(layers) * n_boot, desc=f"bootstrap ({concept})", unit="resample",
-               disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(layers) * n_boot, desc=f"bootstrap ({concept})", unit="resample",
+                       disable=not progress)
     # Small matrices: threads cost more than they save (and the machine may be shared).
     with threadpool_limits(limits=1):
         for li, layer in enumerate(layers):

@@ -44,7 +44,7 @@ from .. import CONCEPTS
 from ..core.data import load_prompts
 from ..core.errors import EmaError, ParameterError
 from ..core.evaluate import sample_items
-from ..core.results import chapter_results, chapter_summary
+from ..core.results import chapter_results, chapter_summary, slot_options
 from ..methods import trainer
 from ..methods.condition import try_condition
 from ..methods.interventions import chosen_step, load_run_summaries
@@ -57,7 +57,7 @@ TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""
 
 def _command(chapter: str, profile: str) -> str:
-    return f"ema run {chapter} --profile {profile}"
+    return f"ema run {chapter} {slot_options(profile)}"
 
 
 def _chapter_folder(chapter: str, profile: str) -> Path:

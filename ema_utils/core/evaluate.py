@@ -11,12 +11,12 @@ model's identity and the exact items, so a chapter that re-scores the same model
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .console import log as console_log
 from .. import CONCEPTS
 from . import models
 from .cache import cached, stable_hash
@@ -261,7 +261,7 @@ def cmd_eval(args) -> int:
         items = read_user_prompts(args.prompts)
     # models.load_model looked up per call: the tests' guard that no model loads patches it
     model, tokenizer = models.load_model(args.model, dtype=args.dtype,
-                                         log=lambda m: print(m, file=sys.stderr))
+                                         log=console_log)
     model_id = model_identity(args.model, model)
     if args.adapter:
         # deferred: peft is a heavy import (it loads torch), needed only with --adapter

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 from transformers import DynamicCache
 
+from .console import progress_bar
 from .errors import ParameterError
 
 
@@ -136,8 +135,7 @@ def generate_responses(
         if shared >= MIN_SHARED_PREFIX else ([], None)
     if cache is not None and not isinstance(cache, DynamicCache):
         prefix, cache = [], None  # e.g. a remote or older model's tuple cache: the plain path
-    bar = tqdm(total=len(table), desc="generating", unit="prompt", disable=not progress,
-               file=sys.stderr)
+    bar = progress_bar(total=len(table), desc="generating", unit="prompt", disable=not progress)
     for batch in batches:
         extra = {}
         if cache is not None:

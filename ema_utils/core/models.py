@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import atomic_write_dir, writable_dir
+from .console import log as console_log
 from .errors import AssetMissingError, ChecksumError, ModelError
 from .paths import PROJECT_ROOT, cache_dir, sha256_file
 
@@ -140,7 +141,7 @@ def assemble_gguf(entry: PackagedModel, dest: Path) -> Path:
     return dest
 
 
-def _write_dequantized(entry: PackagedModel, folder: Path, log=print) -> None:
+def _write_dequantized(entry: PackagedModel, folder: Path, log=console_log) -> None:
     """Write a packaged model into ``folder`` as safetensors + config + tokenizer files."""
     # deferred: torch and transformers are heavy imports, needed only when a model is built
     import torch
@@ -179,7 +180,7 @@ def save_plain(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _build_cache(entry: PackagedModel, log=print) -> Path:
+def _build_cache(entry: PackagedModel, log=console_log) -> Path:
     """De-quantize a packaged GGUF once and cache it, with a manifest of sha256s, atomically.
 
     The folder is built under a temporary name and renamed at the end (cache.atomic_write_dir):
@@ -199,7 +200,7 @@ def _build_cache(entry: PackagedModel, log=print) -> Path:
     return atomic_write_dir(model_cache_path(entry.name), fill)
 
 
-def ensure_cached(name: str, log=print) -> Path:
+def ensure_cached(name: str, log=console_log) -> Path:
     """Return the verified cache folder of a registry model, building it if missing or corrupt."""
     entry = _registry_entry(name)
     folder = model_cache_path(name)
@@ -317,7 +318,7 @@ def model_identity(name: str, model=None, dtype=None) -> str:
     return base if tag == "fp32" else f"{base}:{tag}"
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None, log=print):
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None, log=console_log):
     """Load ``(model, tokenizer)`` from a registry name, a hub id or a local folder.
 
     The model is in eval mode, on ``device`` (default: cpu), in ``dtype``: None is float32,

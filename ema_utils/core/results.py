@@ -1,7 +1,9 @@
 """The chapters' finished runs: where they live, which is the latest, and what they wrote.
 
 `ema run` (ema_utils.build.orchestrate) executes a chapter into ``<build>/results/<chapter>/<key>/``
-and points ``<build>/results/<chapter>/<profile>.json`` at the latest run per profile. Later
+and points ``<build>/results/<chapter>/<slot>.json`` at the latest run per *slot*: the profile's
+name for its own model, ``<profile>@<model>`` for a model given with ``--model`` (so a run with
+another model never replaces the default model's, :func:`run_slot`). Later
 chapters read an earlier chapter's artifacts through :func:`chapter_results` and
 :func:`chapter_summary`; :data:`DEPENDS_ON` says which chapters each chapter reads, so that a
 new run of an earlier chapter re-executes the chapters that read it (its run key is part of
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +47,43 @@ def results_root() -> Path:
     return build_dir() / "results"
 
 
+SLOT_SEPARATOR = "@"
+
+
+def run_slot(profile: str, model: str | None = None) -> str:
+    """Where a profile's runs are kept apart per model: ``profile`` for the profile's own model
+    (``model`` None), else ``profile@model`` with the model made safe for a file name (a hub id's
+    "/" or a folder's path become "_")."""
+    if not model:
+        return profile
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model)).strip("_.")
+    return f"{profile}{SLOT_SEPARATOR}{safe}"
+
+
+def slot_profile(slot: str) -> str:
+    """The profile of a slot (``"smoke@smollm2-135m-instruct"`` -> ``"smoke"``)."""
+    return slot.partition(SLOT_SEPARATOR)[0]
+
+
+def slot_options(slot: str) -> str:
+    """The command-line options that select a slot: ``--profile P`` and, for another model's
+    slot, ``--model M``."""
+    profile, _, model = slot.partition(SLOT_SEPARATOR)
+    return f"--profile {profile}" + (f" --model {model}" if model else "")
+
+
+def slots_with(chapter: str, profile: str) -> list[str]:
+    """The slots of ``profile`` with a finished run of ``chapter``: the profile's own model first,
+    then the other models in name order."""
+    folder = results_root() / check_chapter(chapter)
+    found = [p.stem for p in folder.glob("*.json")
+             if slot_profile(p.stem) == profile and latest_run_key(chapter, p.stem)]
+    return sorted(found, key=lambda s: (s != profile, s))
+
+
 def pointer_path(chapter: str, profile: str) -> Path:
-    """The file naming the latest run of ``chapter`` under ``profile`` (its key and folder)."""
+    """The file naming the latest run of ``chapter`` under ``profile`` (a profile or a slot,
+    :func:`run_slot`): its key and folder."""
     return results_root() / chapter / f"{profile}.json"
 
 
@@ -73,9 +111,9 @@ def chapter_results(chapter: str, profile: str) -> Path:
     """The folder of the latest finished run of ``chapter`` under ``profile``."""
     check_chapter(chapter)
     pointer = pointer_path(chapter, profile)
-    hint = f"run `ema run {chapter} --profile {profile}` first"
+    hint = f"run `ema run {chapter} {slot_options(profile)}` first"
     if not pointer.is_file():
-        raise EmaError(f"chapter '{chapter}' has no finished run for profile '{profile}': {hint}")
+        raise EmaError(f"chapter '{chapter}' has no finished run for {slot_options(profile)}: {hint}")
     folder = Path(json.loads(pointer.read_text())["folder"])
     if not (folder / "run.json").is_file():
         raise EmaError(f"the run of chapter '{chapter}' at {folder} is unfinished: {hint}")

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from .console import progress_bar
 from .errors import ParameterError
 
 LETTERS = "ABCDEFGH"
@@ -280,8 +279,7 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     device = next(model.parameters()).device
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     out = np.zeros((len(prompts), len(options)))
-    bar = tqdm(total=len(prompts), desc="scoring", unit="prompt", disable=not progress,
-               file=sys.stderr)
+    bar = progress_bar(total=len(prompts), desc="scoring", unit="prompt", disable=not progress)
     with torch.inference_mode():
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
             input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)

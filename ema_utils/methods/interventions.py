@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
+from ..core.console import log as console_log
 from .. import CONCEPTS
 from ..core import models
 from ..core.cache import atomic_write_json, cached, stable_hash
@@ -136,7 +136,7 @@ def run_intervention(model, tokenizer, model_id: str, concept: str, method: str,
         # The paper's forget:retain ratio is retain data per step: 1:ratio means ratio retain
         # examples beside every forget example, so a larger ratio weighs the retain term more.
         config = replace(config, retain_batch_size=retain_batch(config.batch_size, ratio))
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    log = console_log if progress else (lambda m: None)
     name = intervention_name(config.method, concept, ratio if config.uses_retain else None)
     prompts = load_prompts(concept, split="train")
     prompts = sample_items(prompts[prompts["scorer"] == "refusal"], forget_candidates, seed)
@@ -390,7 +390,7 @@ def cmd_unlearn(args) -> int:
     config = UnlearnConfig.from_params(params)  # validated before the model loads
     # models.load_model looked up per call: the tests' guard that no model loads patches it
     model, tokenizer = models.load_model(args.model, dtype=args.dtype,
-                                         log=lambda m: print(m, file=sys.stderr))
+                                         log=console_log)
     model_id = model_identity(args.model, model)
     run = run_intervention(model, tokenizer, model_id, args.concept, method, config, **run_kwargs)
     traj = trajectory_summary(run)

@@ -17,13 +17,13 @@ artifacts of the results cache (ema_utils.core.cache).
 from __future__ import annotations
 
 import hashlib
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..core.console import log as console_log
 from .. import CONCEPTS
 from ..core.cache import cached, stable_hash
 from ..core.data import load_prompts, load_set
@@ -165,7 +165,7 @@ def build_sft_labels(prompts, labeller="smollm2-135m-instruct", judge: str = "ph
 
     def compute():
         if isinstance(labeller, str):
-            lm, lt = load_model(labeller, log=lambda m: print(m, file=sys.stderr))
+            lm, lt = load_model(labeller, log=console_log)
         else:
             lm, lt = labeller
         return _generate_and_judge(lm, lt, table, judge, max_new_tokens, batch_size, progress)

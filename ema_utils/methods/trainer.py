@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -33,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ..core.console import progress_bar
 from ..core.cache import atomic_write_json, atomic_write_table
 from ..core.errors import ParameterError
 from ..core.generation import encode_chats, length_sorted_batches
@@ -352,8 +351,8 @@ def unlearn(model, tokenizer, forget: pd.DataFrame | None = None, config: Unlear
         total = _total_steps(c, len(data["forget"] if c.uses_forget else data["sft"]))
         loss_rows, ckpt_rows = [], [checkpoint(0)]
         model.train()
-        bar = tqdm(total=total, desc=f"unlearn ({c.method})", unit="step", file=sys.stderr,
-                   disable=not progress)
+        bar = progress_bar(total=total, desc=f"unlearn ({c.method})", unit="step",
+                           disable=not progress)
         stopped, step = False, 0
         try:
             for step in range(1, total + 1):

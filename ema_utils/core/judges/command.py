@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+from ..console import log as console_log
 from .. import models
 from ..console import emit
 from ..errors import ParameterError
@@ -20,7 +20,7 @@ def _cmd_validate(args) -> int:
     extra = None
     if args.small_model:
         model, tokenizer = models.load_model(args.small_model, dtype=args.dtype,
-                                             log=lambda m: print(m, file=sys.stderr))
+                                             log=console_log)
         extra = {"small_model": RubricModelJudge(model, tokenizer, progress=not args.json)}
     payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw, extra=extra)
 
@@ -66,7 +66,7 @@ def _cmd_score(args) -> int:
     rows = read_jsonl(args.input, required=("id", "prompt", "response"))
     kwargs = {}
     if args.judge in ("first_token", "small_model"):
-        model, tokenizer = models.load_model(args.model, log=lambda m: print(m, file=sys.stderr))
+        model, tokenizer = models.load_model(args.model, log=console_log)
         kwargs = {"model": model, "tokenizer": tokenizer, "threshold": args.threshold}
     elif args.judge == "endpoint":
         if not args.base_url or not args.endpoint_model:

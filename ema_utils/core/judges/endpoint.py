@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 
-from tqdm import tqdm
 
+from ..console import progress_bar
 from ..errors import EmaError, ParameterError
 from .base import Judge
 
@@ -119,9 +118,9 @@ class EndpointJudge(Judge):
 
     def judge_detailed(self, prompts, responses) -> list[dict]:
         prompts, responses = self._check(prompts, responses)
-        return [self.ask(p, r) for p, r in tqdm(list(zip(prompts, responses)), desc="endpoint judge",
-                                                 file=sys.stderr, disable=not self.progress,
-                                                 leave=False)]
+        return [self.ask(p, r) for p, r in progress_bar(
+            list(zip(prompts, responses)), desc="endpoint judge", disable=not self.progress,
+            leave=False)]
 
     def judge(self, prompts, responses=None) -> list[bool]:
         return [v["is_refusal"] for v in self.judge_detailed(prompts, responses)]

@@ -14,12 +14,11 @@ the rubric is what the protocol measures.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from ..console import progress_bar
 from ..errors import ParameterError
 from .base import Judge
 
@@ -85,8 +84,8 @@ def first_token_logits(model, tokenizer, prompts: Sequence[str], batch_size: int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _model_device(model)
     out = None
-    bar = tqdm(total=len(prompts), desc="first-token", unit="prompt", disable=not progress,
-               file=sys.stderr, leave=False)
+    bar = progress_bar(total=len(prompts), desc="first-token", unit="prompt", disable=not progress,
+                       leave=False)
     was_training = model.training
     model.eval()
     try:
