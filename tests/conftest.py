@@ -42,19 +42,29 @@ def isolated_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+SECOND_MODEL = "smollm2-135m-instruct"
+
+
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory):
-    """`ema book --profile smoke` run once, as a user would, in a private build folder.
+    """`ema book --profile smoke` run once, as a user would, in a private build folder, after
+    `ema run setup --profile smoke --model smollm2-135m-instruct` (a second model's chapter 1).
 
-    Uses the real default model on a handful of prompts (a few minutes on 2 cores).
+    Uses the real default model on a handful of prompts (about 25 minutes on 2 cores).
     """
     import subprocess
     import sys
 
     build = tmp_path_factory.mktemp("smoke-build")
     env = {**os.environ, "EMA_BUILD_DIR": str(build)}
+    # A researcher's second model first (chapter 1 only): the book's comparison page shows it
+    # beside the default model, whose chapters must not be touched by it.
+    other = subprocess.run([sys.executable, "-m", "ema_utils.cli", "run", "setup", "--profile",
+                            "smoke", "--model", SECOND_MODEL], env=env, capture_output=True,
+                           text=True, timeout=1800)
+    assert other.returncode == 0, f"ema run setup --model {SECOND_MODEL} failed:\n{other.stderr[-4000:]}"
     proc = subprocess.run([sys.executable, "-m", "ema_utils.cli", "book", "--profile", "smoke"],
                           env=env, capture_output=True, text=True, timeout=4800)
     assert proc.returncode == 0, f"ema book --profile smoke failed:\n{proc.stderr[-4000:]}"
     return {"build": build, "env": env, "html": build / "book" / "smoke" / "_build" / "html",
-            "log": proc.stderr}
+            "log": proc.stderr, "second_model": SECOND_MODEL}

@@ -64,3 +64,35 @@ def test_a_fresh_rerun_of_setup_gives_identical_metrics_and_generations(smoke_bo
     store = smoke_book["build"] / "results" / "store"
     for path in fresh:
         assert (store / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_second_model_is_kept_apart_and_compared_with_the_default(smoke_book):
+    """`ema run setup --model smollm2-135m-instruct` (run before the book by the fixture) has its
+    own results and executed chapter; the default model's are untouched; the book compares them."""
+    second = smoke_book["second_model"]
+    default = json.loads(_ema(smoke_book, "results", "setup", "--profile", "smoke", "--json"))
+    other = json.loads(_ema(smoke_book, "results", "setup", "--profile", "smoke",
+                            "--model", second, "--json"))
+    assert default["model"] == "qwen2.5-coder-0.5b-instruct" and other["model"] == second
+    assert set(other["refusal"]["aligned"]) == set(CONCEPTS)
+    executed = smoke_book["build"] / "executed"
+    assert "qwen2.5-coder-0.5b-instruct" in (executed / "smoke" / "01_setup.ipynb").read_text()
+    assert second in (executed / f"smoke@{second}" / "01_setup.ipynb").read_text()
+    page = (smoke_book["html"] / "book" / "models.html").read_text()
+    assert "qwen2.5-coder-0.5b-instruct" in page and second in page
+    assert f"ema run cross_domain --profile smoke --model {second}" in page
+
+
+def test_pages_carry_no_build_output_and_the_terminal_gets_it(smoke_book):
+    """Training progress and logs go to the terminal of `ema book`, never into a page."""
+    import nbformat
+
+    for notebook in sorted((smoke_book["build"] / "executed" / "smoke").glob("*.ipynb")):
+        nb = nbformat.read(str(notebook), as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                assert out.get("name") != "stderr", f"{notebook.name}: stderr in the page: {out}"
+                text = "".join(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
+                assert "[ema]" not in text and "it/s]" not in text and "step/s" not in text, \
+                    f"{notebook.name}: build output in the page: {text[:200]}"
+    assert "unlearn (npo)" in smoke_book["log"], "the terminal shows the training progress"

@@ -33,6 +33,7 @@ import yaml
 from ..core.errors import EmaError
 from ..core.models import REGISTRY
 from ..core.paths import PROJECT_ROOT, dtype_check_file
+from .compare import MODELS_PAGE, render_models_page
 
 CONFIG_FILE = "_config.yml"
 TOC_FILE = "_toc.yml"
@@ -460,6 +461,9 @@ def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
         files[page + ".ipynb"] = nbformat.writes(notebook).encode()
         records[page] = load_run_record(path, profile)
 
+    if MODELS_PAGE in pages:
+        template = (root / (MODELS_PAGE + ".md")).read_text(encoding="utf-8")
+        files[MODELS_PAGE + ".md"] = render_models_page(template, profile).encode()
     if REPRODUCIBILITY_PAGE in pages:
         template = (root / (REPRODUCIBILITY_PAGE + ".md")).read_text(encoding="utf-8")
         files[REPRODUCIBILITY_PAGE + ".md"] = render_reproducibility(
