@@ -378,3 +378,21 @@ def test_the_data_card_has_one_title(fake_book):
     assert len(re.findall(r"<h[12][^>]*>\s*Data card<a class=\"headerlink\"", text)) == 1, \
         "the data card's title repeats"
     assert "Sources and licenses" in text
+
+
+def test_each_page_declares_thebes_settings_once(fake_book):
+    # sphinx-thebe writes the same inline script twice; the second const declaration is a
+    # JavaScript error on every page, so the build removes the copy.
+    for page in book.toc_pages():
+        html = (fake_book["html"] / f"{page}.html").read_text()
+        assert html.count("const THEBE_JS_URL") == 1, page
+
+
+def test_drop_repeated_inline_scripts_keeps_the_first_copy(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<head>\n  <script>const A = 1</script>\n  <script src='x.js'></script>\n"
+                    "  <script>const A = 1</script>\n  <script>const B = 2</script>\n</head>")
+    assert book.drop_repeated_inline_scripts(tmp_path) == 1
+    text = page.read_text()
+    assert text.count("const A = 1") == 1 and "const B = 2" in text and "x.js" in text
+    assert book.drop_repeated_inline_scripts(tmp_path) == 0

@@ -27,9 +27,34 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WIDGET_SELECTOR = ".jupyter-widgets, [class*='widget-']"
 ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|\b[A-Z]\w*Error\b")
-# Console errors that are not ours: sphinx-thebe declares THEBE_JS_URL twice on every page, and
-# the pydata theme logs a reset of the (empty) stored light/dark mode in a fresh profile.
-KNOWN_CONSOLE_NOISE = ("THEBE_JS_URL", "Got invalid theme mode", "favicon.ico")
+# Console messages that are not errors of the page: the pydata theme logs a reset of the (empty)
+# stored light/dark mode in a fresh profile; the book has no favicon. (sphinx-thebe's duplicate
+# THEBE_JS_URL declaration is an error; ema_utils.build.book removes it, so it is not listed.)
+KNOWN_CONSOLE_NOISE = ("Got invalid theme mode", "favicon.ico")
+VIEWPORT_WIDTH = 1280
+# A progress bar left in a page: tqdm's widget (an ipywidgets progress) or its text ("45%|###|").
+PROGRESS_SELECTOR = ".widget-progress, .jupyter-widgets progress"
+PROGRESS_TEXT = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+
+# Elements that stick out of the article at the viewport's width, unless a container that
+# scrolls sideways (myst-nb's output areas, a styled table wrapper) holds them.
+_CUT_ELEMENTS_JS = """
+const main = document.querySelector('article') || document.querySelector('main');
+if (!main) { return []; }
+const right = main.getBoundingClientRect().right + 2;
+function scrolls(el) {
+  for (let a = el.parentElement; a && a !== main.parentElement; a = a.parentElement) {
+    const ox = getComputedStyle(a).overflowX;
+    if (ox === 'auto' || ox === 'scroll') { return true; }
+  }
+  return false;
+}
+return Array.from(main.querySelectorAll('table, img, svg, pre'))
+  .filter(el => el.getBoundingClientRect().width > 0)
+  .filter(el => el.getBoundingClientRect().right > right && !scrolls(el))
+  .map(el => el.tagName + ' ' + Math.round(el.getBoundingClientRect().width) + 'px: '
+       + (el.textContent || el.getAttribute('src') || '').trim().slice(0, 60));
+"""
 
 
 def _console_errors(drv) -> list[str]:
@@ -98,7 +123,7 @@ def driver(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1280,1800",
+                "--disable-component-update", "--no-first-run", f"--window-size={VIEWPORT_WIDTH},1800",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -152,9 +177,18 @@ def _check_page(drv, url: str, shot: Path, expect_widgets: bool) -> dict:
         ".filter(i => i.complete && i.naturalWidth > 0).length")
     outputs = [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".cell_output")]
     tracebacks = drv.find_elements(By.CSS_SELECTOR, ".cell_output .traceback, .output.traceback")
+    progress = [e.get_attribute("class") for e in drv.find_elements(By.CSS_SELECTOR, PROGRESS_SELECTOR)]
+    progress += [o[:80] for o in outputs if PROGRESS_TEXT.search(o)]
     return {"title": title, "doc_title": drv.title, "images": images, "widgets": widgets,
             "errors": [o for o in outputs if ERROR_TEXT.search(o)] + [t.text for t in tracebacks],
-            "console": _console_errors(drv)}
+            "console": _console_errors(drv), "progress": progress, **_layout(drv)}
+
+
+def _layout(drv) -> dict:
+    """How wide the page is against the viewport, and what sticks out of the article."""
+    return {"page_width": drv.execute_script("return document.documentElement.scrollWidth"),
+            "viewport": drv.execute_script("return document.documentElement.clientWidth"),
+            "cut": drv.execute_script(_CUT_ELEMENTS_JS)}
 
 
 def test_every_chapter_renders_with_title_figures_and_widgets(book_html, server, driver, artifacts):
@@ -171,6 +205,10 @@ def test_every_chapter_renders_with_title_figures_and_widgets(book_html, server,
         assert result["images"] >= 1, f"{page}: no figure rendered"
         assert not result["errors"], f"{page}: error output shown: {result['errors'][:2]}"
         assert not result["console"], f"{page}: JavaScript errors: {result['console'][:3]}"
+        assert not result["progress"], f"{page}: a progress bar in the page: {result['progress'][:3]}"
+        assert result["page_width"] <= result["viewport"], \
+            f"{page}: the page is {result['page_width']} px wide in a {result['viewport']} px viewport"
+        assert not result["cut"], f"{page}: cut at the page's edge: {result['cut'][:3]}"
         if has_widgets:
             assert all(w.size["height"] > 0 and w.size["width"] > 0 for w in result["widgets"][:5])
         assert shot.is_file() and shot.stat().st_size > 10_000
@@ -193,6 +231,8 @@ def test_narrative_pages_render_with_math(book_html, server, driver, artifacts):
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "Traceback" not in body, page
         assert not _console_errors(driver), page
+        layout = _layout(driver)
+        assert layout["page_width"] <= layout["viewport"] and not layout["cut"], (page, layout)
         driver.save_screenshot(str(artifacts / (page.replace("/", "_") + ".png")))
     driver.get(f"{base}/book/paper_in_brief.html")
     # MathJax (vendored) typesets the formulas: no network needed.
@@ -228,3 +268,25 @@ def test_fake_widgets_respond_and_load_their_icon_font_offline(request, book_htm
             "f => f.family.includes('Font Awesome') && f.status === 'loaded')"))
     driver.save_screenshot(str(artifacts / "fake_widgets_after_click.png"))
     assert not failures, f"requests that failed (missing files): {failures}"
+
+
+def test_the_page_checks_catch_a_progress_bar_a_wide_page_and_a_cut_table(driver, tmp_path, artifacts):
+    """The checks above can fail: a page with tqdm's text bar, a table cut at the article's
+    edge and a page wider than the viewport is caught on each count; a wide table inside a
+    container that scrolls sideways is not."""
+    wide_table = "<table><tr>" + "".join(f"<td>column {i} value</td>" for i in range(40)) + "</tr></table>"
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        "<html><head><title>bad</title></head><body><main><article style='width:800px'>"
+        "<h1>Bad page</h1><div class='cell_output'><pre>unlearn (npo):  45%|####5     | 9/20 "
+        "[00:03&lt;00:04]</pre></div>" + wide_table + "</article></main></body></html>")
+    result = _check_page(driver, bad.as_uri(), artifacts / "bad_page.png", expect_widgets=False)
+    assert result["progress"] and result["cut"] and result["page_width"] > result["viewport"]
+    good = tmp_path / "good.html"
+    good.write_text(
+        "<html><head><title>good</title></head><body><main><article style='width:800px'>"
+        "<h1>Good page</h1><div style='overflow-x:auto'>" + wide_table + "</div>"
+        "</article></main></body></html>")
+    result = _check_page(driver, good.as_uri(), artifacts / "good_page.png", expect_widgets=False)
+    assert not result["progress"] and not result["cut"]
+    assert result["page_width"] <= result["viewport"]

@@ -538,6 +538,7 @@ def build_book(executed_dir: Path, out_dir: Path, profile: str, *, root: Path = 
             f"Files under {stage_dir} are staged copies: fix the page under {Path(root) / BOOK_DIR} "
             f"or re-run the chapter, not the copy.")
     html_dir = out_dir / "_build" / "html"
+    drop_repeated_inline_scripts(html_dir)
     check_html(html_dir, staged["pages"])
     check_offline(html_dir, staged["chapters"])
     log(f"[ema] book built in {elapsed:.0f} s: {html_dir / 'index.html'}")
@@ -572,6 +573,34 @@ def check_html(html_dir: Path, pages: list[str]) -> None:
     if missing:
         raise EmaError(f"The build finished but produced no HTML for {', '.join(missing)} "
                        f"(looked in {html_dir}); see build.log beside it.")
+
+
+_INLINE_SCRIPT = re.compile(r"[ \t]*<script>[^<]*</script>\n?")
+
+
+def drop_repeated_inline_scripts(html_dir: Path) -> int:
+    """Remove the second copy of an identical inline ``<script>`` from every HTML page; return
+    how many were removed. sphinx-thebe (loaded by Jupyter Book even with Thebe off) writes its
+    ``const THEBE_JS_URL = ...`` script twice into every page, and the browser then logs
+    "Identifier 'THEBE_JS_URL' has already been declared" on each page."""
+    removed = 0
+    for path in Path(html_dir).rglob("*.html"):
+        html = path.read_text(encoding="utf-8")
+        seen: set[str] = set()
+
+        def once(match):
+            nonlocal removed
+            body = match.group(0).strip()
+            if body in seen:
+                removed += 1
+                return ""
+            seen.add(body)
+            return match.group(0)
+
+        cleaned = _INLINE_SCRIPT.sub(once, html)
+        if cleaned != html:
+            path.write_text(cleaned, encoding="utf-8")
+    return removed
 
 
 _SCRIPT_SRC = re.compile(r"<script\b[^>]*\bsrc=\"([^\"]+)\"", re.IGNORECASE)
