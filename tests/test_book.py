@@ -245,7 +245,11 @@ def test_stage_folds_parameters_and_renders_records(tmp_path):
     staged = book.stage_book(tmp_path / "executed", stage, PROFILE, root=root, built="BUILD-TIME")
     nb = nbformat.read(stage / "notebooks" / "01_setup.ipynb", as_version=4)
     tagged = [c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"]
-    assert "hide-input" in tagged[0] and "hide-input" in tagged[1]
+    # One parameters cell on the page: papermill's (the values used), folded and labelled; the
+    # notebook's defaults cell is left out of the page.
+    assert "remove-cell" in tagged[0] and "hide-input" not in tagged[0]
+    assert "hide-input" in tagged[1]
+    assert nb.cells[2].metadata["mystnb"]["code_prompt_show"] == book.PARAMETERS_PROMPT
     assert tagged[2] == []
     page = (stage / "book" / "reproducibility.md").read_text()
     assert "ema:run-records" not in page and "BUILD-TIME" in page
@@ -323,8 +327,8 @@ def test_chapter_pages_load_no_cdn_and_ship_the_vendored_widget_js(fake_book):
         assert book.WIDGET_STATE_MIME in text
         assert "require.config" in text
         assert "<img" in text  # the figure
-        # The parameters cells (the notebook's and papermill's) render folded.
-        assert text.count("tag_hide-input") >= 2
+        # One parameters cell renders, folded under its label.
+        assert text.count("tag_hide-input") == 1 and book.PARAMETERS_PROMPT in text
     # Pages without widgets do not load the widget JavaScript; the vendored JS is not global.
     intro = (html / "book" / "intro.html").read_text()
     assert "_static/widgets/" not in intro

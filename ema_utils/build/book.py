@@ -50,7 +50,6 @@ DTYPE_END = "<!-- ema:dtype-check:end -->"
 
 FOLD_TAG = "hide-input"
 """The myst-nb cell tag that renders a cell's source folded (outputs stay visible)."""
-PARAMETER_TAGS = ("parameters", "injected-parameters")
 """Cells that hold a chapter's parameters: the notebook's own and the one papermill injects."""
 
 CDN_HOSTS = ("cdnjs.cloudflare.com", "cdn.jsdelivr.net", "unpkg.com")
@@ -179,16 +178,29 @@ def check_no_errors(notebook) -> None:
                                "re-run the chapter.")
 
 
+PARAMETERS_PROMPT = "Show the parameters of this run"
+HIDE_TAG = "remove-cell"
+
+
 def fold_parameters(notebook) -> int:
-    """Tag every parameters cell ``hide-input`` so it renders folded; returns how many were tagged."""
-    count = 0
-    for cell in notebook.cells:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if any(t in tags for t in PARAMETER_TAGS):
-            if FOLD_TAG not in tags:
-                cell.setdefault("metadata", {})["tags"] = list(tags) + [FOLD_TAG]
-            count += 1
-    return count
+    """One labelled, folded parameters cell per page: papermill's injected cell (the values the
+    run used) is folded under "Show the parameters of this run"; the notebook's own defaults cell
+    is left out of the page when an injected cell follows it (the downloaded notebook keeps
+    both). Returns how many parameters cells the page shows (1, or 0 without any)."""
+    cells = [c for c in notebook.cells if c.cell_type == "code"]
+    tags_of = [c.get("metadata", {}).get("tags", []) for c in cells]
+    injected = [c for c, tags in zip(cells, tags_of) if "injected-parameters" in tags]
+    defaults = [c for c, tags in zip(cells, tags_of) if "parameters" in tags]
+    shown = injected[:1] or defaults[:1]
+    for cell in injected[1:] + (defaults if injected else defaults[1:]):
+        tags = cell.setdefault("metadata", {}).get("tags", [])
+        cell["metadata"]["tags"] = [t for t in tags if t != FOLD_TAG] + [HIDE_TAG]
+    for cell in shown:
+        tags = cell.setdefault("metadata", {}).get("tags", [])
+        if FOLD_TAG not in tags:
+            cell["metadata"]["tags"] = list(tags) + [FOLD_TAG]
+        cell["metadata"].setdefault("mystnb", {})["code_prompt_show"] = PARAMETERS_PROMPT
+    return len(shown)
 
 
 # --- the reproducibility page -------------------------------------------------------------------
