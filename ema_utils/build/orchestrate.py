@@ -470,6 +470,9 @@ def _execute(run: ChapterRun, params: dict, cell_timeout: int, log) -> None:
                             "run_slot": run.slot},
                 kernel_name="python3", execution_timeout=cell_timeout, log_output=False,
                 progress_bar=False, cwd=str(notebook_path(run.chapter).parent),
+                # the kernel's own start-up warning ("running over TCP without encryption", a
+                # local kernel on the loopback interface) would print for every chapter
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
     except papermill.PapermillExecutionError as exc:
         failed = run.folder / f"failed-{run.notebook.name}"
