@@ -37,9 +37,9 @@ LAYERS = {
     "core": ("errors", "paths", "console", "cache", "params", "results", "models", "generation",
              "embeddings", "metrics", "data", "sources", "scorers", "judges", "evaluate", "notebook"),
     "methods": ("losses", "registry", "condition", "sets", "checkpoints", "trainer", "interventions"),
-    "chapters": ("report", "run_options", "mitigation", "activations", "concepts", "rank_correlation",
+    "chapters": ("tables", "report", "run_options", "mitigation", "activations", "concepts", "rank_correlation",
                  "directions", "narrow", "stability", "steering", "plots", "widgets", "exercises"),
-    "build": ("orchestrate", "book", "course", "bench", "bench_measures", "dtype_check"),
+    "build": ("orchestrate", "compare", "book", "course", "bench", "bench_measures", "dtype_check"),
 }
 """Each layer's modules, from the bottom up (the README's layout table shows the same)."""
 

@@ -400,3 +400,10 @@ def test_drop_repeated_inline_scripts_keeps_the_first_copy(tmp_path):
     text = page.read_text()
     assert text.count("const A = 1") == 1 and "const B = 2" in text and "x.js" in text
     assert book.drop_repeated_inline_scripts(tmp_path) == 0
+
+
+def test_every_page_links_the_books_stylesheet(fake_book):
+    html = fake_book["html"]
+    assert (html / "_static" / "ema.css").is_file()
+    for page in book.toc_pages():
+        assert "_static/ema.css" in (html / f"{page}.html").read_text(), page

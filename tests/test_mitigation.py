@@ -180,6 +180,18 @@ def test_table4_puts_this_run_beside_the_paper():
     assert list(t.columns)[:8] == ["source", *CONCEPTS]
 
 
+def test_table4_columns_fit_the_page_with_intervals():
+    evs = {"aligned": fake_eval({}), "npo_retain_1to2_safety": fake_eval({"safety": 3}),
+           "npo_safety": fake_eval({"safety": 2}), "npo_cybersecurity": fake_eval({"cybersecurity": 0})}
+    parts = mitigation.table4_columns(evs, "safety")
+    ours, paper = parts["this run"], parts["paper"]
+    assert list(ours.columns) == ["aligned", "npo_safety", "npo_retain_1to2_safety"]
+    assert ours.loc["safety", "npo_retain_1to2_safety"].startswith("15% [")
+    assert paper.loc["bias", "paper Mistral-7B: npo_retain_safety"] == "56.5%"
+    assert paper.loc["cybersecurity", "paper Qwen2.5-7B: aligned"] == "93%"
+    assert len(ours.index) == len(paper.index) == 9  # seven concepts, over-refusal, utility
+
+
 def test_paper_recovery_from_its_tables():
     rec = mitigation.paper_recovery("safety", "mistral-7b-instruct-v0.3")
     npo = rec[rec["method"] == "npo_retain"].set_index("concept")

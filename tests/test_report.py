@@ -233,3 +233,18 @@ def test_written_answers_table():
     assert table.loc["aligned", "bias_generated %"] == pytest.approx(50)
     assert table.loc["aligned", "toxicity_generated %"] == pytest.approx(100)
     assert table.loc["aligned", "answer read %"] == pytest.approx(75)
+
+
+def test_outcome_columns_put_this_run_beside_the_paper_with_intervals():
+    evs = {"aligned": fake_eval({"safety": 0.5}, n=40), "npo_safety": fake_eval({"safety": 0.1}, n=40)}
+    paper = report.paper_rows("safety")
+    table = report.outcome_columns(evs, paper)
+    assert list(table.columns) == ["aligned", "npo_safety", *paper.index]
+    assert list(table.index) == [c.replace("_", " ") for c in report.OUTCOME_ROWS]
+    low, high = wilson_interval(20, 40)
+    assert table.loc["safety", "aligned"] == f"50% [{100 * low:.0f}, {100 * high:.0f}]"
+    assert table.loc["safety", "npo_safety"].startswith("10% [")
+    # the paper's Table 3 (Qwen2.5-7B): the aligned model refuses 98% of Safety prompts
+    assert table.loc["safety", "paper: aligned"] == "98%"
+    assert table.loc["utility", "aligned"].startswith("50% [")
+    assert "nan" not in table.to_string().lower()

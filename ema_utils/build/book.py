@@ -38,6 +38,7 @@ from .compare import MODELS_PAGE, render_models_page
 CONFIG_FILE = "_config.yml"
 TOC_FILE = "_toc.yml"
 BOOK_DIR = "book"
+CSS_DIR = "_css"  # book/_css/*.css: the book's own stylesheets
 NOTEBOOK_DIR = "notebooks"
 DATA_CARD_SOURCE = "data/README.md"
 DATA_CARD_PAGE = "book/data_card"
@@ -448,6 +449,9 @@ def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
     for path in sorted(book_src.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             files[str(path.relative_to(root))] = path
+    for css in sorted((book_src / CSS_DIR).glob("*.css")):
+        # Jupyter Book links every stylesheet under the source's _static/ from every page
+        files[f"_static/{css.name}"] = css
     for page in pages:
         if page.startswith(BOOK_DIR + "/") and not (root / (page + ".md")).is_file() \
                 and not (root / (page + ".ipynb")).is_file():

@@ -51,6 +51,7 @@ from ..methods.registry import METHODS, augmented_methods, method_label, plain_m
 from ..methods.sets import build_retain_set
 from .report import (  # noqa: F401
     MIN_GAP,
+    outcome_columns,
     outcome_table,
     paper_recovery,
     paper_rows,
@@ -391,30 +392,27 @@ def paper_summary(concept: str = "safety", paper_models=tuple(PAPER_MODELS),
     return pd.DataFrame(rows)
 
 
-def table4(evaluations: dict, concept: str = "safety",
-           paper_models=tuple(PAPER_MODELS)) -> pd.DataFrame:
-    """The paper's Table 4 shape with this run beside it, in percent.
-
-    Rows: this run's aligned model, the plain runs and every augmented run on ``concept``
-    (ordered aligned, npo, npo_retain by ratio, npo_kl by lambda, sft, sft_retain), then for
-    each paper model its aligned, plain (Table 3) and augmented (Table 4) rows, labelled
-    "paper <model>: <condition>". Columns: source, the seven concepts, over_refusal, utility.
-    """
+def _table4_order(evaluations: dict, concept: str) -> list[str]:
+    """This run's conditions for Table 4 on ``concept``, in the paper's order: aligned, then
+    each plain method followed by its augmented variants (registry order: npo, npo_retain by
+    ratio, npo_kl by lambda, sft, sft_retain)."""
     mine = [c for c in evaluations if c == "aligned" or concept_of(c) == concept]
     families, methods = plain_methods(), list(METHODS)
 
     def key(c):
-        # aligned first; then each plain method followed by its augmented variants (registry
-        # order: npo, npo_retain by ratio, npo_kl by lambda, sft, sft_retain)
         k = as_condition(c)
         if k.is_aligned:
             return (0, 0, 0, 0, 0, c)
         return (1, families.index(METHODS[k.method].family), methods.index(k.method),
                 k.retain_ratio or 0, k.kl_lambda or 0, c)
 
-    ours = outcome_table({c: evaluations[c] for c in sorted(mine, key=key)})
-    ours.insert(0, "source", "this run")
-    parts = [ours]
+    return sorted(mine, key=key)
+
+
+def _paper_table4_rows(concept: str, paper_models) -> list[tuple[str, pd.DataFrame]]:
+    """``(label, rows)`` per paper model: its aligned, plain (Table 3) and augmented (Table 4)
+    rows on ``concept``, indexed "paper <model>: <condition>"."""
+    parts = []
     for model in paper_models:
         rows = paper_rows(concept, model, methods=("aligned", "npo", "sft", "npo_retain",
                                                    "sft_retain"))
@@ -423,9 +421,39 @@ def table4(evaluations: dict, concept: str = "safety",
         label = PAPER_MODELS.get(model, model)
         rows.index = [i.replace("paper: ", f"paper {label}: ") for i in rows.index]
         rows.index.name = "condition"
+        parts.append((label, rows))
+    return parts
+
+
+def table4(evaluations: dict, concept: str = "safety",
+           paper_models=tuple(PAPER_MODELS)) -> pd.DataFrame:
+    """The paper's Table 4 shape with this run beside it, in percent.
+
+    Rows: this run's aligned model, the plain runs and every augmented run on ``concept``
+    (ordered aligned, npo, npo_retain by ratio, npo_kl by lambda, sft, sft_retain), then for
+    each paper model its aligned, plain (Table 3) and augmented (Table 4) rows, labelled
+    "paper <model>: <condition>". Columns: source, the seven concepts, over_refusal, utility.
+    (The book shows :func:`table4_columns`, the same numbers as two tables that fit the page.)
+    """
+    ours = outcome_table({c: evaluations[c] for c in _table4_order(evaluations, concept)})
+    ours.insert(0, "source", "this run")
+    parts = [ours]
+    for label, rows in _paper_table4_rows(concept, paper_models):
         rows.insert(0, "source", f"paper ({label})")
         parts.append(rows)
     return pd.concat(parts)
+
+
+def table4_columns(evaluations: dict, concept: str = "safety",
+                   paper_models=tuple(PAPER_MODELS)) -> dict[str, pd.DataFrame]:
+    """Table 4 as the book shows it: ``{"this run": ..., "paper": ...}``, each with the concepts,
+    over-refusal and utility as rows and one column per condition
+    (:func:`ema_utils.chapters.report.outcome_columns`): this run's with 95% intervals, the
+    paper's models (Qwen2.5-7B, Mistral-7B) in the same order."""
+    ours = {c: evaluations[c] for c in _table4_order(evaluations, concept)}
+    paper = [rows for _, rows in _paper_table4_rows(concept, paper_models)]
+    return {"this run": outcome_columns(ours),
+            "paper": outcome_columns({}, pd.concat(paper)) if paper else pd.DataFrame()}
 
 
 # --- the verdict --------------------------------------------------------------------------------

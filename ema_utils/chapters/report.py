@@ -18,6 +18,7 @@ from ..core.metrics import (EMA_THRESHOLD, ema_delta, paired_accuracy_change, pa
                              pooled_paired_change)
 from ..methods.condition import concept_of, try_condition
 from ..methods.registry import METHODS
+from .tables import format_percent
 
 PAPER_METHOD = {"aligned": "aligned", **{name: m.paper_method for name, m in METHODS.items()
                                          if m.paper_method}}
@@ -70,6 +71,35 @@ def outcome_table(evaluations: dict) -> pd.DataFrame:
     columns = ["condition", *[c for c in CONCEPTS], "over_refusal", "utility"]
     table = pd.DataFrame(rows)
     return table[[c for c in columns if c in table.columns]].set_index("condition")
+
+
+OUTCOME_ROWS = (*CONCEPTS, "over_refusal", "utility")
+"""The rows of a comparison by concept: the seven concepts' refusal, over-refusal and MMLU."""
+
+
+def outcome_columns(evaluations: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """This run's conditions and the paper's side by side, one column each, with the concepts,
+    over-refusal and utility as rows (so the table fits the book's column however many concepts
+    there are). This run's cells are percentages with their 95% interval ("50% [15, 85]");
+    the paper's (``paper``: rows like :func:`paper_rows`, one run each) carry none. A value
+    the paper did not report reads "not reported"."""
+    columns = {}
+    for condition, ev in evaluations.items():
+        cells = {r.concept: format_percent(r.rate, r.low, r.high) for r in ev.rates.itertuples()}
+        for name, part, key in (("over_refusal", ev.over_refusal, "rate"),
+                                ("utility", ev.utility, "accuracy")):
+            cells[name] = ("not scored" if part is None else
+                           format_percent(part[key], part.get("low"), part.get("high")))
+        columns[condition] = cells
+    for condition, row in (paper if paper is not None else pd.DataFrame()).iterrows():
+        columns[condition] = {c: ("not reported" if pd.isna(v) else format_percent(v / 100, digits=1
+                                  if float(v) % 1 else 0))
+                              for c, v in row.items() if c in OUTCOME_ROWS}
+    table = pd.DataFrame(columns).reindex([r for r in OUTCOME_ROWS
+                                           if any(r in c for c in columns.values())])
+    table.index = [r.replace("_", " ") for r in table.index]
+    table.index.name = "refusal (or MMLU accuracy)"
+    return table.fillna("not reported")
 
 
 def paper_rows(concept: str, paper_model: str = "qwen2.5-7b-instruct",
