@@ -35,7 +35,8 @@ CHAPTERS = ("setup", "unlearning", "cross_domain", "mitigation", "entanglement",
 
 LAYERS = {
     "core": ("errors", "paths", "console", "cache", "params", "results", "models", "generation",
-             "embeddings", "metrics", "data", "sources", "scorers", "judges", "evaluate", "notebook"),
+             "embeddings", "metrics", "data", "sources", "scorers", "judges", "evaluate", "figures",
+             "notebook"),
     "methods": ("losses", "registry", "condition", "sets", "checkpoints", "trainer", "interventions"),
     "chapters": ("tables", "report", "run_options", "mitigation", "activations", "concepts", "rank_correlation",
                  "directions", "narrow", "stability", "steering", "plots", "widgets", "exercises"),

@@ -96,3 +96,29 @@ def test_pages_carry_no_build_output_and_the_terminal_gets_it(smoke_book):
                 assert "[ema]" not in text and "it/s]" not in text and "step/s" not in text, \
                     f"{notebook.name}: build output in the page: {text[:200]}"
     assert "unlearn (npo)" in smoke_book["log"], "the terminal shows the training progress"
+
+
+def test_every_figure_fits_the_column_is_sharp_and_has_no_empty_panel(smoke_book):
+    """Each chapter's figures, as the smoke profile renders them (ema_utils.core.figures)."""
+    import base64
+
+    import nbformat
+
+    from ema_utils.core import figures
+
+    seen = 0
+    for notebook in sorted((smoke_book["build"] / "executed" / "smoke").glob("*.ipynb")):
+        nb = nbformat.read(str(notebook), as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                if "image/png" not in out.get("data", {}):
+                    continue
+                seen += 1
+                meta = out.get("metadata", {}).get("image/png", {})
+                where = f"{notebook.name}: {cell.source[:60]!r}"
+                assert "ema_figure" in meta, f"{where}: not drawn by figures.png_for_page"
+                assert meta["width"] <= figures.COLUMN_INCHES * figures.DPI + 1, where
+                width, _ = figures.png_size(base64.b64decode(out["data"]["image/png"]))
+                assert width >= 1.9 * meta["width"], f"{where}: low resolution"
+                assert meta["ema_figure"]["empty_axes"] == [], f"{where}: empty panels"
+    assert seen >= 12, f"only {seen} figures in the smoke book"

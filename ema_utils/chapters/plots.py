@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 
 from .. import CONCEPTS
 from ..methods.condition import condition_label, try_condition
@@ -33,7 +31,7 @@ def refusal_profile(rates: pd.DataFrame, paper: pd.DataFrame | None = None, titl
     (percent) rows, drawn as markers beside the bars for comparison.
     """
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 4))
+        _, ax = plt.subplots(figsize=(7.4, 3.8))
     rates = rates.reset_index(drop=True)
     x = range(len(rates))
     pct = rates["rate"] * 100
@@ -50,7 +48,7 @@ def refusal_profile(rates: pd.DataFrame, paper: pd.DataFrame | None = None, titl
     ax.set_ylabel("aligned behaviour (% of items)")
     ax.set_xlabel("concept")
     ax.set_title(title or "Refusal profile")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)  # off the bars
     plt.tight_layout()
     return ax
 
@@ -61,13 +59,28 @@ def ordered_concepts(values) -> list[str]:
     return [c for c in CONCEPTS if c in values] + sorted(v for v in values if v not in CONCEPTS)
 
 
-def _grid(n: int, width: float = 5.0, height: float = 3.4):
+def _grid(n: int, width: float = 3.7, height: float = 3.0):
+    """Panels two to a row, sized so two fill the book's column (7.4 in)."""
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
+
+
+def _finish_steps(fig, axes, title: str):
+    """Whole optimizer steps on the x axes, the panels' shared legend below them (outside the
+    lines), the title."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4,
+                   fontsize=8, frameon=False)
+    return fig
 
 
 def training_curves(runs, title: str = "Training loss per step"):
@@ -81,6 +94,7 @@ def training_curves(runs, title: str = "Training loss per step"):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats)")
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -101,10 +115,7 @@ def kl_curves(runs, title: str = "First-token KL(aligned || trained) per concept
         ax.set_title(run.name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("mean KL (nats), 95% band")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish_steps(fig, axes, title)
 
 
 def refusal_trajectories(runs, title: str = "Refusal along training, per concept"):
@@ -121,10 +132,7 @@ def refusal_trajectories(runs, title: str = "Refusal along training, per concept
         ax.set_title(run.name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("refusal (% of items)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish_steps(fig, axes, title)
 
 
 def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs other concepts"):
@@ -281,23 +289,6 @@ def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
 
 # --- chapter 5: concept entanglement -----------------------------------------------------------
 
-def figure_png(fig, dpi: int = 100, palette: bool = False) -> bytes:
-    """A figure as PNG bytes (closed afterwards, so a notebook does not also show it).
-
-    ``palette``: store 256 colours (about a quarter of the size; plenty for a heatmap), for
-    widgets that embed many images in the page."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    if not palette:
-        return buffer.getvalue()
-    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    out = io.BytesIO()
-    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG",
-                                                                       optimize=True)
-    return out.getvalue()
-
-
 def cosine_histograms(table: pd.DataFrame, targets=None, bins: int = 30, title: str = "",
                       row_percent: float | None = None):
     """The paper's R3 figure: per target concept vector, a histogram per concept of the cosine
@@ -430,6 +421,7 @@ def correlation_by_layer(table: pd.DataFrame, layer: int | None = None, n_layers
                 ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.15,
                                 label=f"{method}: 95% bootstrap interval")
             ax.axhline(0, color="grey", linewidth=0.8)
+            _note_if_undefined(ax, part["rho"] if len(part) else pd.Series(dtype=float), "rho")
             if layer is not None:
                 ax.axvline(layer, color="black", linestyle=":", linewidth=1,
                            label=f"chosen layer ({layer})")
@@ -444,6 +436,13 @@ def correlation_by_layer(table: pd.DataFrame, layer: int | None = None, n_layers
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _note_if_undefined(ax, values: pd.Series, what: str) -> None:
+    """Say in the panel why it has no line, instead of leaving an empty frame."""
+    if not values.notna().any():
+        ax.text(0.5, 0.5, f"no {what}: fewer than three concepts with an\nEMA value, or all "
+                "of them tied", ha="center", va="center", transform=ax.transAxes, fontsize=8)
 
 
 def pvalues_by_layer(table: pd.DataFrame, layer: int | None = None, alpha: float = 0.05,
@@ -467,6 +466,7 @@ def pvalues_by_layer(table: pd.DataFrame, layer: int | None = None, alpha: float
                 ax.plot(rows["layer"], rows["p_holm"], marker="x", markersize=3, linestyle=":",
                         color=color, label=f"{method}: Holm-adjusted p")
             ax.axhline(alpha, color="red", linewidth=0.8, label=f"p = {alpha}")
+            _note_if_undefined(ax, part["p"] if len(part) else pd.Series(dtype=float), "p-value")
             n = int(part["n_concepts"].max()) if len(part) and part["n_concepts"].notna().any() else 0
             if 3 <= n <= 8:
                 floor = 1 / math.factorial(n)

@@ -7,8 +7,9 @@ import html
 
 import pandas as pd
 
+from ..core.figures import figure_png
 from ..core.metrics import display_response, redact  # noqa: F401  (display_response: re-exported)
-from .plots import figure_png, label, ordered_concepts, similarity_heatmap
+from .plots import label, ordered_concepts, similarity_heatmap
 
 
 def items_html(items: pd.DataFrame, max_rows: int = 12) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import install_page_formatter
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch, and ask PyTorch for deterministic kernels where it can."""
@@ -37,7 +39,8 @@ def start_chapter(chapter: str, results_dir: str | None, seed: int) -> Path:
 
     hf_logging.disable_progress_bar()
     sns.set_theme(context="notebook", style="whitegrid")
-    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (8, 4)})
+    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (7, 4)})
+    install_page_formatter()  # figures fitted to the book's column, at 2x resolution
     if results_dir is None:
         results_dir = tempfile.mkdtemp(prefix=f"ema-{chapter}-")
     folder = Path(results_dir)
