@@ -407,3 +407,10 @@ def test_every_page_links_the_books_stylesheet(fake_book):
     assert (html / "_static" / "ema.css").is_file()
     for page in book.toc_pages():
         assert "_static/ema.css" in (html / f"{page}.html").read_text(), page
+
+
+def test_bibliography_labels_match_the_author_year_citations(fake_book):
+    text = (fake_book["html"] / "book" / "references.html").read_text()
+    # the paper's entry, labelled as the text cites it, not pybtex's alpha label ([MAS+26])
+    assert "Mushtaq et al. 2026" in text
+    assert not re.search(r"\[[A-Z][A-Za-z]{1,3}\+?\d{2}\]", text), "alpha-style labels remain"
