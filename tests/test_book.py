@@ -414,3 +414,29 @@ def test_bibliography_labels_match_the_author_year_citations(fake_book):
     # the paper's entry, labelled as the text cites it, not pybtex's alpha label ([MAS+26])
     assert "Mushtaq et al. 2026" in text
     assert not re.search(r"\[[A-Z][A-Za-z]{1,3}\+?\d{2}\]", text), "alpha-style labels remain"
+
+
+def test_the_reproducibility_page_shows_this_machines_last_bench_run():
+    template = f"# R\n{book.RECORDS_BEGIN}\n{book.RECORDS_END}\n{book.BENCH_BEGIN}\nPLACEHOLDER\n{book.BENCH_END}\n"
+    report = {"date": "2026-12-06T20:00:00+00:00", "model": "qwen2.5-coder-0.5b-instruct",
+              "machine": {"cpu_model": "AMD EPYC", "usable_cores": 2, "memory_gib": 23.5},
+              "packages": {"torch": "2.13.0"}, "compute_dtype": "bfloat16",
+              "ratios": {"load_speedup": {"value": 24.1, "target": 10, "comparison": ">=",
+                                          "met": True, "what": "cold load over cached"},
+                         "eval_speedup": {"value": None, "target": 20, "comparison": ">=",
+                                          "met": None, "what": "batched over naive"}}}
+    page = book.render_reproducibility(template, {}, "cpu", bench_report=report)
+    assert "`ema bench` on 2026-12-06" in page and "| load speedup | 24.1 | >= 10: met |" in page
+    assert "| eval speedup | not measured | >= 20: not measured |" in page and "PLACEHOLDER" not in page
+    assert "No `ema bench` report" in book.render_reproducibility(template, {}, "cpu")
+
+
+def test_bench_result_reads_the_last_full_bench_run(tmp_path, monkeypatch):
+    from ema_utils.core.paths import bench_report_file
+
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path))
+    assert book.bench_result() is None
+    bench_report_file().parent.mkdir(parents=True)
+    bench_report_file().write_text('{"date": "2026-12-06"}')
+    assert book.bench_result() == {"date": "2026-12-06"}
+    assert bench_report_file() == tmp_path / "results" / "bench" / "last.json"

@@ -55,8 +55,10 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..core.cache import atomic_write_json
 from ..core.console import emit
 from ..core.models import DEFAULT_MODEL, resolve_dtype
+from ..core.paths import bench_report_file
 from .bench_measures import (
     bench_log,
     bench_prompts,
@@ -368,8 +370,11 @@ def cmd_bench(args) -> int:
         emit(args, report, render_markdown)
         return 0 if report["holds"] is not False else 1
     report = run_bench(args.model, quick=args.quick)
+    if not args.quick:  # the book shows the last full run, with its date and machine
+        atomic_write_json(bench_report_file(), report)
     emit(args, report, format_text)
     return 0
+
 
 
 def register_cli(sub) -> None:

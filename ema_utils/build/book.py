@@ -32,7 +32,7 @@ import yaml
 
 from ..core.errors import EmaError
 from ..core.models import REGISTRY
-from ..core.paths import PROJECT_ROOT, dtype_check_file
+from ..core.paths import PROJECT_ROOT, bench_report_file, dtype_check_file
 from .compare import MODELS_PAGE, render_models_page
 
 CONFIG_FILE = "_config.yml"
@@ -48,6 +48,8 @@ RECORDS_BEGIN = "<!-- ema:run-records:begin -->"
 RECORDS_END = "<!-- ema:run-records:end -->"
 DTYPE_BEGIN = "<!-- ema:dtype-check:begin -->"
 DTYPE_END = "<!-- ema:dtype-check:end -->"
+BENCH_BEGIN = "<!-- ema:bench:begin -->"
+BENCH_END = "<!-- ema:bench:end -->"
 
 FOLD_TAG = "hide-input"
 """The myst-nb cell tag that renders a cell's source folded (outputs stay visible)."""
@@ -346,14 +348,50 @@ def render_dtype_check(report: dict | None, profile: str) -> str:
 
 
 def render_reproducibility(template: str, records: dict[str, dict], profile: str,
-                           built: str | None = None, dtype_report: dict | None = None) -> str:
-    """Fill the page template's run-records block and its compute-dtype block."""
+                           built: str | None = None, dtype_report: dict | None = None,
+                           bench_report: dict | None = None) -> str:
+    """Fill the page template's run-records block, its compute-dtype block and its bench block."""
     page = _replace_block(template, RECORDS_BEGIN, RECORDS_END,
                           render_run_records(records, profile, built), "the run records")
     if DTYPE_BEGIN in template:
         page = _replace_block(page, DTYPE_BEGIN, DTYPE_END,
                               render_dtype_check(dtype_report, profile), "the dtype check")
+    if BENCH_BEGIN in template:
+        page = _replace_block(page, BENCH_BEGIN, BENCH_END, render_bench(bench_report),
+                              "the bench figures")
     return page
+
+
+def render_bench(report: dict | None) -> str:
+    """The reproducibility page's performance section: the last full `ema bench` run's ratios
+    against their targets, with its date and machine (or how to run it)."""
+    if report is None:
+        return ("*No `ema bench` report on this machine: run `ema bench` (about 15 minutes) and "
+                "rebuild the book to show its figures here.*\n")
+    m = report["machine"]
+    lines = [f"`ema bench` on {report['date'][:10]}: {report['model']} on {m.get('cpu_model')} "
+             f"({m.get('usable_cores')} cores, {m.get('memory_gib')} GiB), torch "
+             f"{report['packages'].get('torch')}, compute dtype {report.get('compute_dtype')}. "
+             "Ratios are taken within that one run; the run records above are this build's.", "",
+             "| ratio | value | target | what it compares |", "|---|---:|---|---|"]
+    for name, r in report["ratios"].items():
+        target = "" if "target" not in r else (
+            f"{r['comparison']} {r['target']:g}: "
+            + {True: "met", False: "**not met**", None: "not measured"}[r["met"]])
+        lines.append(f"| {name.replace('_', ' ')} | {_figure(r['value'])} | {target} | {r['what']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(value) -> str:
+    return "not measured" if value is None else (f"{value:.3g}" if abs(value) < 100
+                                                 else f"{value:,.0f}")
+
+
+def bench_result() -> dict | None:
+    """The last full `ema bench` report in the results cache, or None."""
+    path = bench_report_file()
+    return json.loads(path.read_text()) if path.is_file() else None
+
 
 
 def dtype_check_result(profile: str) -> dict | None:
@@ -483,7 +521,7 @@ def stage_book(executed_dir: Path, stage_dir: Path, profile: str,
     if REPRODUCIBILITY_PAGE in pages:
         template = (root / (REPRODUCIBILITY_PAGE + ".md")).read_text(encoding="utf-8")
         files[REPRODUCIBILITY_PAGE + ".md"] = render_reproducibility(
-            template, records, profile, built, dtype_check_result(profile)).encode()
+            template, records, profile, built, dtype_check_result(profile), bench_result()).encode()
 
     _sync(files, stage_dir)
     listed = {Path(p).name for p in chapters}

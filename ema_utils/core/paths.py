@@ -49,3 +49,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def dtype_check_file(profile: str) -> Path:
     """Where `ema bench --dtype-check --profile P` keeps its last report (the book reads it)."""
     return build_dir() / "results" / "dtype_check" / f"{profile}.json"
+
+
+def bench_report_file() -> Path:
+    """Where `ema bench` keeps its last full report (the book's reproducibility page reads it)."""
+    return build_dir() / "results" / "bench" / "last.json"
