@@ -151,6 +151,8 @@ def test_another_model_is_kept_apart_from_the_profiles_own(sandbox, capsys, monk
     assert "tiny-random" in own_page.cells[1].source, "the default model's page was overwritten"
     assert (orchestrate.executed_dir(other.slot) / "01_setup.ipynb").is_file()
     assert results.slots_with("setup", "smoke") == ["smoke", "smoke@smollm2-135m-instruct"]
+    assert orchestrate.book_dir(other.slot).name == "smoke@smollm2-135m-instruct"
+    assert orchestrate.book_dir(other.slot) != orchestrate.book_dir("smoke")
     # naming the profile's own model is the profile's slot, not a new one
     assert orchestrate.run_chapter("setup", "smoke", model="tiny-random", **quiet).reused
     assert main(["results", "setup", "--profile", "smoke", "--model", "smollm2-135m-instruct",
