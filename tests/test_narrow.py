@@ -338,7 +338,7 @@ def test_headline_withholds_efficiency_and_stability_without_a_narrow_solution(n
 
 
 def test_common_norms():
-    assert stability.common_norms({"general": 2.0, "narrow": 1.0}) == [1.0, 1.5, 2.0]
+    assert stability.common_norms({"general": 2.0, "narrow": 1.0}) == [0.5, 1.0, 1.5, 2.0, 3.0]
     assert stability.common_norms({"general": 2.0}, [0.5, 3]) == [0.5, 3.0]
     with pytest.raises(ParameterError):
         stability.common_norms({"general": 2.0}, [-1])

@@ -418,12 +418,13 @@ def adapter_norms(model, solutions: Sequence) -> dict:
 
 
 def common_norms(norms: dict, target_norms=None) -> list[float]:
-    """The total norms both solutions are scaled to: ``target_norms`` when given, else each
-    solution's own norm and their mean (so each is measured at the other's size)."""
+    """The total norms both solutions are scaled to: ``target_norms`` when given, else five
+    (Soligo et al. compare at several matched norms): each solution's own norm (so each is
+    measured at the other's size), their mean, half the smaller and 1.5 times the larger."""
     if target_norms:
         return check_numbers(target_norms, "target_norms", low=0)
     values = sorted(float(v) for v in norms.values())
-    return sorted(set(values + [float(np.mean(values))]))
+    return sorted(set(values + [float(np.mean(values)), 0.5 * values[0], 1.5 * values[-1]]))
 
 
 # --- the verdicts -------------------------------------------------------------------------------
