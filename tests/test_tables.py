@@ -13,7 +13,7 @@ def test_numbers_integers_negative_zeros_and_missing_values():
     assert tables.format_number(-0.25, 2) == "-0.25"
     assert tables.format_number(float("nan")) == "n/a" and tables.format_number(None, na="none") == "none"
     assert tables.format_number(float("inf")) == "∞" and tables.format_number("text") == "text"
-    assert tables.format_number(True) == "True"
+    assert tables.format_number(True) == "yes" and tables.format_number(np.bool_(False)) == "no"
 
 
 def test_percentages_with_intervals():

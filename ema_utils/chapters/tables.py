@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 NA = "n/a"
@@ -37,10 +38,12 @@ def _no_negative_zero(text: str) -> str:
 
 def format_number(value, digits: int = 3, na: str = NA) -> str:
     """One value as a page shows it: integers without decimals, other numbers with ``digits``
-    decimals, no negative zero, a missing value as ``na``; text and booleans as they are."""
+    decimals, no negative zero, a missing value as ``na``, booleans as yes/no, text as it is."""
     if _missing(value):
         return na
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if not isinstance(value, numbers.Real):
         return str(value)
     number = float(value)
     if math.isinf(number):
