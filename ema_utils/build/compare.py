@@ -72,7 +72,7 @@ def ema_rows(crosses: dict[str, dict | None]) -> tuple[list[str], list[list[str]
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for model, summary in crosses.items():
         for t in (summary or {}).get("ema_tests", []):
-            if not str(t.get("condition", "")).startswith("npo_") or t.get("seeds", 1) < 1:
+            if not str(t.get("condition", "")).startswith("npo_"):
                 continue
             target = t["condition"].removeprefix("npo_")
             mark = " (target)" if t.get("is_target") else (" **EMA**" if t.get("flagged") else "")
