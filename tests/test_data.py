@@ -225,7 +225,7 @@ def test_load_prompts_columns_and_counts(data_dir):
     table = data.load_prompts(data_dir=data_dir)
     assert list(table.columns) == list(data.LOADER_COLUMNS)
     assert set(table["concept"]) == set(CONCEPTS)
-    assert set(table["split"]) == {"train", "eval"}
+    assert set(table["split"]) == {"train", "dev", "eval"}
     assert table["id"].is_unique
     counts = table["concept"].value_counts()
     assert counts["privacy"] == 6 and counts["bias"] == 600 and counts["toxicity"] == 219
@@ -244,6 +244,26 @@ def test_load_prompts_filters_and_is_stable(data_dir):
         data.load_prompts(["cyber"], data_dir=data_dir)
     with pytest.raises(ParameterError, match="split"):
         data.load_prompts(split="test", data_dir=data_dir)
+
+
+def test_the_development_split_is_a_fixed_quarter_of_train_apart_from_both():
+    every = data.load_prompts()
+    train, dev, held = (data.load_prompts(split=s) for s in ("train", "dev", "eval"))
+    assert len(train) + len(dev) + len(held) == len(every)
+    assert not set(dev["id"]) & set(train["id"]) and not set(dev["id"]) & set(held["id"])
+    assert all(data.in_dev(i) for i in dev["id"]) and not any(data.in_dev(i) for i in train["id"])
+    share = len(dev) / (len(dev) + len(train))
+    assert abs(share - data.DEV_PERCENT / 100) < 0.05, share
+    # every concept has development items for the checkpoint rules to read
+    assert set(dev["concept"]) == set(CONCEPTS)
+    # a BBQ scenario's two versions stay together, as in the train/eval split
+    bias = dev[dev["source"] == "bbq"]
+    for item_id in bias["id"][:20]:
+        twin = item_id.replace("/ambig", "/disambig") if item_id.endswith("/ambig") else None
+        assert twin is None or twin in set(bias["id"])
+    # the external sets with their own parts are left alone
+    with pytest.raises(ParameterError, match="split"):
+        data.load_mmlu(split="dev")
 
 
 def test_project_prompt_duplicating_a_package_prompt_is_refused(data_dir):
@@ -478,7 +498,7 @@ def test_check_data_shape(data_dir):
     assert mmlu["questions"] == 14042 == mmlu["dev"] + mmlu["report"] and mmlu["subjects"] == 57
     assert payload["external"]["strongreject"] == {"prompts": 313, "categories": 6}
     assert list(payload["concepts"]) == list(CONCEPTS)
-    assert all(set(v) == {"train", "eval"} for v in payload["concepts"].values())
+    assert all(set(v) == {"train", "dev", "eval"} for v in payload["concepts"].values())
     assert payload["sets"] == {"benign": 5, "over_refusal": 5, "utility": 5}
     assert sum(payload["concepts"]["privacy"].values()) == 6
 

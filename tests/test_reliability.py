@@ -444,6 +444,7 @@ def chapter_env(tmp_path, monkeypatch):
 
 
 RUN_ARGS = ["run", "setup", "--profile", "smoke", "--model", "tiny-random", "--json"]
+SLOT = "smoke@tiny-random"
 
 
 def _executions(marks: Path) -> int:
@@ -481,10 +482,11 @@ def test_killed_chapter_run_leaves_the_cache_valid(sig, chapter_env, capsys, mon
     summary = folder / "summary.json"
     if summary.exists():  # whole, never half-written (written by rename), and never read:
         assert json.loads(summary.read_text()) == {"stage": "midway"}
-    assert not (chapter_env.results / "smoke.json").exists(), "no profile pointer to it"
-    assert not (chapter_env.build / "executed" / "smoke" / "01_setup.ipynb").exists()
+    # --model tiny-random is not the smoke profile's model: the run's slot is smoke@tiny-random
+    assert not (chapter_env.results / f"{SLOT}.json").exists(), "no pointer to it"
+    assert not (chapter_env.build / "executed" / SLOT / "01_setup.ipynb").exists()
     assert not [p for p in chapter_env.results.rglob("*") if ".tmp-" in p.name]
-    code, _, err = cli(["results", "setup", "--profile", "smoke"], capsys)
+    code, _, err = cli(["results", "setup", "--profile", "smoke", "--model", "tiny-random"], capsys)
     assert code == 2 and "no finished run" in err
 
     # The next run executes again and finishes ...
@@ -496,7 +498,8 @@ def test_killed_chapter_run_leaves_the_cache_valid(sig, chapter_env, capsys, mon
     assert Path(run["notebook"]).parent == folder
     assert json.loads(summary.read_text()) == {"stage": "done", "model": "tiny-random", "seed": 0}
     assert (folder / "run.json").is_file()
-    assert orchestrate.chapter_summary("setup", "smoke")["stage"] == "done"
+    assert orchestrate.chapter_summary("setup", SLOT)["stage"] == "done"
+    assert (chapter_env.results / f"{SLOT}.json").is_file()
 
     # ... and the one after reuses it without starting a kernel.
     import papermill

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -60,6 +61,13 @@ CONCEPT_LABELS = {
 """Display names of the concept keys, as the paper writes them."""
 
 SPLITS = ("train", "eval")
+"""The splits a data file records (by the id rule, :func:`split_for_id`)."""
+DEV_PERCENT = 25
+"""Percent of a prompt set's train split kept apart as its development split ("dev"): never
+trained on (no forget, retain or SFT example comes from it) and never reported; the chapters
+choose checkpoints and settings on it. Fixed by a second hash of the id (:func:`in_dev`)."""
+PROMPT_SPLITS = ("train", "dev", "eval")
+"""What the prompt loaders accept: "train" is the file's train split without its dev part."""
 DEFAULT_EVAL_PERCENT = 40
 EVAL_PERCENT = {"cybersecurity": 30, "safety": 30}
 """Percent of items in the eval split, per concept (default 40). Cybersecurity and Safety keep
@@ -106,6 +114,15 @@ def split_for_id(item_id: str, eval_percent: int = DEFAULT_EVAL_PERCENT) -> str:
         raise ParameterError(f"eval_percent must be between 0 and 100, got {eval_percent}")
     bucket = int(hashlib.sha256(str(item_id).encode("utf-8")).hexdigest()[:8], 16) % 100
     return "eval" if bucket < eval_percent else "train"
+
+
+def in_dev(item_id: str, dev_percent: int = DEV_PERCENT) -> bool:
+    """Whether a train item belongs to the development part: a hash of the id salted with
+    "dev", independent of the train/eval hash, below ``dev_percent``. A BBQ scenario's two
+    versions ("/ambig", "/disambig") hash as one, as their train/eval split does."""
+    base = re.sub(r"/(ambig|disambig)$", "", str(item_id))
+    bucket = int(hashlib.sha256(f"dev:{base}".encode("utf-8")).hexdigest()[:8], 16) % 100
+    return bucket < dev_percent
 
 
 def eval_percent_for(concept: str | None) -> int:
@@ -391,7 +408,7 @@ def load_mmlu(split: str | None = None, n_per_subject: int = 0, seed: int = 0) -
                          "choices": [item[f"answer_{k}"] for k in "abcd"],
                          "answer": MMLU_LETTERS.index(item["correct_answer"]),
                          "split": split_for_id(item_id)})
-    table = _filter(pd.DataFrame(rows), None, split)
+    table = _filter(pd.DataFrame(rows), None, split, dev=False)
     if n_per_subject:
         table = pd.concat([g.sample(min(n_per_subject, len(g)), random_state=seed)
                            for _, g in table.groupby("subject", sort=True)])
@@ -428,7 +445,7 @@ def load_strongreject(split: str | None = None) -> pd.DataFrame:
                           "prompt": raw["forbidden_prompt"].str.strip(), "source": raw["source"],
                           "scorer": "refusal", "category": raw["category"],
                           "split": [split_for_id(i) for i in ids]})
-    return _filter(table, None, split)
+    return _filter(table, None, split, dev=False)
 
 
 # --- the main loader ----------------------------------------------------------------------------
@@ -454,16 +471,23 @@ def _check_concepts(concepts) -> tuple[str, ...]:
     return concepts
 
 
-def _check_split(split) -> str | None:
-    if split is not None and split not in SPLITS:
-        raise ParameterError(f"split must be 'train', 'eval' or None (both), got {split!r}")
+def _check_split(split, allowed=PROMPT_SPLITS) -> str | None:
+    if split is not None and split not in allowed:
+        raise ParameterError(f"split must be {', '.join(repr(s) for s in allowed)} or None (all), "
+                             f"got {split!r}")
     return split
 
 
-def _filter(table: pd.DataFrame, concepts, split) -> pd.DataFrame:
+def _filter(table: pd.DataFrame, concepts, split, dev: bool = True) -> pd.DataFrame:
+    """Rows of ``concepts`` in ``split``. With ``dev`` (the prompt sets), the train rows of the
+    development part are labelled "dev" first (:data:`DEV_PERCENT`); the external sets that
+    have their own parts (MMLU, StrongREJECT) pass ``dev=False``."""
     if concepts is not None:
         table = table[table["concept"].isin(_check_concepts(concepts))]
-    if _check_split(split) is not None:
+    if dev and "split" in table.columns and len(table):
+        table = table.assign(split=[("dev" if s == "train" and in_dev(i) else s)
+                                    for i, s in zip(table["id"], table["split"])])
+    if _check_split(split, PROMPT_SPLITS if dev else SPLITS) is not None:
         table = table[table["split"] == split]
     return table.reset_index(drop=True)
 
@@ -488,7 +512,8 @@ def load_prompts(concepts: Iterable[str] | str | None = None, split: str | None 
     Columns: LOADER_COLUMNS (id, concept, prompt, split, source, scorer, ... scorer fields).
     ``scorer`` says how a row is scored: "refusal" (a judge on the response), "bbq" (multiple
     choice; ambiguous and disambiguated versions, see ``context_condition``) or "toxigen"
-    (agree/disagree). ``split`` is "train", "eval" or None for both. ``data_dir`` replaces the
+    (agree/disagree). ``split`` is "train", "dev" (the development part of the files' train
+    split: :data:`DEV_PERCENT`), "eval" or None for all. ``data_dir`` replaces the
     project's data folder (for tests and for users with their own files). Rows are ordered by
     concept (CONCEPTS order), then source, then id, so the table is the same on every run.
     """
@@ -522,6 +547,7 @@ def _check_unique(table: pd.DataFrame) -> None:
         raise DataError(f"id {first['id']!r} appears more than once (sources: {', '.join(sources)})"
                         "; ids must be unique across all data files. Fix: rename one of them")
     refusal = table[table["scorer"] == "refusal"]
+    refusal = refusal.assign(split=refusal["split"].replace({"dev": "train"}))  # the files' splits
     norm = refusal["prompt"].map(_norm_text)
     splits = refusal.groupby(norm)["split"].nunique()
     clash = splits[splits > 1]
@@ -637,7 +663,7 @@ def data_digest(data_dir: Path | str | None = None, length: int = 16) -> str:
 def check_data(data_dir: Path | str | None = None) -> dict:
     """Validate every data file and count items: what `ema data check --json` prints.
 
-    Returns {"concepts": {KEY: {"train": n, "eval": n}}, "sets": {"benign": n,
+    Returns {"concepts": {KEY: {"train": n, "dev": n, "eval": n}}, "sets": {"benign": n,
     "over_refusal": n, "utility": n}, "external": {"mmlu": {...}, "strongreject": {...}}}: the
     pinned external sets (installed packages, not files of ``data_dir``) with their sizes and
     parts. Raises DataError on the first malformed file, AssetMissingError when a set's package
@@ -646,7 +672,7 @@ def check_data(data_dir: Path | str | None = None) -> dict:
     data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
     prompts = load_prompts(data_dir=data_dir)
     counts = {c: {s: int(((prompts["concept"] == c) & (prompts["split"] == s)).sum())
-                  for s in SPLITS} for c in CONCEPTS}
+                  for s in PROMPT_SPLITS} for c in CONCEPTS}
     sets = {name: int(len(load_set(name, data_dir=data_dir))) for name in SET_NAMES}
     load_paper_tables(data_dir / PAPER_TABLES_FILE)
     mmlu, strongreject = load_mmlu(), load_strongreject()
@@ -662,15 +688,16 @@ def describe(data_dir: Path | str | None = None) -> pd.DataFrame:
     """Counts per concept, source and split (the data card's table)."""
     table = load_prompts(data_dir=data_dir)
     out = table.groupby(["concept", "source", "split"]).size().unstack("split", fill_value=0)
-    return out.reindex(columns=list(SPLITS), fill_value=0)
+    return out.reindex(columns=list(PROMPT_SPLITS), fill_value=0)
 
 
 # --- command line -------------------------------------------------------------------------------
 
 def _human_check(payload: dict, digest: str = "") -> str:
-    lines = [f"{'concept':20} {'train':>6} {'eval':>6} {'total':>6}"]
+    lines = [f"{'concept':20} {'train':>6} {'dev':>6} {'eval':>6} {'total':>6}"]
     for concept, c in payload["concepts"].items():
-        lines.append(f"{concept:20} {c['train']:>6} {c['eval']:>6} {c['train'] + c['eval']:>6}")
+        lines.append(f"{concept:20} {c['train']:>6} {c['dev']:>6} {c['eval']:>6} "
+                     f"{c['train'] + c['dev'] + c['eval']:>6}")
     lines.append("")
     lines.append(f"{'set':20} {'items':>6}")
     for name, n in payload["sets"].items():
@@ -706,8 +733,8 @@ def register_cli(subparsers) -> None:
 
 
 __all__ = [
-    "CONCEPT_LABELS", "SPLITS", "EVAL_PERCENT", "PROMPT_FILES", "SET_FILES", "SET_NAMES",
-    "LOADER_COLUMNS", "split_for_id", "eval_percent_for", "parse_jsonl", "read_jsonl",
+    "CONCEPT_LABELS", "SPLITS", "PROMPT_SPLITS", "DEV_PERCENT", "EVAL_PERCENT", "PROMPT_FILES",
+    "SET_FILES", "SET_NAMES", "LOADER_COLUMNS", "split_for_id", "in_dev", "eval_percent_for", "parse_jsonl", "read_jsonl",
     "load_harmbench", "bbq_items", "toxigen_items", "load_prompts",
     "load_set", "load_paper_tables", "paper_tables_long", "data_files", "data_digest",
     "check_data", "describe", "register_cli", "load_mmlu", "load_strongreject",

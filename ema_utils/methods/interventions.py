@@ -268,8 +268,10 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
     for step in steps:
         path = run.checkpoint_path(int(step))
         with with_checkpoint(model, path, merged=True) as scored:
+            # the development split: the checkpoint rules choose on these items, so they are
+            # neither trained on nor the ones the chapters report
             result = evaluate(scored, tokenizer, checkpoint_model_id(model_id, run.name, path),
-                              n_per_concept=n, judge=judge, max_new_tokens=max_new_tokens,
+                              split="dev", n_per_concept=n, judge=judge, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, seed=seed, over_refusal=False, utility=True,
                               utility_per_subject=utility_per_subject, utility_part="dev",
                               progress=progress)
