@@ -18,11 +18,18 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
                                    batch_size=2, lora_r=2, lora_alpha=2)
     kwargs = dict(n_forget=4, traj_n_per_concept=1, traj_max_new_tokens=2, kl_n_per_concept=2,
                   judge="phrase", batch_size=4, progress=False)
+    splits = []  # which prompt split each checkpoint is scored on
+    real_evaluate = interventions.evaluate
+    monkeypatch.setattr(interventions, "evaluate",
+                        lambda *a, **k: splits.append(k.get("split")) or real_evaluate(*a, **k))
     run = interventions.run_intervention(model, tokenizer, "tiny", "cybersecurity", "npo", config,
                                          **kwargs)
+    assert splits == ["dev"] * 3, "the checkpoint rules must read the development split"
     assert run.name == "npo_cybersecurity" and run.forget_stats["used"] == 4
     assert sorted(run.trajectory["step"].unique()) == [0, 2, 4]
     assert set(run.trajectory["concept"]) == set(CONCEPTS)
+    # each checkpoint's development-split rates travel in the run's summary (chapter 4 -> 6)
+    assert set(run.summary()["dev_refusal"]) == {"0", "2", "4"}
     assert run.losses["npo"].iloc[-1] < run.losses["npo"].iloc[0], "NPO loss goes down"
     assert set(run.kl["concept"]) == set(CONCEPTS)
     assert (run.kl[run.kl["step"] == 0]["kl"].abs() < 1e-6).all(), "no change at step 0"

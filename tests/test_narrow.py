@@ -535,3 +535,26 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
             steered = model(**ids).logits
         assert not torch.allclose(first, steered)
         assert torch.equal(model(**ids).logits, first)
+
+
+def test_kl_choice_reads_the_development_items_when_chapter_4_recorded_them():
+    summary = _mitigation_summary()  # on the eval items lambda 10 is closest to the aligned model
+    dev = {"aligned": {c: 0.9 for c in CONCEPTS},
+           "npo_kl_1to1_lambda1_safety": {**{c: 0.88 for c in CONCEPTS}, "safety": 0.1},
+           "npo_kl_1to1_lambda10_safety": {**{c: 0.6 for c in CONCEPTS}, "safety": 0.3}}
+    choice = narrow.choose_kl_lambda({**summary, "dev_refusal": dev})
+    assert choice["kl_lambda"] == 1 and "development items" in choice["rule"]
+    assert "eval items" in narrow.choose_kl_lambda(summary)["rule"]
+
+
+def test_dev_refusal_at_takes_each_runs_scored_step():
+    from ema_utils.methods import interventions
+
+    summaries = {"npo_safety": {"dev_refusal": {"0": {"safety": 0.9}, "4": {"safety": 0.2}}},
+                 "npo_kl_1to1_lambda10_safety": {"dev_refusal": {"0": {"safety": 0.9},
+                                                                 "8": {"safety": 0.4}}},
+                 "old_run": {}}
+    out = interventions.dev_refusal_at(summaries, {"npo_safety": 4, "npo_kl_1to1_lambda10_safety": 8,
+                                                   "old_run": 4})
+    assert out == {"aligned": {"safety": 0.9}, "npo_safety": {"safety": 0.2},
+                   "npo_kl_1to1_lambda10_safety": {"safety": 0.4}}

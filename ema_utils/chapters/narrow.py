@@ -116,12 +116,16 @@ def kl_candidates(mitigation_summary: dict, concept: str = TARGET) -> pd.DataFra
     """Chapter 4's KL runs on ``concept`` and how far each kept the other concepts from the
     aligned model.
 
-    ``mitigation_summary``: chapter 4's summary.json (``{"refusal": {CONDITION: {KEY: rate}}}``).
+    ``mitigation_summary``: chapter 4's summary.json: its ``dev_refusal`` (the development items
+    at each run's scored step) when present, else ``refusal`` (``{CONDITION: {KEY: rate}}``).
     Columns: condition, kl_lambda, ratio, target_rate, non_target_mean (mean refusal over the
     concepts other than ``concept``), aligned_non_target, gap (non_target_mean - aligned's),
     aligned_target. Sorted by lambda.
     """
-    refusal = (mitigation_summary or {}).get("refusal") or {}
+    # the development items' rates where chapter 4 recorded them: lambda is chosen on them,
+    # not on the eval items chapter 4 reports (older summaries have only the latter)
+    refusal = ((mitigation_summary or {}).get("dev_refusal")
+               or (mitigation_summary or {}).get("refusal") or {})
     if "aligned" not in refusal:
         raise EmaError("chapter 4's summary has no 'aligned' refusal rates; re-run the "
                        "mitigation chapter (`ema run mitigation --profile P`)")
@@ -168,8 +172,10 @@ def choose_kl_lambda(mitigation_summary: dict, concept: str = TARGET,
         ranked = table.assign(_abs=table["gap"].abs().round(9)).sort_values(
             ["_abs", "target_rate", "kl_lambda"], kind="stable")
         row = ranked.iloc[0].drop(labels="_abs").to_dict()
+        where = ("chapter 4's development items" if (mitigation_summary or {}).get("dev_refusal")
+                 else "chapter 4's eval items (its summary predates the development split)")
         rule = ("the lambda whose mean non-target refusal is closest to the aligned model's "
-                "(ties: lower target refusal, then smaller lambda)")
+                f"(ties: lower target refusal, then smaller lambda), on {where}")
     return {**row, "rule": rule}
 
 

@@ -77,7 +77,27 @@ class InterventionRun:
                 "folder": str(self.folder), "forget": self.forget_stats,
                 "selected_step": None if self.selected is None else int(self.selected["step"]),
                 "first_below_step": None if self.first_below is None else int(self.first_below["step"]),
-                "settings": self.settings}
+                "settings": self.settings,
+                # refusal on the development items at every checkpoint: what later chapters
+                # choose on (dev_refusal_at), never the eval items they report
+                "dev_refusal": {str(int(step)): dict(zip(part["concept"], map(float, part["rate"])))
+                                for step, part in self.trajectory.groupby("step")}
+                if len(self.trajectory) else {}}
+
+
+def dev_refusal_at(summaries: dict, steps: dict) -> dict:
+    """``{condition: {concept: rate}}`` on the development items at each run's scored step
+    (``steps``: condition -> step, as chapters 3 and 4 record them); "aligned" is step 0 of
+    any run (the same model and items). Runs without development rates are left out."""
+    out = {}
+    for name, summary in summaries.items():
+        dev = summary.get("dev_refusal") or {}
+        if "0" in dev and "aligned" not in out:
+            out["aligned"] = dev["0"]
+        step = str(int(steps.get(name, -1)))
+        if step in dev:
+            out[name] = dev[step]
+    return out
 
 
 def retain_batch(forget_batch: int, ratio: float) -> int:
