@@ -276,7 +276,8 @@ def r1_claims(evaluations: dict, trajectories: dict | None = None,
                 last = steps[-1]
                 at_s = float(s.loc[s["step"] == last, "non_target_mean"].iloc[0])
                 at_c = float(c.loc[c["step"] == last, "non_target_mean"].iloc[0])
-                text += (f"; at equal steps ({last}): other concepts at {100*at_s:.0f}% (safety) "
+                text += (f"; at equal steps ({last}, on the development items scored along "
+                         f"training): other concepts at {100*at_s:.0f}% (safety) "
                          f"vs {100*at_c:.0f}% (cyber)")
                 verdicts.append(at_s < at_c)
             eq_s, eq_c = _at_target(s), _at_target(c)
