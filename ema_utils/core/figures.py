@@ -125,10 +125,19 @@ def install_page_formatter(shell=None) -> bool:
         shell = get_ipython()
     if shell is None:
         return False
-    # deferred: pyplot first activates the inline backend, whose own formatter ours replaces
-    import matplotlib.pyplot  # noqa: F401
-    # deferred: matplotlib is a heavy import, needed only where figures are shown
+    # deferred: pyplot is a heavy import, needed only where figures are shown
+    import matplotlib.pyplot as plt
+    # deferred: as above
     from matplotlib.figure import Figure
 
-    shell.display_formatter.formatters["image/png"].for_type(Figure, png_for_page)
+    # matplotlib resolves its backend at the first figure, and the inline backend then registers
+    # its own PNG formatter: make that happen now, so that ours comes after it ...
+    plt.close(plt.figure())
+    formatter = shell.display_formatter.formatters["image/png"]
+    formatter.for_type(Figure, png_for_page)
+    # ... and again before every cell, should anything (%matplotlib inline) register it again
+    if not getattr(shell, "_ema_page_formatter", False):
+        shell.events.register("pre_run_cell",
+                              lambda *args: formatter.for_type(Figure, png_for_page))
+        shell._ema_page_formatter = True
     return True
