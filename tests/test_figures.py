@@ -88,3 +88,14 @@ def test_a_layer_plot_without_any_rho_says_why_instead_of_an_empty_frame():
         assert figures.empty_axes(fig) == [], draw.__name__
         assert any("fewer than three concepts" in t.get_text() for t in fig.axes[0].texts)
         plt.close(fig)
+
+
+def test_a_legend_beside_the_axes_still_fits_the_column():
+    fig, ax = plt.subplots(figsize=(7.4, 3.8))
+    ax.bar(range(7), range(7), label="this run (95% Wilson interval)")
+    ax.plot(range(7), range(7), "o", label="paper: Qwen2.5-7B-Instruct")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    data, meta = figures.png_for_page(fig)
+    assert meta["width"] <= figures.COLUMN_INCHES * figures.DPI
+    assert figures.png_size(data)[0] <= figures.COLUMN_INCHES * figures.DPI * figures.RESOLUTION + 2
+    plt.close(fig)

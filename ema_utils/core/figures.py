@@ -19,6 +19,8 @@ COLUMN_INCHES = 7.4
 DPI = 100
 RESOLUTION = 2
 """Pixels per displayed pixel in the PNG."""
+PAD_INCHES = 0.1
+"""The margin savefig leaves around a figure's tight bounding box."""
 
 
 def fit_to_column(fig, width: float = COLUMN_INCHES) -> float:
@@ -77,12 +79,21 @@ def png_for_page(fig) -> tuple[bytes, dict]:
     ``RESOLUTION`` times the displayed size; the metadata carries ``width``/``height`` (the
     displayed size) and ``ema_figure`` (the checks: empty axes, the fitting factor)."""
     factor = fit_to_column(fig)
+    for _ in range(2):
+        # what sticks out of the figure (a legend beside the axes) widens the saved image: make
+        # room for it inside the column (0.2 in: savefig's padding around the tight box)
+        tight = fig.get_tightbbox(fig.canvas.get_renderer()).width + 2 * PAD_INCHES
+        width = fig.get_size_inches()[0]
+        if tight <= COLUMN_INCHES + 0.01:
+            break
+        factor *= fit_to_column(fig, max(width - (tight - COLUMN_INCHES), 0.5 * COLUMN_INCHES))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI * RESOLUTION, bbox_inches="tight",
-                facecolor="white")
+                pad_inches=PAD_INCHES, facecolor="white")
     data = buffer.getvalue()
     width, height = png_size(data)
-    return data, {"width": round(width / RESOLUTION), "height": round(height / RESOLUTION),
+    shown = min(width / RESOLUTION, COLUMN_INCHES * DPI)  # never wider than the column
+    return data, {"width": round(shown), "height": round(height * shown / width),
                   "ema_figure": {"empty_axes": empty_axes(fig), "fitted": round(factor, 3)}}
 
 
