@@ -11,19 +11,11 @@ chapter says which command fills its column.
 from __future__ import annotations
 
 from ..core.errors import EmaError
+from ..chapters.tables import format_percent
 from ..core.results import chapter_summary, slot_options, slots_with
 
 MODELS_PAGE = "book/models"
 BEGIN, END = "<!-- ema:models:begin -->", "<!-- ema:models:end -->"
-
-
-def _percent(rate, low=None, high=None) -> str:
-    if rate is None:
-        return "n/a"
-    text = f"{100 * rate:.0f}%"
-    if low is not None and high is not None:
-        text += f" [{100 * low:.0f}, {100 * high:.0f}]"
-    return text
 
 
 def _points(delta) -> str:
@@ -54,15 +46,15 @@ def refusal_rows(setups: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         for s in setups.values():
             rate = s.get("refusal", {}).get("aligned", {}).get(concept)
             low, high = (s.get("intervals", {}).get(concept) or (None, None))
-            row.append(_percent(rate, low, high))
+            row.append(format_percent(rate, low, high))
         rows.append(row)
     over = ["over-refusal (benign prompts)"]
     mmlu = ["MMLU accuracy (chance 25%)"]
     for s in setups.values():
         o = s.get("over_refusal") or {}
-        over.append(_percent(o.get("rate"), o.get("low"), o.get("high")))
+        over.append(format_percent(o.get("rate"), o.get("low"), o.get("high")))
         m = s.get("mmlu") or {}
-        mmlu.append(_percent(m.get("accuracy"), m.get("low"), m.get("high")))
+        mmlu.append(format_percent(m.get("accuracy"), m.get("low"), m.get("high")))
     return ["refusal of the aligned model"] + list(setups), rows + [over, mmlu]
 
 
