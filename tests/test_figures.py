@@ -99,3 +99,20 @@ def test_a_legend_beside_the_axes_still_fits_the_column():
     assert meta["width"] <= figures.COLUMN_INCHES * figures.DPI
     assert figures.png_size(data)[0] <= figures.COLUMN_INCHES * figures.DPI * figures.RESOLUTION + 2
     plt.close(fig)
+
+
+def test_labels_of_crowded_points_do_not_overlap():
+    fig, ax = plt.subplots(figsize=(4, 3))
+    xs, ys = [0.50, 0.51, 0.52, 0.50, 0.9], [0.50, 0.505, 0.51, 0.49, 0.1]
+    ax.scatter(xs, ys)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    notes = figures.label_points(ax, zip(xs, ys, ["safety", "toxicity", "bias", "privacy", "alone"]))
+    assert figures.label_points(ax, []) == []
+    renderer = fig.canvas.get_renderer()
+    boxes = [n.get_window_extent(renderer) for n in notes]
+    clashes = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not clashes, clashes
+    assert [n.get_text() for n in notes][-1] == "alone"
+    plt.close(fig)

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from .. import CONCEPTS
+from ..core.figures import label_points
 from ..methods.condition import condition_label, try_condition
 from ..methods.registry import METHODS, method_label, method_style
 
@@ -70,8 +71,7 @@ def _grid(n: int, width: float = 3.7, height: float = 3.0):
 
 
 def _finish_steps(fig, axes, title: str):
-    """Whole optimizer steps on the x axes, the panels' shared legend below them (outside the
-    lines), the title."""
+    """Whole steps on the x axes, the panels' shared legend below them (off the lines), a title."""
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
@@ -142,9 +142,6 @@ def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs o
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, table in summaries.items():
         ax.plot(100 * table["target"], 100 * table["non_target_mean"], marker="o", label=name)
-        for row in table.itertuples():
-            ax.annotate(str(row.step), (100 * row.target, 100 * row.non_target_mean), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
     ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
@@ -154,6 +151,8 @@ def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs o
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    label_points(ax, [(100 * r.target, 100 * r.non_target_mean, str(int(r.step)))  # the steps
+                      for table in summaries.values() for r in table.itertuples()])
     return fig
 
 
@@ -496,8 +495,9 @@ def similarity_vs_ema(similarities: pd.DataFrame, ema: dict, correlations: pd.Da
     measures = [m for m in _MEASURE_AXES if any(m in t.columns for t in ema.values())]
     runs = list(ema)
     fig, axes = plt.subplots(max(1, len(runs)), max(1, len(measures)),
-                             figsize=(5.5 * max(1, len(measures)), 4 * max(1, len(runs))),
+                             figsize=(3.7 * max(1, len(measures)), 3.4 * max(1, len(runs))),
                              squeeze=False)
+    labels = {}  # axes -> [(x, y, text)], written once the layout is final
     for i, run in enumerate(runs):
         table = ema[run]
         target = table.loc[table["is_target"], "concept"].iloc[0]
@@ -510,11 +510,9 @@ def similarity_vs_ema(similarities: pd.DataFrame, ema: dict, correlations: pd.Da
             top = finite.max() if finite.notna().any() else 0.0
             shown = y.where(y != float("inf"), (top if not math.isnan(top) else 0) * 1.15 + 1)
             ax.scatter(merged["similarity"], shown, color="#4C72B0")
-            for x, yy, c, inf in zip(merged["similarity"], shown, merged["concept"],
-                                     y == float("inf")):
-                if not math.isnan(yy):
-                    ax.annotate(label(c) + (" (not reached)" if inf else ""), (x, yy), fontsize=7,
-                                textcoords="offset points", xytext=(3, 3))
+            labels[ax] = [(x, yy, label(c) + (" (not reached)" if inf else "")) for x, yy, c, inf
+                          in zip(merged["similarity"], shown, merged["concept"], y == float("inf"))
+                          if not math.isnan(yy)]
             stat = ""
             if correlations is not None and len(correlations):
                 row = correlations[(correlations["run"] == run) & (correlations["measure"] == measure)
@@ -530,6 +528,8 @@ def similarity_vs_ema(similarities: pd.DataFrame, ema: dict, correlations: pd.Da
     fig.suptitle(title or f"Similarity to the target vs measured EMA, layer {layer} "
                           "(one point per non-target concept)")
     fig.tight_layout()
+    for ax, points in labels.items():
+        label_points(ax, points)
     return fig
 
 

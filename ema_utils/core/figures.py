@@ -119,6 +119,36 @@ def figure_png(fig, dpi: int = 100, palette: bool = False) -> bytes:
     return out.getvalue()
 
 
+_LABEL_OFFSETS = ((3, 3, "left", "bottom"), (3, -3, "left", "top"), (-3, 3, "right", "bottom"),
+                  (-3, -3, "right", "top"), (3, 11, "left", "bottom"), (3, -11, "left", "top"),
+                  (-3, 11, "right", "bottom"), (-3, -11, "right", "top"))
+
+
+def label_points(ax, points, fontsize: float = 7) -> list:
+    """Write each ``(x, y, text)`` of ``points`` beside its point so that no two labels overlap
+    where it can be helped: each label takes the first of eight places around its point whose
+    box is clear of the labels already written (the first place when none is). Call it once the
+    axes have their final size and limits (after ``tight_layout``). Returns the annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed, annotations = [], []
+    for x, y, text in points:
+        for dx, dy, ha, va in _LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy),
+                               ha=ha, va=va, fontsize=fontsize)
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        else:
+            dx, dy, ha, va = _LABEL_OFFSETS[0]
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy),
+                               ha=ha, va=va, fontsize=fontsize)
+            box = note.get_window_extent(renderer)
+        placed.append(box)
+        annotations.append(note)
+    return annotations
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) in pixels from a PNG's header."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
