@@ -116,3 +116,14 @@ def test_labels_of_crowded_points_do_not_overlap():
     assert not clashes, clashes
     assert [n.get_text() for n in notes][-1] == "alone"
     plt.close(fig)
+
+
+def test_fitting_a_figure_tight_layout_cannot_solve_prints_no_warning(recwarn):
+    fig, axes = plt.subplots(1, 8, figsize=(20, 2))
+    for ax in axes:  # (checked: tight_layout warns "Tight layout not applied" on this figure)
+        ax.plot([0, 1], [0, 1])
+        ax.set_ylabel("a very long label that cannot fit in a narrow panel at all, really long")
+        ax.set_yticks([0, 1], ["a very long tick label here", "another very long tick label"])
+    figures.fit_to_column(fig)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    plt.close(fig)

@@ -13,6 +13,7 @@ image in its metadata, where the smoke-book test reads it.
 from __future__ import annotations
 
 import io
+import warnings
 
 COLUMN_INCHES = 7.4
 """The book's text column at 100 dpi (about 740 px at a 1280 px window)."""
@@ -33,10 +34,14 @@ def fit_to_column(fig, width: float = COLUMN_INCHES) -> float:
     factor = width / w
     fig.set_size_inches(width, h * factor ** 0.5)
     if not fig.get_constrained_layout():
-        try:
-            fig.tight_layout()
-        except (ValueError, RuntimeError):
-            pass  # a layout matplotlib cannot solve keeps the one it has
+        with warnings.catch_warnings():
+            # a layout matplotlib cannot solve keeps the one it has, without a warning that
+            # would print into the page
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                fig.tight_layout()
+            except (ValueError, RuntimeError):
+                pass
     return factor
 
 
