@@ -440,3 +440,8 @@ def test_bench_result_reads_the_last_full_bench_run(tmp_path, monkeypatch):
     bench_report_file().write_text('{"date": "2026-12-06"}')
     assert book.bench_result() == {"date": "2026-12-06"}
     assert bench_report_file() == tmp_path / "results" / "bench" / "last.json"
+
+
+def test_format_figure_gives_three_significant_digits_or_says_not_measured():
+    assert book.format_figure(None) == "not measured"
+    assert book.format_figure(0.35123) == "0.351" and book.format_figure(1234.5) == "1,234"

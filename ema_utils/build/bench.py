@@ -74,6 +74,7 @@ from .bench_measures import (
     roof_ceilings,
     verdict_agreement,
 )
+from .book import format_figure
 from .orchestrate import get_profile, machine_info, package_versions
 
 TARGETS = {
@@ -331,12 +332,6 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
     }
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "not measured"
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
-
-
 def format_text(report: dict) -> str:
     """The human-readable form of :func:`run_bench`'s document."""
     m = report["machine"]
@@ -346,13 +341,13 @@ def format_text(report: dict) -> str:
              f"{report.get('compute_dtype', 'float32')}, {report['date']}"
              + (" [--quick]" if report["quick"] else ""), "", "figures:"]
     for name, value in report["figures"].items():
-        line = f"  {name:28} {_fmt(value):>12} {report['units'][name]}"
+        line = f"  {name:28} {format_figure(value):>12} {report['units'][name]}"
         if value is None:
             line = f"  {name:28} {'not measured':>12}  ({report['not_measured'].get(name, '')})"
         lines.append(line)
     lines += ["", "ratios:"]
     for name, r in report["ratios"].items():
-        line = f"  {name:28} {_fmt(r['value']):>12}  = {r['numerator']} / {r['denominator']}"
+        line = f"  {name:28} {format_figure(r['value']):>12}  = {r['numerator']} / {r['denominator']}"
         if "target" in r:
             verdict = {True: "met", False: "NOT met", None: "not measured"}[r["met"]]
             line += f"   target {r['comparison']} {r['target']:g}: {verdict}"

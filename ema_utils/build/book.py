@@ -378,11 +378,12 @@ def render_bench(report: dict | None) -> str:
         target = "" if "target" not in r else (
             f"{r['comparison']} {r['target']:g}: "
             + {True: "met", False: "**not met**", None: "not measured"}[r["met"]])
-        lines.append(f"| {name.replace('_', ' ')} | {_figure(r['value'])} | {target} | {r['what']} |")
+        lines.append(f"| {name.replace('_', ' ')} | {format_figure(r['value'])} | {target} | {r['what']} |")
     return "\n".join(lines) + "\n"
 
 
-def _figure(value) -> str:
+def format_figure(value) -> str:
+    """A bench figure for text and tables: three significant digits, "not measured" for None."""
     return "not measured" if value is None else (f"{value:.3g}" if abs(value) < 100
                                                  else f"{value:,.0f}")
 
