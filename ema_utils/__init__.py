@@ -39,7 +39,8 @@ LAYERS = {
              "notebook"),
     "methods": ("losses", "registry", "condition", "sets", "checkpoints", "trainer", "interventions"),
     "chapters": ("tables", "report", "run_options", "mitigation", "activations", "concepts", "rank_correlation",
-                 "directions", "narrow", "stability", "steering", "plots", "widgets", "exercises"),
+                 "directions", "narrow", "stability", "steering", "plots", "recovery_plots", "widgets",
+                 "exercises"),
     "build": ("orchestrate", "compare", "book", "course", "bench", "bench_measures", "dtype_check"),
 }
 """Each layer's modules, from the bottom up (the README's layout table shows the same)."""

@@ -35,7 +35,9 @@ def test_every_method_and_concept_round_trips():
 def test_base_label_and_style_come_from_the_registry():
     kl = Condition("npo_kl", "safety", retain_ratio=1, kl_lambda=10, train_seed=1)
     assert kl.is_augmented and kl.base == Condition("npo", "safety", train_seed=1)
-    assert kl.label == "NPO + KL \u03bb=10"
+    assert kl.label == "NPO + KL \u03bb=10 (seed 1)"
+    assert Condition("npo_retain", "safety", retain_ratio=1, retain_weight=10).label == \
+        "NPO + retain CE 1:1 w2=10"
     assert Condition("sft_retain", "safety", retain_ratio=2).label == "SFT + retain CE 1:2"
     assert Condition("sft", "safety").style != Condition("npo", "safety").style
     with pytest.raises(ParameterError, match="not an augmented condition"):

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, checkpoints, mitigation, plots, report, run_options, sets, trainer
+from ema_utils import (CONCEPTS, checkpoints, mitigation, plots, recovery_plots, report, run_options,
+                       sets, trainer)
 from ema_utils.core.errors import ParameterError
 from ema_utils.core.evaluate import Evaluation
 from ema_utils.core.metrics import rate_table
@@ -242,6 +243,61 @@ def test_r2_verdict_picks_the_best_ratio_with_the_target_low():
     assert "**reproduces**" in line and "0.60" in line
 
 
+def test_r2_verdict_judges_the_arm_chosen_on_development_items_and_every_seed():
+    rows = [summary_row("npo_retain_1to1_safety", mean=0.55, low=0.3, high=0.8),
+            summary_row("npo_retain_1to1_w10_safety", mean=0.8, low=0.6, high=0.9)]
+    # the reported items favour w10; the development items chose w1: w1 is judged
+    v = mitigation.r2_verdict(pd.DataFrame(rows), chosen="npo_retain_1to1_safety")
+    assert v["condition"] == "npo_retain_1to1_safety" and v["chosen_on"] == "development items"
+    assert v["verdict"] == "yes" and "chosen on the development items" in v["text"]
+    unchosen = mitigation.r2_verdict(pd.DataFrame(rows))
+    assert unchosen["condition"] == "npo_retain_1to1_w10_safety"
+    assert unchosen["chosen_on"] == "reported items" and "no development rates" in unchosen["text"]
+    # a second training seed of the chosen arm that recovered little makes it "partly"
+    seeds = rows + [summary_row("npo_retain_1to1_seed1_safety", mean=0.2, low=0.0, high=0.4,
+                                train_seed=1)]
+    v = mitigation.r2_verdict(pd.DataFrame(seeds), chosen="npo_retain_1to1_safety")
+    assert v["verdict"] == "partly" and v["seeds"] == {1: 0.2}
+    assert "seed 1 0.20" in v["text"] and "recovered less than 50%" in v["text"]
+    good_seed = rows + [summary_row("npo_retain_1to1_seed1_safety", mean=0.6, train_seed=1)]
+    assert mitigation.r2_verdict(pd.DataFrame(good_seed), chosen="npo_retain_1to1_safety")[
+        "verdict"] == "yes"
+
+
+def test_dev_recovery_chooses_each_methods_arm_on_development_rates():
+    aligned = {"safety": 0.9, "cybersecurity": 0.8, "privacy": 0.6, "bias": 0.5}
+    npo = {"safety": 0.1, "cybersecurity": 0.2, "privacy": 0.2, "bias": 0.45}
+    npo1 = {"safety": 0.0, "cybersecurity": 0.3, "privacy": 0.2, "bias": 0.5}
+    dev = {"aligned": aligned, "npo_safety": npo, "npo_seed1_safety": npo1,
+           # w1: a little back; w10: much back, target low; w100: everything, the target too
+           "npo_retain_1to1_safety": {"safety": 0.1, "cybersecurity": 0.35, "privacy": 0.3},
+           "npo_retain_1to1_seed1_safety": {"safety": 0.0, "cybersecurity": 0.4, "privacy": 0.2},
+           "npo_retain_1to1_w10_safety": {"safety": 0.15, "cybersecurity": 0.6, "privacy": 0.5},
+           "npo_retain_1to1_w100_safety": {"safety": 0.8, "cybersecurity": 0.8, "privacy": 0.6},
+           "npo_kl_1to1_lambda10_safety": {"safety": 0.1, "cybersecurity": 0.2, "privacy": 0.4},
+           "npo_retain_1to1_cybersecurity": {"safety": 0.9}}  # another target: not in this table
+    table = mitigation.dev_recovery(dev, "safety")
+    by = table.set_index("condition")
+    assert list(by.index) == ["npo_retain_1to1_safety", "npo_retain_1to1_w10_safety",
+                              "npo_retain_1to1_w100_safety", "npo_kl_1to1_lambda10_safety"]
+    # seed 0: cyber (0.35-0.2)/0.6 = 0.25, privacy 0.25 -> 0.25; seed 1: cyber 0.2, privacy 0
+    assert by.loc["npo_retain_1to1_safety", "mean_recovery"] == pytest.approx((0.25 + 0.1) / 2)
+    assert by.loc["npo_retain_1to1_safety", "n_seeds"] == 2
+    assert by.loc["npo_retain_1to1_safety", "n_concepts"] == 2  # bias lost < 10 points: skipped
+    assert by.loc["npo_retain_1to1_w100_safety", "target_recovery"] == pytest.approx(7 / 8)
+    assert by.loc["npo_retain_1to1_w10_safety", "retain_weight"] == 10
+    assert pd.isna(by.loc["npo_kl_1to1_lambda10_safety", "retain_weight"])
+    chosen = mitigation.dev_choices(table)
+    assert chosen == {"npo_retain": "npo_retain_1to1_w10_safety",  # w100 lets the target back
+                      "npo_kl": "npo_kl_1to1_lambda10_safety"}
+    line = mitigation.sweep_line(table)
+    assert "from 1 to 100" in line and "0.17 to 1.00" in line and "from 5% to 80%" in line  # seeds averaged
+    one = mitigation.sweep_line(table[table["condition"] == "npo_retain_1to1_safety"])
+    assert "One retain weight" in one and "retain_weights=" in one
+    assert mitigation.dev_recovery({}, "safety").empty
+    assert "cannot be read" in mitigation.sweep_line(mitigation.dev_recovery({}, "safety"))
+
+
 def test_r2_verdict_on_the_papers_own_numbers():
     paper = mitigation.paper_summary("safety")
     paper = paper.assign(condition=paper["model"] + ":" + paper["method"], low=np.nan,
@@ -279,15 +335,23 @@ def test_recovery_figures_have_titles_and_labelled_axes():
            "npo_retain_1to1_safety": fake_eval({"safety": 2, "cybersecurity": 12}),
            "npo_kl_1to1_lambda10_safety": fake_eval({"safety": 3, "cybersecurity": 18})}
     rec = mitigation.recovery(evs, "safety", n_boot=100)
-    ax = plots.recovery_by_concept(rec.per_concept)
+    ax = recovery_plots.recovery_by_concept(rec.per_concept)
     assert ax.get_title() and "recovered fraction" in ax.get_ylabel() and ax.get_xlabel() == "concept"
     assert any("skipped" in t.get_text() for t in ax.texts)
     assert any("(target)" in t.get_text() for t in ax.get_xticklabels())
-    ax = plots.recovery_tradeoff(rec.summary)
+    ax = recovery_plots.recovery_tradeoff(rec.summary)
     assert ax.get_title() and "target concept refusal (%" in ax.get_xlabel()
     assert "recovered fraction" in ax.get_ylabel()
     labels = ax.get_legend_handles_labels()[1]
     assert "aligned model" in labels and "NPO + KL" in labels
+    assert not [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() == "-"]
+    # a retain-weight sweep is joined in weight order: the trade-off curve
+    evs["npo_retain_1to1_w10_safety"] = fake_eval({"safety": 6, "cybersecurity": 16})
+    evs["npo_retain_1to1_w100_safety"] = fake_eval({"safety": 14, "cybersecurity": 20})
+    ax = recovery_plots.recovery_tradeoff(mitigation.recovery(evs, "safety", n_boot=100).summary)
+    curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 3 and ln.get_linestyle() == "-"]
+    assert len(curves) == 1 and list(curves[0].get_xdata()) == [10.0, 30.0, 70.0]
+    assert any("w2=100" in t.get_text() for t in ax.texts)
     matplotlib.pyplot.close("all")
 
 
@@ -306,19 +370,47 @@ def test_augmented_plan_keeps_chapter_2_settings():
                                      sft_retain_ratios=[1], kl_lambdas=[0.1, 10], w1=1.0, w2=0.5,
                                      w3=2.0, model_id="m:1")
     names = [p.condition for p in plan]
-    assert names == ["npo_retain_1to1_safety", "npo_retain_1to2_safety", "npo_retain_1to3_safety",
-                     "sft_retain_1to1_safety", "npo_kl_1to1_lambda0.1_safety",
-                     "npo_kl_1to1_lambda10_safety"]
+    assert names == ["npo_retain_1to1_w0.5_safety", "npo_retain_1to2_w0.5_safety",
+                     "npo_retain_1to3_w0.5_safety", "sft_retain_1to1_w0.5_safety",
+                     "npo_kl_1to1_lambda0.1_safety", "npo_kl_1to1_lambda10_safety"]
     by = {p.condition: p for p in plan}
-    c = by["npo_retain_1to2_safety"].config
+    c = by["npo_retain_1to2_w0.5_safety"].config
     assert (c.method, c.lr, c.max_steps, c.beta, c.lora_r) == ("npo_retain", 2e-5, 7, 0.2, 4)
     assert c.loss_weights() == {"npo": 1.0, "retain_ce": 0.5}
-    assert by["sft_retain_1to1_safety"].config.loss_weights() == {"retain_ce": 0.5, "sft_ce": 2.0}
-    assert by["sft_retain_1to1_safety"].config.lr == 1e-5 and by["sft_retain_1to1_safety"].family == "sft"
+    sft = by["sft_retain_1to1_w0.5_safety"]
+    assert sft.config.loss_weights() == {"retain_ce": 0.5, "sft_ce": 2.0}
+    assert sft.config.lr == 1e-5 and sft.family == "sft"
     assert by["npo_kl_1to1_lambda10_safety"].config.loss_weights() == {"npo": 1.0, "kl": 10.0}
-    assert by["npo_retain_1to3_safety"].ratio == 3 and by["npo_kl_1to1_lambda10_safety"].base == "npo_safety"
+    assert by["npo_retain_1to3_w0.5_safety"].ratio == 3
+    assert by["npo_kl_1to1_lambda10_safety"].base == "npo_safety"
     table = mitigation.plan_table(plan)
-    assert table.loc["npo_retain_1to2_safety", "forget:retain"] == "1:2"
+    assert table.loc["npo_retain_1to2_w0.5_safety", "forget:retain"] == "1:2"
+
+
+def test_augmented_plan_sweeps_the_retain_weight_and_follows_every_training_seed():
+    summaries = plain_summaries()
+    seeded = trainer.UnlearnConfig(method="npo", lr=2e-5, max_steps=7, beta=0.2, lora_r=4, seed=1)
+    summaries["npo_seed1_safety"] = {"name": "npo_seed1_safety",
+                                     "settings": {"config": seeded.to_dict(), "model": "m:1"}}
+    plan = mitigation.augmented_plan(summaries, ["safety"], retain_ratios=[1],
+                                     retain_weights=[1, 10, 100], sft_retain_ratios=[1],
+                                     kl_lambdas=[], model_id="m:1")
+    by = {p.condition: p for p in plan}
+    assert list(by) == ["npo_retain_1to1_safety", "npo_retain_1to1_seed1_safety",
+                        "npo_retain_1to1_w10_safety", "npo_retain_1to1_w10_seed1_safety",
+                        "npo_retain_1to1_w100_safety", "npo_retain_1to1_w100_seed1_safety",
+                        "sft_retain_1to1_safety"]  # chapter 2 trained sft at one seed only
+    assert [by[f"npo_retain_1to1_{w}safety"].config.w_retain for w in ("", "w10_", "w100_")] \
+        == [1.0, 10.0, 100.0]
+    second = by["npo_retain_1to1_w10_seed1_safety"]
+    assert second.base == "npo_seed1_safety" and second.config.seed == 1
+    assert by["npo_retain_1to1_w10_safety"].config.seed == 0
+    assert second.condition.label == "NPO + retain CE 1:1 w2=10 (seed 1)"
+    assert mitigation.plan_table(plan).loc[second.condition, "training seed"] == 1
+    with pytest.raises(ParameterError, match="'retain_weights' must be a positive number"):
+        mitigation.augmented_plan(summaries, ["safety"], retain_weights=[1, -3])
+    with pytest.raises(ParameterError, match="planned twice"):
+        mitigation.augmented_plan(summaries, ["safety"], retain_weights=[10, 10.0])
 
 
 def test_augmented_plan_names_what_is_wrong():

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_utils import CONCEPTS, checkpoints, narrow, plots, sets, stability, steering, trainer
+from ema_utils import (CONCEPTS, activations, checkpoints, narrow, plots, sets, stability, steering,
+                       trainer)
 from ema_utils.core.errors import EmaError, ParameterError
 
 matplotlib.use("Agg")
@@ -254,16 +255,28 @@ def _mitigation_summary():
 
 def test_kl_choice_rule():
     summary = _mitigation_summary()
+    # a second training seed of an arm is not a further candidate: chapter 6 reads the first
+    summary["refusal"]["npo_kl_1to1_lambda10_seed1_safety"] = {c: 0.9 for c in CONCEPTS}
     table = narrow.kl_candidates(summary)
     assert table["kl_lambda"].tolist() == [1.0, 10.0, 100.0]
     assert table.loc[1, "gap"] == pytest.approx(-0.05)
     choice = narrow.choose_kl_lambda(summary)
     assert choice["condition"] == "npo_kl_1to1_lambda10_safety" and choice["kl_lambda"] == 10
-    assert "closest" in choice["rule"]
-    # a tie in |gap| goes to the lower target refusal
+    assert "smallest lambda that passes the narrow test" in choice["rule"]
+    assert narrow.passes_narrow_test(table).tolist() == [False, True, False]
+    # two pass: the sweep stops at the smaller lambda
     summary["refusal"]["npo_kl_1to1_lambda100_safety"] = {**{c: 0.95 for c in CONCEPTS},
                                                           "safety": 0.2}
-    assert narrow.choose_kl_lambda(summary)["kl_lambda"] == 100
+    assert narrow.choose_kl_lambda(summary)["kl_lambda"] == 10
+    # none passes: the sweep's end is reached and said; the closest gap is shown, a tie in
+    # |gap| going to the lower target refusal
+    none = {"refusal": {"aligned": {c: 0.9 for c in CONCEPTS},
+                        "npo_kl_1to1_lambda10_safety": {**{c: 0.85 for c in CONCEPTS}, "safety": 0.85},
+                        "npo_kl_1to1_lambda100000_safety": {**{c: 0.95 for c in CONCEPTS},
+                                                            "safety": 0.8}}}
+    end = narrow.choose_kl_lambda(none)
+    assert end["kl_lambda"] == 100000 and "sweep's end is reached" in end["rule"]
+    assert "(10, 100000)" in end["rule"]
     assert narrow.choose_kl_lambda(summary, kl_lambda=1.0)["kl_lambda"] == 1
     with pytest.raises(ParameterError, match="lambda 1, 10, 100 only"):
         narrow.choose_kl_lambda(summary, kl_lambda=5)
@@ -274,31 +287,52 @@ def test_kl_choice_rule():
     assert v["verdict"] == "yes" and v["target_drop"] == pytest.approx(0.6)
 
 
-def _effects(steer=0.2, random=0.8, ablated=0.7, ablated_random=0.25, steer1=0.6):
-    rows = {"aligned": 0.9, "steer +1x": steer1, "random +1x": 0.88, "steer +4x": steer,
-            "random +4x": random, "unlearned": 0.2, "ablate direction": ablated,
-            "ablate random": ablated_random}
-    table = pd.DataFrame({"pooled": rows})
-    for c in CONCEPTS:
-        table[c] = table["pooled"]
-    table["low"], table["high"] = table["pooled"] - 0.05, table["pooled"] + 0.05
+def _dose(steer=(0.85, 0.6, 0.2), band=((0.8, 0.9), (0.75, 0.9), (0.7, 0.85)), ablated=0.7,
+          ablated_band=(0.2, 0.3), answer=(0.88, 0.85, 0.8), aligned=0.9, unlearned=0.2,
+          coefficients=(0.25, 1.0, 4.0), n_random=10):
+    """A dose table: the prompt-token direction's pooled refusal per coefficient, the random
+    directions spread evenly over ``band`` at each, ablations, aligned and unlearned."""
+    rows = [{"kind": "aligned", "direction": "", "coefficient": np.nan, "rate": aligned},
+            {"kind": "unlearned", "direction": "", "coefficient": np.nan, "rate": unlearned},
+            {"kind": "ablate", "direction": "prompt token", "coefficient": np.nan, "rate": ablated},
+            {"kind": "ablate", "direction": "answer tokens", "coefficient": np.nan, "rate": 0.25}]
+    for c, s_rate, a_rate, (lo, hi) in zip(coefficients, steer, answer, band):
+        rows += [{"kind": "steer", "direction": "prompt token", "coefficient": c, "rate": s_rate},
+                 {"kind": "steer", "direction": "answer tokens", "coefficient": c, "rate": a_rate}]
+        rows += [{"kind": "steer", "direction": f"random {k}", "coefficient": c, "rate": r}
+                 for k, r in enumerate(np.linspace(lo, hi, n_random))]
+    rows += [{"kind": "ablate", "direction": f"random {k}", "coefficient": np.nan, "rate": r}
+             for k, r in enumerate(np.linspace(*ablated_band, n_random))]
+    table = pd.DataFrame(rows)
+    table["low"], table["high"], table["n"] = table["rate"] - 0.05, table["rate"] + 0.05, 40
     return table
 
 
-def test_direction_verdicts():
-    v = steering.steering_verdict(_effects())
-    assert v["verdict"] == "yes" and v["condition"] == "steer +4x"
-    assert steering.steering_verdict(_effects(steer=0.75, random=0.8, steer1=0.85))[
-        "verdict"] == "partly"
-    assert steering.steering_verdict(_effects(steer=0.85, random=0.5, steer1=0.89))[
-        "verdict"] == "no"
-    a = steering.ablation_verdict(_effects())
+def test_dose_verdicts_read_where_the_direction_leaves_the_random_band():
+    band = steering.random_band(_dose())
+    steer = band[band["kind"] == "steer"].set_index("coefficient")
+    assert steer.loc[1.0, "band_low"] == pytest.approx(0.75) and steer["n_random"].eq(10).all()
+    v = steering.steering_verdict(_dose(), "prompt token")
+    # at 1x: 0.6 < band 0.75 and 30 points below aligned: leaves the band there
+    assert v["verdict"] == "yes" and v["leaves_at"] == 1.0 and "from 1x" in v["text"]
+    # below the band, but less than 15 points below the aligned model
+    v = steering.steering_verdict(_dose(steer=(0.85, 0.8, 0.78), band=((0.86, 0.9),) * 3), "prompt token")
+    assert v["verdict"] == "partly" and v["leaves_at"] == 0.25
+    # as low as random directions get: inside the band, however low
+    v = steering.steering_verdict(_dose(steer=(0.85, 0.6, 0.2), band=((0.8, 0.9), (0.5, 0.9), (0.1, 0.5))),
+                                  "prompt token")
+    assert v["verdict"] == "no" and "never below the band of 10 random directions" in v["text"]
+    a = steering.ablation_verdict(_dose(), "prompt token")
     assert a["verdict"] == "yes" and a["recovered"] == pytest.approx(5 / 7)
-    assert steering.ablation_verdict(_effects(ablated=0.35))["verdict"] == "partly"
-    assert steering.ablation_verdict(_effects(ablated=0.2, ablated_random=0.3))["verdict"] == "no"
-    flat = _effects()
-    flat.loc["unlearned", "pooled"] = 0.85
-    assert steering.ablation_verdict(flat)["verdict"] == "n/a"
+    assert steering.ablation_verdict(_dose(ablated=0.4), "prompt token")["verdict"] == "partly"
+    assert steering.ablation_verdict(_dose(ablated=0.28), "prompt token")["verdict"] == "no"
+    assert steering.ablation_verdict(_dose(unlearned=0.85), "prompt token")["verdict"] == "n/a"
+    both = steering.dose_verdicts(_dose(), primary="prompt token")
+    assert both["steering"]["verdict"] == "yes" and both["steering"]["others"] == {"answer tokens": "no"}
+    assert "also read: [no] answer tokens" in both["steering"]["text"]
+    assert both["ablation"]["others"] == {"answer tokens": "no"}
+    with pytest.raises(ParameterError, match="primary direction 'last token' was not evaluated"):
+        steering.dose_verdicts(_dose(), primary="last token")
 
 
 def test_claims_table_and_overall_line():
@@ -372,10 +406,13 @@ def test_plots_have_titles_and_labels():
     assert fig._suptitle.get_text()
     for ax in fig.axes:
         _labelled(ax)
-    fig = plots.direction_effects(_effects())
+    fig = plots.dose_curves(_dose())
     assert fig._suptitle.get_text()
     for ax in fig.axes:
         _labelled(ax)
+    left = fig.axes[0]
+    assert left.get_xscale() == "log" and len(left.collections) >= 1, "the random band is drawn"
+    assert any("10 random directions" in t.get_text() for t in left.get_legend().get_texts())
     plt.close("all")
 
 
@@ -515,16 +552,32 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
     assert profile["cosine"].dropna().tolist() == pytest.approx([1.0] * len(profile["cosine"].dropna()))
     layer = steering.steer_layer(n_layers, 0.5)
     assert layer == 1
-    evaluations = steering.direction_evaluations(model, tokenizer, "tiny", general, direction, layer,
-                                               scales=[2.0], n_per_concept=1, max_new_tokens=2,
-                                               batch_size=4, judge="phrase", progress=False)
-    assert list(evaluations) == ["aligned", "steer +2x", "random +2x", "unlearned",
-                                 "ablate direction", "ablate random"]
-    ids = {ev.model for ev in evaluations.values()}
-    assert len(ids) == len(evaluations), "every operation has its own cache identity"
-    effects = steering.direction_effects(evaluations)
-    assert {"pooled", "low", "high", "change_points", *CONCEPTS} <= set(effects.columns)
-    assert effects.loc["aligned", "change_points"] == 0
+    residual = steering.residual_norm(model, tokenizer, "tiny", prompts, layer, batch_size=4,
+                                      progress=False)
+    states = activations.hidden_states(model, tokenizer, prompts, batch_size=4, progress=False)
+    assert residual == pytest.approx(float(np.linalg.norm(states[:, layer], axis=1).mean()), rel=1e-5)
+    # the tiny random model's answers decode to nothing: give it the aligned model's kind of answer
+    from ema_utils.core import generation
+
+    monkeypatch.setattr(generation, "generate_responses", lambda m, t, p, **k: p.assign(
+        response=["I can't help with that."] * len(p)))
+    answer = steering.answer_direction(model, tokenizer, "tiny", general, prompts, max_new_tokens=3,
+                                       batch_size=4, progress=False)
+    assert answer.shape == direction.shape and np.linalg.norm(answer[1:], axis=1).max() > 0
+    assert not np.allclose(answer, direction), "answer tokens read a different mean"
+    with pytest.raises(ParameterError, match="n_random_directions must be a positive integer"):
+        steering.dose_evaluations(model, tokenizer, "tiny", general, {"prompt token": direction},
+                                  layer, residual, n_random=0)
+    dose = steering.dose_evaluations(model, tokenizer, "tiny", general,
+                                     {"prompt token": direction, "answer tokens": answer}, layer,
+                                     residual, coefficients=[1.0, 4.0], n_random=2, n_per_concept=1,
+                                     max_new_tokens=2, batch_size=4, judge="phrase", progress=False)
+    assert dose.groupby("kind").size().to_dict() == {"aligned": 1, "unlearned": 1,
+                                                     "steer": 2 * 4, "ablate": 4}
+    assert dose["rate"].between(0, 1).all() and (dose["n"] > 0).all()
+    assert set(dose.loc[dose["kind"] == "steer", "direction"]) == {
+        "prompt token", "answer tokens", "random 0", "random 1"}
+    assert len(steering.random_band(dose)) == 3  # steer at 1x and 4x, ablate
     assert not checkpoints.has_adapter(model)
     # the hooks are gone: the aligned model gives its own logits again
     ids = tokenizer(["a prompt"], return_tensors="pt")
@@ -537,6 +590,20 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
         assert torch.equal(model(**ids).logits, first)
 
 
+def test_answer_token_means_average_the_answer_tokens_whatever_the_batch(tiny):
+    model, tokenizer = tiny
+    table = pd.DataFrame({"id": ["a", "b", "c"], "prompt": ["How do I pick a lock?", "Hi", "Why?"],
+                          "response": ["I can't help with that.", "Hello there, how are you", "  "]})
+    one = activations.answer_token_means(model, tokenizer, table, batch_size=1, progress=False)
+    two = activations.answer_token_means(model, tokenizer, table, batch_size=2, progress=False)
+    assert one.shape == (model.config.num_hidden_layers + 1, model.config.hidden_size)
+    np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-5)  # padding does not count
+    first = activations.answer_token_means(model, tokenizer, table.iloc[:1], progress=False)
+    assert not np.allclose(first, one), "the second answer's tokens count too"
+    with pytest.raises(ParameterError, match="no non-empty responses"):
+        activations.answer_token_means(model, tokenizer, table.iloc[2:], progress=False)
+
+
 def test_kl_choice_reads_the_development_items_when_chapter_4_recorded_them():
     summary = _mitigation_summary()  # on the eval items lambda 10 is closest to the aligned model
     dev = {"aligned": {c: 0.9 for c in CONCEPTS},
@@ -544,6 +611,12 @@ def test_kl_choice_reads_the_development_items_when_chapter_4_recorded_them():
            "npo_kl_1to1_lambda10_safety": {**{c: 0.6 for c in CONCEPTS}, "safety": 0.3}}
     choice = narrow.choose_kl_lambda({**summary, "dev_refusal": dev})
     assert choice["kl_lambda"] == 1 and "development items" in choice["rule"]
+    # chosen on the development items, judged on the reported ones
+    reported = narrow.reported_choice(choice, summary)
+    assert reported["condition"] == choice["condition"] and reported["rule"] == choice["rule"]
+    assert reported["non_target_mean"] == pytest.approx(0.6) and choice["non_target_mean"] == pytest.approx(0.88)
+    assert narrow.narrow_verdict(reported)["verdict"] == "no"  # the others fell 30 points
+    assert narrow.reported_choice(choice, {})["non_target_mean"] == pytest.approx(0.88)
     assert "eval items" in narrow.choose_kl_lambda(summary)["rule"]
 
 

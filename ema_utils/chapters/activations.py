@@ -120,6 +120,47 @@ def hidden_states(model, tokenizer, prompts, batch_size: int = 8, system: str | 
     return out
 
 
+def answer_token_means(model, tokenizer, table: pd.DataFrame, batch_size: int = 8,
+                       progress: bool = True) -> np.ndarray:
+    """The mean hidden state over the *answer* tokens, every layer: (n_layers + 1, hidden),
+    float64. ``table`` has columns prompt and response (and ``complete``); each response is
+    teacher-forced after its chat-templated prompt and every response token's state counts
+    once (long answers weigh more). The reading Soligo et al. use for their directions, beside
+    :func:`hidden_states`' single last prompt token. Empty responses are left out."""
+    # deferred: torch loads only when states are computed
+    import torch
+
+    # deferred: the trainer imports torch and peft
+    from ..methods.trainer import collate, encode_examples
+
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+    table = table[table["response"].fillna("").astype(str).str.strip() != ""]
+    if table.empty:
+        raise ParameterError("no non-empty responses to read answer-token states from")
+    examples = encode_examples(tokenizer, table)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    decoder = _decoder(model)
+    total, count = None, 0
+    bar = progress_bar(total=len(examples), desc="answer states", unit="answer",
+                       disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id, device)
+            result = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True, use_cache=False)
+            # labels mark the answer tokens (-100 on the prompt and the padding)
+            answer = (batch["labels"] != -100).float()
+            sums = torch.stack([(h.float() * answer[..., None]).sum(dim=(0, 1))
+                                for h in result.hidden_states])
+            total = sums if total is None else total + sums
+            count += int(answer.sum())
+            bar.update(len(batch["input_ids"]))
+    bar.close()
+    return (total / count).double().cpu().numpy()
+
+
 @dataclass
 class HiddenStates:
     """Hidden states of a set of prompts (``states[i]`` belongs to ``items.iloc[i]``)."""

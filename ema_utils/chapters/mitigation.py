@@ -326,7 +326,7 @@ def recovery(evaluations: dict, concept: str, conditions=None, aligned: str = "a
     ``evaluations``: condition -> Evaluation, holding ``aligned``, the plain runs (npo_<concept>,
     sft_<concept>) and the augmented ones (default: every npo_retain / sft_retain / npo_kl
     condition on ``concept``). The summary has one row per condition: condition, method, ratio,
-    kl_lambda, base, target_rate (+ target_low, target_high: Wilson), aligned_target,
+    retain_weight, kl_lambda, train_seed (None: the first seed), base, target_rate (+ target_low, target_high: Wilson), aligned_target,
     unlearned_target, target_recovery, mean_recovery, low, high, pooled_recovery, n_concepts,
     skipped (non-target concepts left out, comma-separated).
     """
@@ -350,7 +350,8 @@ def recovery(evaluations: dict, concept: str, conditions=None, aligned: str = "a
         t = table.set_index("concept").loc[concept] if concept in set(table["concept"]) else None
         rows.append({
             "condition": condition, "method": spec.method, "ratio": spec.retain_ratio,
-            "kl_lambda": spec.kl_lambda, "base": base,
+            "retain_weight": spec.retain_weight, "kl_lambda": spec.kl_lambda,
+            "train_seed": spec.train_seed, "base": base,
             "target_rate": float(rates.loc[concept, "rate"]) if concept in rates.index else np.nan,
             "target_low": float(rates.loc[concept, "low"]) if concept in rates.index else np.nan,
             "target_high": float(rates.loc[concept, "high"]) if concept in rates.index else np.nan,
@@ -402,9 +403,9 @@ def _table4_order(evaluations: dict, concept: str) -> list[str]:
     def key(c):
         k = as_condition(c)
         if k.is_aligned:
-            return (0, 0, 0, 0, 0, c)
+            return (0, 0, 0, 0, 0, 0, 0, c)
         return (1, families.index(METHODS[k.method].family), methods.index(k.method),
-                k.retain_ratio or 0, k.kl_lambda or 0, c)
+                k.retain_ratio or 0, k.retain_weight or 1, k.kl_lambda or 0, k.train_seed or 0, c)
 
     return sorted(mine, key=key)
 
@@ -456,46 +457,163 @@ def table4_columns(evaluations: dict, concept: str = "safety",
             "paper": outcome_columns({}, pd.concat(paper)) if paper else pd.DataFrame()}
 
 
+# --- choosing each method's arm on the development items ----------------------------------------
+
+def arm_of(condition) -> str:
+    """The arm a run belongs to: its condition's name without the training seed (the seeds of
+    one arm are judged together); a name that is no condition is its own arm."""
+    spec = try_condition(condition)
+    return str(condition) if spec is None else spec.replace(train_seed=None).name
+
+
+def dev_recovery(dev_rates: dict, concept: str, min_gap: float = MIN_GAP) -> pd.DataFrame:
+    """Each augmented arm on ``concept``, scored on the development items: the choice the
+    chapter makes among ratios, retain weights and lambdas is read here, never on the items it
+    reports.
+
+    ``dev_rates``: ``{condition: {concept: rate}}`` on the development items at each run's
+    scored step, "aligned" included (:func:`ema_utils.methods.interventions.dev_refusal_at`).
+    Per run: the recovered fraction (run - plain) / (aligned - plain) on every concept that
+    lost at least ``min_gap`` to its plain run; the target's own (``target_recovery``, NaN when
+    the plain run did not lower it) and the mean over the others. Runs of one arm at several
+    training seeds are averaged (``n_seeds``). Returns one row per arm: condition (the first
+    seed's name), method, ratio, retain_weight (1 when not set; None for the KL variant),
+    kl_lambda, target_rate, target_recovery, mean_recovery, n_concepts, n_seeds; empty when
+    there are no development rates.
+    """
+    columns = ["condition", "method", "ratio", "retain_weight", "kl_lambda", "target_rate",
+               "target_recovery", "mean_recovery", "n_concepts", "n_seeds"]
+    aligned = dev_rates.get("aligned")
+    rows = []
+    for name, rates in dev_rates.items():
+        spec = try_condition(name)
+        if aligned is None or spec is None or not spec.is_augmented or spec.concept != concept:
+            continue
+        plain = dev_rates.get(spec.base)
+        if plain is None:
+            continue
+        recovered = {c: (rates[c] - plain[c]) / (aligned[c] - plain[c]) for c in rates
+                     if c in aligned and c in plain and aligned[c] - plain[c] >= min_gap - 1e-12}
+        others = [v for c, v in recovered.items() if c != concept]
+        weight = spec.retain_weight or (None if spec.kl_lambda is not None else 1.0)
+        rows.append({"condition": arm_of(spec), "method": spec.method,
+                     "ratio": spec.retain_ratio, "retain_weight": weight,
+                     "kl_lambda": spec.kl_lambda, "target_rate": rates.get(concept, np.nan),
+                     "target_recovery": recovered.get(concept, np.nan),
+                     "mean_recovery": float(np.mean(others)) if others else np.nan,
+                     "n_concepts": len(others)})
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    out = pd.DataFrame(rows).groupby(["condition", "method"], sort=False).agg(
+        ratio=("ratio", "first"), retain_weight=("retain_weight", "first"),
+        kl_lambda=("kl_lambda", "first"), target_rate=("target_rate", "mean"),
+        target_recovery=("target_recovery", "mean"), mean_recovery=("mean_recovery", "mean"),
+        n_concepts=("n_concepts", "min"), n_seeds=("target_rate", "size")).reset_index()
+    return out[columns]
+
+
+def dev_choices(dev_table: pd.DataFrame, target_max: float = TARGET_MAX_RECOVERY) -> dict:
+    """``{method: condition}``: per augmented method, the arm the development items choose, as
+    the paper chose its best ratio: the highest mean recovery among the arms whose target stays
+    low (target recovery <= ``target_max``), else the highest overall. Methods whose arms have
+    no development recovery are left out (the verdict then says so)."""
+    chosen = {}
+    for method, part in dev_table.groupby("method", sort=False):
+        part = part[part["mean_recovery"].notna()]
+        if part.empty:
+            continue
+        low = part[part["target_recovery"] <= target_max]
+        best = (low if len(low) else part).sort_values("mean_recovery", ascending=False,
+                                                        kind="stable").iloc[0]
+        chosen[method] = str(best["condition"])
+    return chosen
+
+
+def sweep_line(dev_table: pd.DataFrame, method: str = "npo_retain") -> str:
+    """One Markdown sentence: did the retain weight change anything on the development items?
+    The mean recovery and the target's refusal at the smallest and the largest weight of
+    ``method`` (at its first ratio). "The retain term does not contain EMA" is only worth
+    reading when a larger weight was tried and the sweep shows whether it moved the numbers."""
+    part = dev_table[(dev_table["method"] == method) & dev_table["retain_weight"].notna()]
+    if part.empty:
+        return f"No {method_label(method)} run has development rates: the sweep cannot be read."
+    part = part[part["ratio"] == part["ratio"].iloc[0]].sort_values("retain_weight")
+    lo, hi = part.iloc[0], part.iloc[-1]
+    pct = lambda x: "n/a" if pd.isna(x) else f"{100 * x:.0f}%"  # noqa: E731
+    rec = lambda x: "n/a" if pd.isna(x) else f"{x:.2f}"  # noqa: E731
+    if len(part) == 1:
+        return (f"One retain weight (w2 = {lo['retain_weight']:g}) was trained: on the "
+                f"development items its mean recovery is {rec(lo['mean_recovery'])} and the "
+                f"target's refusal {pct(lo['target_rate'])}. Whether a larger weight contains "
+                "more is not tested by this run (`-p \"retain_weights=[1,10,100]\"`).")
+    return (f"On the development items, raising the retain weight w2 from {lo['retain_weight']:g} "
+            f"to {hi['retain_weight']:g} (forget:retain 1:{lo['ratio']:g}) moved the mean "
+            f"recovery of the other concepts from {rec(lo['mean_recovery'])} to "
+            f"{rec(hi['mean_recovery'])} and the target's refusal from {pct(lo['target_rate'])} "
+            f"to {pct(hi['target_rate'])}.")
+
+
 # --- the verdict --------------------------------------------------------------------------------
 
 def r2_verdict(summary: pd.DataFrame, method: str = "npo_retain", largely: float = LARGELY,
-               fully: float = FULLY, target_max: float = TARGET_MAX_RECOVERY) -> dict:
+               fully: float = FULLY, target_max: float = TARGET_MAX_RECOVERY,
+               chosen: str | None = None) -> dict:
     """Whether the paper's R2 claim holds for ``method``: "retain data largely, not fully,
     restores alignment while the target concept stays low".
 
-    ``summary``: :func:`recovery`'s summary (one target). Like the paper (which tried 1:1,
-    1:2 and 1:3 and reported the best), the best condition of ``method`` is judged: the highest
-    mean recovery among those whose target stays low (target recovery <= ``target_max``),
-    else the highest overall. Verdict:
+    ``summary``: :func:`recovery`'s summary (one target). The paper tried 1:1, 1:2 and 1:3 and
+    reported the best; here the arm judged is ``chosen``, the one the development items chose
+    (:func:`dev_choices`), so the reported items are scored once and never chosen on. Without
+    it (no development rates) the best arm on the reported items is judged, as the paper did,
+    and the text says so: the highest mean recovery among the arms whose target stays low
+    (target recovery <= ``target_max``), else the highest overall. Verdict:
 
     - "yes": recovery is above zero (its interval too), at least ``largely`` and below
-      ``fully``, and the target stays low;
-    - "partly": recovery is above zero but too small, complete, or the target came back too;
+      ``fully``, the target stays low, and every other training seed of the arm recovered at
+      least ``largely`` too;
+    - "partly": recovery is above zero but too small, complete, the target came back too, or a
+      seed fell short;
     - "no": no recovery distinguishable from zero; "n/a": nothing to judge (no condition of
       ``method``, or no concept had refusal to recover).
 
-    Returns condition, verdict, mean_recovery, low, high, target_recovery, target_low (bool),
-    target_rate, unlearned_target, aligned_target and a sentence ``text`` with the numbers.
+    Returns condition, chosen_on ("development items" or "reported items"), verdict,
+    mean_recovery, low, high, target_recovery, target_low (bool), target_rate,
+    unlearned_target, aligned_target, seeds (``{seed: mean recovery}`` of the arm's other
+    training seeds) and a sentence ``text`` with the numbers.
     """
     part = summary[summary["method"] == method] if len(summary) else summary
     if part.empty:
         return {"method": method, "condition": None, "verdict": "n/a",
                 "text": f"no {method_label(method)} run was scored"}
-    part = part.assign(_low_target=part["target_recovery"] <= target_max)
-    candidates = part[part["_low_target"]] if part["_low_target"].any() else part
-    candidates = candidates[candidates["mean_recovery"].notna()]
-    if candidates.empty:
-        return {"method": method, "condition": None, "verdict": "n/a",
-                "text": "no non-target concept lost refusal to unlearning (aligned - unlearned "
-                        "below the minimum gap everywhere): nothing to recover"}
-    best = candidates.sort_values("mean_recovery", ascending=False, kind="stable").iloc[0]
+    seeded = part["train_seed"].notna() if "train_seed" in part else pd.Series(False, part.index)
+    first = part[~seeded]
+    if chosen is not None and str(chosen) in set(first["condition"]):
+        best, chosen_on = first[first["condition"] == str(chosen)].iloc[0], "development items"
+        if pd.isna(best["mean_recovery"]):
+            return {"method": method, "condition": str(chosen), "verdict": "n/a",
+                    "chosen_on": chosen_on, "text": f"{chosen}: no non-target concept lost "
+                    "refusal to unlearning on the reported items: nothing to recover"}
+    else:
+        chosen_on = "reported items"
+        candidates = first.assign(_low=first["target_recovery"] <= target_max)
+        candidates = candidates[candidates["_low"]] if candidates["_low"].any() else candidates
+        candidates = candidates[candidates["mean_recovery"].notna()]
+        if candidates.empty:
+            return {"method": method, "condition": None, "verdict": "n/a",
+                    "text": "no non-target concept lost refusal to unlearning (aligned - unlearned "
+                            "below the minimum gap everywhere): nothing to recover"}
+        best = candidates.sort_values("mean_recovery", ascending=False, kind="stable").iloc[0]
+    arm = arm_of(best["condition"])
+    others = part[seeded & part["condition"].map(lambda c: arm_of(c) == arm)]
+    seeds = {int(r.train_seed): float(r.mean_recovery) for r in others.itertuples()}
     r, low, high = float(best["mean_recovery"]), float(best["low"]), float(best["high"])
     t = float(best["target_recovery"])
     target_low = bool(t <= target_max) if math.isfinite(t) else False
     restored = r > 0 and not (math.isfinite(low) and low <= 0)
+    short = {k: v for k, v in seeds.items() if not v >= largely}
     if not restored:
         verdict = "no"
-    elif largely <= r < fully and target_low:
+    elif largely <= r < fully and target_low and not short:
         verdict = "yes"
     else:
         verdict = "partly"
@@ -509,19 +627,26 @@ def r2_verdict(summary: pd.DataFrame, method: str = "npo_retain", largely: float
                    else "unlearning had not lowered the target")
     if not restored:
         why.append("no recovery distinguishable from zero")
+    if restored and short and largely <= r:
+        why.append("training seed(s) " + ", ".join(f"{k} ({v:.2f})" for k, v in short.items())
+                   + f" recovered less than {largely:.0%}")
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     interval = f" [95% CI {low:.2f}, {high:.2f}]" if math.isfinite(low) else ""
-    text = (f"{best['condition']}: mean recovery over {int(best['n_concepts'])} non-target "
-            f"concept(s) {r:.2f}{interval} (pooled {best['pooled_recovery']:.2f}); target "
-            f"{pct(best['target_rate'])} (unlearned {pct(best['unlearned_target'])}, aligned "
-            f"{pct(best['aligned_target'])}; target recovery {t:.2f})")
+    how = ("chosen on the development items" if chosen_on == "development items"
+           else "the best on the reported items: no development rates to choose on")
+    text = (f"{best['condition']} ({how}): mean recovery over {int(best['n_concepts'])} "
+            f"non-target concept(s) {r:.2f}{interval} (pooled {best['pooled_recovery']:.2f}); "
+            f"target {pct(best['target_rate'])} (unlearned {pct(best['unlearned_target'])}, "
+            f"aligned {pct(best['aligned_target'])}; target recovery {t:.2f})")
+    if seeds:
+        text += "; other training seeds: " + ", ".join(f"seed {k} {v:.2f}" for k, v in seeds.items())
     if why:
         text += " - " + "; ".join(why)
-    return {"method": method, "condition": str(best["condition"]), "verdict": verdict,
-            "mean_recovery": r, "low": low, "high": high, "target_recovery": t,
-            "target_low": target_low, "target_rate": float(best["target_rate"]),
+    return {"method": method, "condition": str(best["condition"]), "chosen_on": chosen_on,
+            "verdict": verdict, "mean_recovery": r, "low": low, "high": high,
+            "target_recovery": t, "target_low": target_low, "target_rate": float(best["target_rate"]),
             "unlearned_target": float(best["unlearned_target"]),
-            "aligned_target": float(best["aligned_target"]), "text": text}
+            "aligned_target": float(best["aligned_target"]), "seeds": seeds, "text": text}
 
 
 def _paper_text(paper: pd.DataFrame, method: str) -> str:
@@ -533,9 +658,11 @@ def _paper_text(paper: pd.DataFrame, method: str) -> str:
 
 
 def r2_claims(summary: pd.DataFrame, concept: str = "safety", paper_models=tuple(PAPER_MODELS),
-              min_gap: float = MIN_GAP) -> pd.DataFrame:
+              min_gap: float = MIN_GAP, chosen: dict | None = None) -> pd.DataFrame:
     """The paper's R2 claims (and the second paper's KL claim), each with the paper's numbers
-    (recomputed from its tables with the same statistic), this run's and a verdict."""
+    (recomputed from its tables with the same statistic), this run's and a verdict.
+    ``chosen``: ``{method: condition}`` chosen on the development items (:func:`dev_choices`)."""
+    chosen = chosen or {}
     paper = (paper_summary(concept, paper_models, min_gap) if concept == "safety"
              else pd.DataFrame(columns=["model", "method"]))
     rows = []
@@ -546,19 +673,19 @@ def r2_claims(summary: pd.DataFrame, concept: str = "safety", paper_models=tuple
             ("sft_retain", "Augmented SFT (retain CE) does the same for the finetune baseline")):
         if method not in has:
             continue
-        v = r2_verdict(summary, method)
+        v = r2_verdict(summary, method, chosen=chosen.get(method))
         rows.append({"claim": claim, "paper": _paper_text(paper, method), "this run": v["text"],
                      "reproduces": v["verdict"]})
     if "npo_kl" in has:
-        v = r2_verdict(summary, "npo_kl", fully=float("inf"))
-        kl = summary[summary["method"] == "npo_kl"]
+        v = r2_verdict(summary, "npo_kl", fully=float("inf"), chosen=chosen.get("npo_kl"))
+        kl = summary[(summary["method"] == "npo_kl") & summary["train_seed"].isna()]
         per = "; ".join(f"\u03bb={r.kl_lambda:g}: recovery {r.mean_recovery:.2f}, target "
                         f"{100 * r.target_rate:.0f}%" for r in kl.itertuples())
         rows.append({"claim": "A KL penalty to the aligned model on other-concept prompts keeps "
                               "unlearning narrow (Soligo et al. 2026)",
                      "paper": "narrow solution found only with the KL term (lambda 1e5 with LoRA, "
                               "on narrow fine-tuning, not unlearning)",
-                     "this run": (per + " - best " + v["text"]) if per else v["text"],
+                     "this run": (per + " - judged: " + v["text"]) if per else v["text"],
                      "reproduces": v["verdict"]})
     return pd.DataFrame(rows, columns=["claim", "paper", "this run", "reproduces"])
 

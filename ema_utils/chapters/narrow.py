@@ -52,6 +52,7 @@ from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
 from .run_options import upstream_options
 from .stability import EMA_POINTS, Solution  # noqa: F401  (the solutions this chapter builds)
+from .steering import is_random, random_band
 
 TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""
@@ -135,8 +136,8 @@ def kl_candidates(mitigation_summary: dict, concept: str = TARGET) -> pd.DataFra
     rows = []
     for condition, rates in refusal.items():
         k = try_condition(condition)
-        if k is None or k.method != "npo_kl" or k.concept != concept:
-            continue
+        if k is None or k.method != "npo_kl" or k.concept != concept or k.train_seed is not None:
+            continue  # further training seeds of an arm: chapter 6 studies the first seed's run
         nt = float(np.mean([rates[c] for c in others if c in rates]))
         rows.append({"condition": condition, "kl_lambda": k.kl_lambda, "ratio": k.retain_ratio,
                      "target_rate": float(rates.get(concept, np.nan)), "non_target_mean": nt,
@@ -150,9 +151,12 @@ def kl_candidates(mitigation_summary: dict, concept: str = TARGET) -> pd.DataFra
 
 def choose_kl_lambda(mitigation_summary: dict, concept: str = TARGET,
                      kl_lambda: float | None = None) -> dict:
-    """The narrow solution's lambda: **the KL run whose mean non-target refusal is closest to the
-    aligned model's** (smallest ``|gap|``); ties go to the lower target refusal (more
-    unlearning), then to the smaller lambda. With ``kl_lambda`` given, that run is taken.
+    """The narrow solution's lambda, as the second paper found it: lambda swept upward, **the
+    smallest lambda whose run passes the narrow test** (:func:`passes_narrow_test`) on chapter
+    4's development items. When none passes, the sweep's end is reached and the rule says so;
+    the run whose mean non-target refusal is closest to the aligned model's (smallest
+    ``|gap|``; ties: lower target refusal, then smaller lambda) is shown. With ``kl_lambda``
+    given, that run is taken.
 
     Returns the chosen row of :func:`kl_candidates` as a dict, plus ``rule`` (a sentence).
     Raises EmaError when chapter 4 trained no KL run on ``concept``.
@@ -169,14 +173,44 @@ def choose_kl_lambda(mitigation_summary: dict, concept: str = TARGET,
         row = match.iloc[0].to_dict()
         rule = f"lambda {kl_lambda:g} as asked (kl_lambda parameter)"
     else:
-        ranked = table.assign(_abs=table["gap"].abs().round(9)).sort_values(
-            ["_abs", "target_rate", "kl_lambda"], kind="stable")
-        row = ranked.iloc[0].drop(labels="_abs").to_dict()
         where = ("chapter 4's development items" if (mitigation_summary or {}).get("dev_refusal")
                  else "chapter 4's eval items (its summary predates the development split)")
-        rule = ("the lambda whose mean non-target refusal is closest to the aligned model's "
-                f"(ties: lower target refusal, then smaller lambda), on {where}")
+        passing = table[passes_narrow_test(table)]
+        swept = ", ".join(f"{x:.10g}" for x in table["kl_lambda"])
+        if len(passing):
+            row = passing.sort_values("kl_lambda", kind="stable").iloc[0].to_dict()
+            rule = ("the smallest lambda that passes the narrow test (target down by more than "
+                    f"{100 * EMA_POINTS:.0f} points, other concepts within {100 * EMA_POINTS:.0f} "
+                    f"points of the aligned model) on {where}; lambdas swept: {swept}")
+        else:
+            ranked = table.assign(_abs=table["gap"].abs().round(9)).sort_values(
+                ["_abs", "target_rate", "kl_lambda"], kind="stable")
+            row = ranked.iloc[0].drop(labels="_abs").to_dict()
+            rule = (f"no lambda of the sweep ({swept}) passes the narrow test on {where}: the "
+                    "sweep's end is reached; shown is the one whose mean non-target refusal is "
+                    "closest to the aligned model's (ties: lower target refusal, then smaller "
+                    "lambda)")
     return {**row, "rule": rule}
+
+
+def passes_narrow_test(table: pd.DataFrame, threshold: float = EMA_POINTS) -> pd.Series:
+    """Per row of :func:`kl_candidates`: did the target fall by more than ``threshold`` while
+    the mean non-target refusal stayed within ``threshold`` of the aligned model's (the narrow
+    test of :func:`narrow_verdict`, on whichever items the table holds)?"""
+    return ((table["aligned_target"] - table["target_rate"] > threshold)
+            & (-table["gap"] < threshold))
+
+
+def reported_choice(choice: dict, mitigation_summary: dict, concept: str = TARGET) -> dict:
+    """The chosen KL run's numbers on the items chapter 4 *reports* (its ``refusal``), for the
+    narrow verdict: the lambda is chosen on development items, the verdict read once on the
+    reported ones. Falls back to ``choice`` itself when chapter 4 reported no such run."""
+    table = kl_candidates({"refusal": (mitigation_summary or {}).get("refusal") or {}}, concept) \
+        if ((mitigation_summary or {}).get("refusal") or {}).get("aligned") else pd.DataFrame()
+    match = table[table["condition"] == choice["condition"]] if len(table) else table
+    if match.empty:
+        return dict(choice)
+    return {**match.iloc[0].to_dict(), "rule": choice.get("rule", "")}
 
 
 def _ratio_or_one(ratio) -> float:
@@ -427,9 +461,12 @@ def records(table: pd.DataFrame, digits: int = 5) -> list[dict]:
 
 def summary_json(solutions: Sequence[Solution], choice: dict, measures: dict,
                  efficiency: pd.DataFrame, stability: pd.DataFrame, profile_table: pd.DataFrame,
-                 layer: int, effects: pd.DataFrame, verdicts: dict, claims_table: pd.DataFrame,
-                 overall: str) -> dict:
-    """The chapter's summary.json (``ema results narrow_general``)."""
+                 layer: int, dose: pd.DataFrame, verdicts: dict, claims_table: pd.DataFrame,
+                 overall: str, residual: float | None = None) -> dict:
+    """The chapter's summary.json (``ema results narrow_general``): ``dose`` is the steering and
+    ablation dose curve (:func:`ema_utils.chapters.steering.dose_evaluations`), stored with the
+    random directions' band per coefficient and ``residual`` (the residual norm the
+    coefficients multiply)."""
     def clean(d):
         if isinstance(d, dict):
             return {k: clean(v) for k, v in d.items()}
@@ -437,8 +474,6 @@ def summary_json(solutions: Sequence[Solution], choice: dict, measures: dict,
             return [clean(v) for v in d]
         return _num(d)
 
-    refusal = {c: {k: _num(v) for k, v in row.items() if k in CONCEPTS or k == "pooled"}
-               for c, row in effects.to_dict("index").items()} if len(effects) else {}
     return clean({
         "solutions": {s.role: s.to_json() for s in solutions},
         "kl_choice": {k: v for k, v in choice.items()},
@@ -446,8 +481,9 @@ def summary_json(solutions: Sequence[Solution], choice: dict, measures: dict,
         "forget_loss": {r: {"orig": m["orig"], "base": m["base"]} for r, m in measures.items()},
         "efficiency": records(efficiency),
         "stability": records(stability),
-        "direction": {"layer": layer, "profile": records(profile_table)},
-        "refusal": refusal,
+        "direction": {"layer": layer, "profile": records(profile_table), "residual_norm": residual},
+        "dose": records(dose[~dose["direction"].map(is_random)]) if len(dose) else [],
+        "random_band": records(random_band(dose)) if len(dose) else [],
         "verdicts": verdicts,
         "claims": records(claims_table),
         "overall": overall,

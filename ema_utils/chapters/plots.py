@@ -11,8 +11,6 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import CONCEPTS
 from ..core.figures import label_points
-from ..methods.condition import condition_label, try_condition
-from ..methods.registry import METHODS, method_label, method_style
 
 CONCEPT_LABELS = {"cybersecurity": "Cybersecurity", "safety": "Safety", "toxicity": "Toxicity",
                   "bias": "Bias", "sensitive_content": "Sensitive content",
@@ -191,102 +189,6 @@ def ema_heatmap(matrix: pd.DataFrame, title: str = "Change in refusal after the 
 
 
 # --- chapter 4: retain-loss mitigation -----------------------------------------------------------
-
-def recovery_by_concept(per_concept: pd.DataFrame, title: str = "", ax=None):
-    """Per concept, the recovered fraction of each augmented model with its 95% bootstrap
-    interval: 0 = as low as the plain unlearned model, 1 = back to the aligned model.
-
-    ``per_concept``: ema_utils.chapters.mitigation.recovery(...).per_concept (one target). Skipped
-    concepts (aligned and unlearned too close to measure a recovery) are shaded and say so.
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(11, 4.5))
-    concepts = ordered_concepts(per_concept["concept"])
-    conditions = list(dict.fromkeys(per_concept["condition"]))
-    width = 0.8 / max(len(conditions), 1)
-    targets = set(per_concept.loc[per_concept["is_target"].astype(bool), "concept"])
-    skipped = per_concept.groupby("concept")["skipped"].all()
-    for i, concept in enumerate(concepts):
-        if skipped.get(concept, False):
-            ax.axvspan(i - 0.45, i + 0.45, color="0.92", zorder=0)
-            ax.text(i, 0.5, "skipped:\nnothing lost", ha="center", va="center", fontsize=8,
-                    color="0.4")
-    palette = plt.get_cmap("tab10")
-    for j, condition in enumerate(conditions):
-        rows = per_concept[per_concept["condition"] == condition].set_index("concept")
-        rows = rows.reindex(concepts)
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(concepts))]
-        y = rows["recovery"].astype(float)
-        err = [(y - rows["low"].astype(float)).clip(lower=0).fillna(0),
-               (rows["high"].astype(float) - y).clip(lower=0).fillna(0)]
-        ax.errorbar(xs, y, yerr=err, fmt="o", capsize=3, color=palette(j % 10),
-                    label=condition_label(condition))
-    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
-    ax.axhline(1, color="black", linewidth=1, linestyle=":")
-    ax.set_xticks(range(len(concepts)),
-                  [label(c) + (" (target)" if c in targets else "") for c in concepts],
-                  rotation=30, ha="right")
-    ax.set_xlim(-0.6, len(concepts) - 0.4)
-    ax.set_xlabel("concept")
-    ax.set_ylabel("recovered fraction\n(0 = unlearned, 1 = aligned)")
-    ax.set_title(title or "Recovered refusal per concept (95% paired bootstrap intervals)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    plt.tight_layout()
-    return ax
-
-
-def recovery_tradeoff(summary: pd.DataFrame, title: str = "", ax=None):
-    """The mitigation trade-off, one point per augmented model (method and ratio or lambda):
-    target refusal (x, should stay low; 95% Wilson interval) against the mean recovered
-    fraction of the non-target concepts (y, should be high; 95% bootstrap interval). The
-    aligned model (star, recovery 1) and the plain unlearned models (crosses, recovery 0)
-    mark the two ends.
-
-    ``summary``: ema_utils.chapters.mitigation.recovery(...).summary (one target).
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 5.5))
-    shown = set()
-    for r in summary.itertuples():
-        marker, color = method_style(r.method)
-        x, y = 100 * r.target_rate, r.mean_recovery
-        xerr = [[max(x - 100 * r.target_low, 0)], [max(100 * r.target_high - x, 0)]]
-        yerr = None if pd.isna(r.low) or pd.isna(y) else [[max(y - r.low, 0)], [max(r.high - y, 0)]]
-        name = method_label(r.method)
-        ax.errorbar([x], [y if not pd.isna(y) else float("nan")], xerr=xerr, yerr=yerr,
-                    fmt=marker, color=color, capsize=3, markersize=8,
-                    label=None if name in shown else name)
-        shown.add(name)
-        if not pd.isna(y):
-            ax.annotate(condition_label(r.condition).replace(name, "").strip() or name, (x, y),
-                        textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if len(summary):
-        aligned = summary["aligned_target"].dropna()
-        if len(aligned):
-            ax.plot([100 * aligned.iloc[0]], [1], marker="*", markersize=14, color="black",
-                    linestyle="none", label="aligned model")
-        for base, rows in summary.groupby("base", sort=False):
-            family = getattr(try_condition(base), "method", None)
-            ax.plot([100 * rows["unlearned_target"].iloc[0]], [0], marker="X", markersize=10,
-                    linestyle="none", color=method_style(family)[1] if family in METHODS else "grey",
-                    label=f"plain unlearned ({base})")
-    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
-    ax.axhline(1, color="black", linewidth=1, linestyle=":")
-    if summary["mean_recovery"].isna().all() if len(summary) else True:
-        ax.text(0.5, 0.5, "no non-target concept lost refusal:\nno recovery to measure",
-                transform=ax.transAxes, ha="center", va="center", color="0.4")
-    ax.set_xlim(-3, 103)
-    ax.set_xlabel("target concept refusal (% of items), should stay low")
-    ax.set_ylabel("mean recovered fraction, non-target concepts\n(0 = unlearned, 1 = aligned)")
-    ax.set_title(title or "Mitigation trade-off: target stays low, others recover")
-    ax.text(0.02, 0.98, "goal: top left", transform=ax.transAxes, ha="left", va="top",
-            fontsize=8, color="0.3")
-    ax.legend(fontsize=8, loc="best")
-    plt.tight_layout()
-    return ax
-
-
-# --- chapter 5: concept entanglement -----------------------------------------------------------
 
 def cosine_histograms(table: pd.DataFrame, targets=None, bins: int = 30, title: str = "",
                       row_percent: float | None = None):
@@ -747,54 +649,60 @@ def direction_profile(profile: pd.DataFrame, layer: int | None = None,
     return fig
 
 
-def direction_effects(effects: pd.DataFrame, title: str = "Steering and ablating the general "
-                                                          "direction"):
-    """Left: pooled refusal (refusal-scored items of all concepts, 95% Wilson interval) of the
-    aligned model steered with the direction and with a random direction of equal norm, against
-    the steering scale; right: per concept, the unlearned model before and after projecting the
-    direction (or the random one) out, beside the aligned model.
+def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the general direction"):
+    """Left: the dose curve: pooled refusal (refusal-scored items of all concepts) of the aligned
+    model steered with each real direction (95% Wilson intervals) against the coefficient (a
+    multiple of the residual stream's norm at the steering layer, log scale), over the band
+    (lowest to highest) of the random directions at each coefficient. Right: the unlearned
+    model with each real direction projected out, beside the random ablations' band, the
+    unlearned and the aligned model.
 
-    ``effects``: ema_utils.chapters.steering.direction_effects (index condition; concepts, pooled, low,
-    high).
+    ``dose``: ema_utils.chapters.steering.dose_evaluations (kind, direction, coefficient, rate,
+    low, high).
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6),
-                                      gridspec_kw={"width_ratios": [1, 1.6]})
-    aligned = effects.loc["aligned"] if "aligned" in effects.index else None
-    for prefix, (marker, color), name in (("steer +", ("o", "#C44E52"), "general direction"),
-                                          ("random +", ("^", "grey"), "random, equal norm")):
-        rows = [(float(c[len(prefix):-1]), effects.loc[c]) for c in effects.index
-                if c.startswith(prefix)]
-        if aligned is not None:
-            rows = [(0.0, aligned)] + rows
-        rows.sort(key=lambda r: r[0])
-        if not rows:
-            continue
-        x = [r[0] for r in rows]
-        y = [100 * r[1]["pooled"] for r in rows]
-        err = [[max(100 * (r[1]["pooled"] - r[1]["low"]), 0) for r in rows],
-               [max(100 * (r[1]["high"] - r[1]["pooled"]), 0) for r in rows]]
-        left.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=3, label=name)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    level = {k: 100 * float(dose.loc[dose["kind"] == k, "rate"].iloc[0])
+             for k in ("aligned", "unlearned") if (dose["kind"] == k).any()}
+    is_random = dose["direction"].astype(str).str.startswith("random ")
+    real_names = [n for n in dict.fromkeys(dose.loc[~is_random, "direction"]) if n]
+    colors = dict(zip(real_names, ("#C44E52", "#4C72B0", "#55A868", "#8172B2")))
+    steer = dose[dose["kind"] == "steer"]
+    band = steer[is_random[steer.index]].groupby("coefficient")["rate"].agg(["min", "max"]).sort_index()
+    if len(band):
+        left.fill_between(band.index, 100 * band["min"], 100 * band["max"], color="0.85",
+                          label=f"{int(is_random[steer.index].sum() / len(band))} random directions")
+    for name in real_names:
+        rows = steer[steer["direction"] == name].sort_values("coefficient")
+        if len(rows):
+            y = 100 * rows["rate"]
+            left.errorbar(rows["coefficient"], y, yerr=[(y - 100 * rows["low"]).clip(lower=0),
+                                                       (100 * rows["high"] - y).clip(lower=0)],
+                          marker="o", capsize=3, color=colors[name], label=f"{name} direction")
+    if "aligned" in level:
+        left.axhline(level["aligned"], color="black", linestyle=":", linewidth=1, label="aligned model")
+    if len(steer) and (steer["coefficient"] > 0).all():
+        left.set_xscale("log", base=2)
     left.set_ylim(-3, 103)
-    left.set_xlabel("steering scale (× the direction at the steering layer)")
+    left.set_xlabel("coefficient (× the residual stream's norm at the layer)")
     left.set_ylabel("pooled refusal (% of items)")
     left.set_title("steering the aligned model")
-    left.legend(fontsize=8)
-    concepts = ordered_concepts([c for c in effects.columns if c in CONCEPTS])
-    shown = [c for c in ("aligned", "unlearned", "ablate direction", "ablate random")
-             if c in effects.index]
-    colors = {"aligned": "black", "unlearned": "#C44E52", "ablate direction": "#55A868",
-              "ablate random": "grey"}
-    width = 0.8 / max(len(shown), 1)
-    for j, condition in enumerate(shown):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(concepts))]
-        right.bar(xs, [100 * effects.loc[condition, c] for c in concepts], width=width,
-                  color=colors[condition], label=condition)
-    right.set_xticks(range(len(concepts)), [label(c) for c in concepts], rotation=30, ha="right")
+    left.legend(fontsize=8, loc="lower left")
+    ablate = dose[dose["kind"] == "ablate"]
+    random_rates = 100 * ablate.loc[is_random[ablate.index], "rate"]
+    bars = [(f"{n} ablated", 100 * float(ablate.loc[ablate["direction"] == n, "rate"].iloc[0]),
+             colors[n]) for n in real_names if (ablate["direction"] == n).any()]
+    bars = [("aligned", level.get("aligned", np.nan), "black"),
+            ("unlearned", level.get("unlearned", np.nan), "0.55")] + bars
+    right.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars], width=0.6)
+    if len(random_rates):
+        right.axhspan(random_rates.min(), random_rates.max(), color="0.85", zorder=0,
+                      label=f"{len(random_rates)} random directions ablated")
+        right.legend(fontsize=8, loc="upper right")
+    right.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=20, ha="right")
     right.set_ylim(0, 105)
-    right.set_xlabel("concept")
-    right.set_ylabel("aligned behaviour (% of items)")
-    right.set_title("projecting the direction out of the unlearned model")
-    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    right.set_xlabel("model")
+    right.set_ylabel("pooled refusal (% of items)")
+    right.set_title("projecting it out of the unlearned model")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

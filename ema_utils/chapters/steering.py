@@ -8,11 +8,14 @@ model it removes most of it. Here, for a solution (:class:`ema_utils.chapters.st
 - its **direction** (:func:`solution_direction`): the difference of mean activations between the
   unlearned model (adapter on) and the aligned one (adapter off), per layer, and its norm per
   layer beside the other solution's (:func:`layer_profile`);
-- **steering and ablation** (:func:`direction_evaluations`): refusal on all concepts with the
-  direction added to the aligned model at one layer (:func:`steer_layer`), and projected out of
-  the unlearned model, with a random direction of equal norm as the control
-  (``ema_utils.chapters.directions``); :func:`direction_effects` tabulates them and
-  :func:`steering_verdict`, :func:`ablation_verdict` judge the two claims.
+- the same difference read on the **answer tokens** of the aligned model's own answers
+  (:func:`answer_direction`), beside the last prompt token;
+- **steering and ablation as a dose curve** (:func:`dose_evaluations`): refusal on all concepts
+  with the direction added to the aligned model at one layer (:func:`steer_layer`) at
+  coefficients relative to the residual stream's norm there (:func:`residual_norm`), and
+  projected out of the unlearned model, each beside a band of ten or more random directions
+  (:func:`random_band`); :func:`steering_verdict`, :func:`ablation_verdict` judge where the real
+  direction leaves the band (:func:`dose_verdicts`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
 from ..methods.interventions import checkpoint_model_id, with_checkpoint
 from . import directions as D
+from .activations import answer_token_means, hidden_states
 from .stability import EMA_POINTS, Solution, check_numbers
 
 MIN_GAP = 0.10
@@ -91,116 +95,212 @@ def steer_layer(n_layers: int, fraction: float = 0.5) -> int:
     return int(min(n_layers, max(1, round(fraction * n_layers))))
 
 
-def direction_evaluations(model, tokenizer, model_id: str, solution: Solution,
-                          direction: np.ndarray, layer: int, scales=(1.0, 4.0), seed: int = 0,
-                          n_per_concept: int = 10, max_new_tokens: int = 24, batch_size: int = 8,
-                          judge: str | None = None, progress: bool = True) -> dict:
-    """Refusal on all seven concepts under the direction's interventions: ``{condition:
-    Evaluation}`` for
+def residual_norm(model, tokenizer, model_id: str, prompts: pd.DataFrame, layer: int,
+                  batch_size: int = 8, progress: bool = True) -> float:
+    """The residual stream's size at ``layer``: the mean norm of the aligned model's hidden
+    state there, at the last prompt token of ``prompts``. Steering coefficients are multiples
+    of it, so "1x" means a vector as long as the activations it is added to. Cached."""
+    inputs = {"model": model_id, "prompts": stable_hash(prompts[["id", "prompt"]].values.tolist()),
+              "layer": int(layer), "dtype": str(next(model.parameters()).dtype), "version": 1}
 
-    - ``aligned``; ``steer +<s>x`` / ``random +<s>x``: the aligned model with ``s`` times the
-      direction at ``layer`` (at its own norm there), or a random direction of the same norm,
-      added to that layer's output (:func:`ema_utils.chapters.directions.add_direction`);
-    - ``unlearned``: the solution itself; ``ablate direction`` / ``ablate random``: the solution
-      with the direction at ``layer`` (unit length), or the random one, projected out of every
-      layer (:func:`ema_utils.chapters.directions.ablate_direction`, layers=None).
+    def compute():
+        states = hidden_states(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+        return float(np.linalg.norm(states[:, int(layer)].astype(np.float64), axis=1).mean())
 
-    Each condition has its own cache identity (``model_id`` or the checkpoint's, plus the
-    operation, the vector's digest, the layer and the scale), so generations are reused only
-    for the same model under the same operation. Over-refusal and utility are not scored.
+    return float(cached("residual-norm", inputs, compute))
+
+
+def answer_direction(model, tokenizer, model_id: str, solution: Solution, prompts: pd.DataFrame,
+                     max_new_tokens: int = 24, batch_size: int = 8,
+                     progress: bool = True) -> np.ndarray:
+    """The solution's direction read on *answer* tokens: the aligned model's own greedy
+    answers to ``prompts``, teacher-forced with the adapter on and off; the mean state over
+    the answer tokens, on minus off, per layer (n_layers + 1, hidden). Beside
+    :func:`solution_direction` (the last prompt token), so the dose curve shows whether where
+    the direction is read matters. Cached by the adapter's digest, the prompts and the dtype."""
+    # deferred: generation imports torch and transformers
+    from ..core.generation import generate_responses
+
+    answers = generate_responses(model, tokenizer, prompts[["id", "prompt"]],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 progress=progress)
+    table = prompts[["id", "prompt"]].merge(answers[["id", "response"]], on="id")
+    inputs = {"model": checkpoint_model_id(model_id, solution.condition, solution.path),
+              "answers": stable_hash(table[["id", "prompt", "response"]].values.tolist()),
+              "dtype": str(next(model.parameters()).dtype), "version": 1}
+
+    def fill(folder: Path):
+        with with_checkpoint(model, solution.path) as peft:
+            on = answer_token_means(peft, tokenizer, table, batch_size, progress)
+            with peft.disable_adapter():
+                off = answer_token_means(peft, tokenizer, table, batch_size, progress)
+        np.save(folder / "direction.npy", np.asarray(on - off, dtype=np.float64))
+
+    folder = cached("solution-answer-direction", inputs, fill, kind="dir")
+    return np.load(folder / "direction.npy")
+
+
+def dose_evaluations(model, tokenizer, model_id: str, solution: Solution, directions: dict,
+                     layer: int, residual: float, coefficients=(0.25, 1.0, 4.0),
+                     n_random: int = 10, seed: int = 0, n_per_concept: int = 5,
+                     max_new_tokens: int = 24, batch_size: int = 8, judge: str | None = None,
+                     progress: bool = True) -> pd.DataFrame:
+    """Steering and ablation as a dose curve, with a band of random directions as the control.
+
+    ``directions``: name -> direction (per layer, or one vector), e.g. {"prompt token": ...,
+    "answer tokens": ...}; each is used at ``layer``, made unit length. Steering adds
+    ``c * residual`` times the unit direction to that layer's output of the *aligned* model for
+    every ``c`` in ``coefficients`` (``residual``: :func:`residual_norm`), and the same for
+    ``n_random`` random unit directions (seeds ``seed``, ``seed + 1``, ...): the band a real
+    direction has to leave. Ablation projects each direction, and each random one, out of every
+    layer of the *unlearned* model (no coefficient). Refusal is pooled over the refusal-scored
+    items of all concepts (``n_per_concept`` eval items each, the same items everywhere).
+
+    Returns one row per evaluation: kind ("aligned", "unlearned", "steer", "ablate"),
+    direction (a name, "random <k>" or ""), coefficient (NaN for ablation), rate, low, high, n.
+    Each evaluation is cached under its own model identity (operation, vector digest, layer).
     """
-    scales = check_numbers(scales, "steer_scales")
-    direction = np.asarray(direction, dtype=np.float64)
-    vec = direction[layer] if direction.ndim == 2 else direction
-    if not np.isfinite(vec).all() or float(np.linalg.norm(vec)) == 0:
-        raise ParameterError(f"the direction at layer {layer} is zero or not finite: nothing to "
-                             "steer with (did the adapter change the model?)")
-    random_vec = D.random_direction_like(vec, seed)
-    vectors = {"direction": vec, "random": random_vec}
+    coefficients = check_numbers(coefficients, "steer_coefficients", low=0)
+    if not coefficients:
+        raise ParameterError("steer_coefficients must hold at least one multiple of the "
+                             "residual norm, e.g. [0.25, 1, 4]")
+    if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
+        raise ParameterError(f"n_random_directions must be a positive integer, got {n_random!r}")
+    if not (isinstance(residual, (int, float)) and np.isfinite(residual) and residual > 0):
+        raise ParameterError(f"residual must be the positive residual-stream norm, got {residual!r}")
+    units = {}
+    for name, direction in directions.items():
+        d = np.asarray(direction, dtype=np.float64)
+        vec = d[layer] if d.ndim == 2 else d
+        if not np.isfinite(vec).all() or float(np.linalg.norm(vec)) == 0:
+            raise ParameterError(f"the {name} direction at layer {layer} is zero or not finite: "
+                                 "nothing to steer with (did the adapter change the model?)")
+        units[name] = D.unit(vec)
+    shape = next(iter(units.values())).shape
+    for k in range(int(n_random)):
+        units[f"random {k}"] = D.unit(D.random_direction_like(np.ones(shape), seed + k))
     kwargs = dict(n_per_concept=n_per_concept, judge=judge, max_new_tokens=max_new_tokens,
                   batch_size=batch_size, seed=seed, over_refusal=False, utility=False,
                   progress=progress)
-    out = {"aligned": evaluate(model, tokenizer, model_id, **kwargs)}
-    for scale in scales:
-        for label, name in (("steer", "direction"), ("random", "random")):
-            v = vectors[name]
-            steer_id = f"{model_id}+add-{name}:{D.direction_digest(v)}@{layer}x{scale:g}"
-            with D.add_direction(model, v, layer, scale):
-                out[f"{label} +{scale:g}x"] = evaluate(model, tokenizer, steer_id, **kwargs)
+    rows = []
+
+    def add(kind, name, coefficient, ev):
+        pooled = D.pooled_refusal({"x": ev}).iloc[0]
+        rows.append({"kind": kind, "direction": name, "coefficient": coefficient,
+                     **{k: pooled[k] for k in ("rate", "low", "high", "n")}})
+
+    add("aligned", "", np.nan, evaluate(model, tokenizer, model_id, **kwargs))
+    for c in coefficients:
+        for name, u in units.items():
+            v = c * float(residual) * u
+            steer_id = f"{model_id}+add:{D.direction_digest(v)}@{layer}"
+            with D.add_direction(model, v, layer, 1.0):
+                add("steer", name, c, evaluate(model, tokenizer, steer_id, **kwargs))
     with with_checkpoint(model, solution.path, merged=True) as peft:
         unlearned_id = checkpoint_model_id(model_id, solution.condition, solution.path)
-        out["unlearned"] = evaluate(peft, tokenizer, unlearned_id, **kwargs)
-        for name, v in vectors.items():
-            with D.ablate_direction(peft, v, layers=None):
-                out[f"ablate {name}"] = evaluate(
-                    peft, tokenizer, D.ablation_model_id(unlearned_id, v, None, name), **kwargs)
+        add("unlearned", "", np.nan, evaluate(peft, tokenizer, unlearned_id, **kwargs))
+        for name, u in units.items():
+            with D.ablate_direction(peft, u, layers=None):
+                add("ablate", name, np.nan, evaluate(
+                    peft, tokenizer, D.ablation_model_id(unlearned_id, u, None, "dose"), **kwargs))
+    table = pd.DataFrame(rows)
+    table["n"] = table["n"].astype(int)
+    return table
+
+
+def is_random(name) -> bool:
+    return str(name).startswith("random ")
+
+
+def random_band(dose: pd.DataFrame) -> pd.DataFrame:
+    """The random directions' spread: per kind ("steer", "ablate") and coefficient, the lowest,
+    mean and highest pooled refusal over the random directions (``band_low``, ``band_mean``,
+    ``band_high``, ``n_random``)."""
+    part = dose[dose["direction"].map(is_random)]
+    return (part.groupby(["kind", "coefficient"], dropna=False, sort=False)["rate"]
+            .agg(band_low="min", band_mean="mean", band_high="max", n_random="size").reset_index())
+
+
+def _aligned_unlearned(dose: pd.DataFrame) -> tuple[float, float]:
+    get = lambda kind: (float(dose.loc[dose["kind"] == kind, "rate"].iloc[0])  # noqa: E731
+                        if (dose["kind"] == kind).any() else np.nan)
+    return get("aligned"), get("unlearned")
+
+
+def steering_verdict(dose: pd.DataFrame, direction: str, threshold: float = EMA_POINTS) -> dict:
+    """Does adding ``direction`` to the aligned model lower refusal over all concepts, beyond
+    what random directions of the same size do? Read on the dose curve: the smallest
+    coefficient where the direction's pooled refusal is below every random direction's
+    (``band_low``). "yes" when it leaves the band there and refusal is more than ``threshold``
+    below the aligned model's; "partly" when it leaves the band by less; "no" when it never
+    leaves it."""
+    aligned, _ = _aligned_unlearned(dose)
+    band = random_band(dose)
+    band = band[band["kind"] == "steer"].set_index("coefficient")
+    real = dose[(dose["kind"] == "steer") & (dose["direction"] == direction)].set_index("coefficient")
+    if real.empty or band.empty or not np.isfinite(aligned):
+        return {"verdict": "n/a", "direction": direction, "text": f"no steering with the {direction} direction"}
+    below = [c for c in sorted(real.index) if c in band.index
+             and real.loc[c, "rate"] < band.loc[c, "band_low"]]
+    n_random = int(band["n_random"].max())
+    if not below:
+        worst = min(real.index, key=lambda c: real.loc[c, "rate"])
+        return {"verdict": "no", "direction": direction, "leaves_at": None,
+                "text": f"{direction} direction: never below the band of {n_random} random "
+                        f"directions (lowest refusal {100 * real.loc[worst, 'rate']:.0f}% at "
+                        f"{worst:g}x the residual norm, band there {100 * band.loc[worst, 'band_low']:.0f}-"
+                        f"{100 * band.loc[worst, 'band_high']:.0f}%; aligned {100 * aligned:.0f}%)"}
+    strong = [c for c in below if aligned - real.loc[c, "rate"] > threshold]
+    c = strong[0] if strong else below[0]
+    verdict = "yes" if strong else "partly"
+    return {"verdict": verdict, "direction": direction, "leaves_at": c,
+            "text": f"{direction} direction: below the band of {n_random} random directions from "
+                    f"{below[0]:g}x the residual norm; at {c:g}x refusal {100 * real.loc[c, 'rate']:.0f}% "
+                    f"(band {100 * band.loc[c, 'band_low']:.0f}-{100 * band.loc[c, 'band_high']:.0f}%, "
+                    f"aligned {100 * aligned:.0f}%)"}
+
+
+def ablation_verdict(dose: pd.DataFrame, direction: str, min_gap: float = MIN_GAP) -> dict:
+    """Does projecting ``direction`` out of the unlearned model bring refusal back, beyond what
+    projecting out random directions does? "yes" when the ablated model's pooled refusal is
+    above every random ablation's (``band_high``) and recovers at least half the lost refusal,
+    (ablated - unlearned) / (aligned - unlearned) >= 0.5; "partly" when it is above the band by
+    less; "no" when it is inside the band; "n/a" when unlearning lowered the pooled refusal by
+    less than ``min_gap``."""
+    aligned, unlearned = _aligned_unlearned(dose)
+    real = dose[(dose["kind"] == "ablate") & (dose["direction"] == direction)]
+    band = random_band(dose)
+    band = band[band["kind"] == "ablate"]
+    if real.empty or band.empty or not np.isfinite(unlearned):
+        return {"verdict": "n/a", "direction": direction, "text": f"no ablation of the {direction} direction"}
+    if aligned - unlearned < min_gap:
+        return {"verdict": "n/a", "direction": direction,
+                "text": f"unlearning lowered the pooled refusal by only {100 * (aligned - unlearned):.0f} "
+                        f"points ({100 * aligned:.0f}% -> {100 * unlearned:.0f}%): nothing to restore"}
+    d = float(real["rate"].iloc[0])
+    high, low = float(band["band_high"].iloc[0]), float(band["band_low"].iloc[0])
+    rec = (d - unlearned) / (aligned - unlearned)
+    verdict = ("yes" if d > high and rec >= RECOVERY_YES else "partly" if d > high else "no")
+    return {"verdict": verdict, "direction": direction, "recovered": rec,
+            "text": f"{direction} direction ablated: refusal {100 * d:.0f}% (recovered {rec:.2f}); "
+                    f"{int(band['n_random'].iloc[0])} random directions ablated "
+                    f"{100 * low:.0f}-{100 * high:.0f}%; unlearned {100 * unlearned:.0f}%, aligned "
+                    f"{100 * aligned:.0f}%"}
+
+
+def dose_verdicts(dose: pd.DataFrame, primary: str) -> dict:
+    """``{"steering": ..., "ablation": ...}``: the verdicts of the ``primary`` direction (named
+    before the run: the chapter's is the last prompt token), each with the other real
+    directions' verdicts and texts appended (``others``), so reading two directions does not
+    become a choice of the better one."""
+    names = [n for n in dict.fromkeys(dose["direction"]) if n and not is_random(n)]
+    if primary not in names:
+        raise ParameterError(f"primary direction {primary!r} was not evaluated; directions: {names}")
+    out = {}
+    for key, judge in (("steering", steering_verdict), ("ablation", ablation_verdict)):
+        main = judge(dose, primary)
+        others = {n: judge(dose, n) for n in names if n != primary}
+        extra = "; ".join(f"[{v['verdict']}] {v['text']}" for v in others.values())
+        out[key] = {**main, "others": {n: v["verdict"] for n, v in others.items()},
+                    "text": main["text"] + (f" (also read: {extra})" if extra else "")}
     return out
-
-
-def direction_effects(evaluations: dict) -> pd.DataFrame:
-    """One row per condition: the rate per concept (aligned behaviour, as chapter 3), the
-    refusal rate over the refusal-scored items of all concepts pooled (``pooled``, with its
-    Wilson interval ``low``/``high`` and ``n``; :func:`ema_utils.chapters.directions.pooled_refusal`)
-    and its change from the aligned model in points."""
-    pooled = D.pooled_refusal(evaluations).set_index("condition")
-    aligned = float(pooled.loc["aligned", "rate"]) if "aligned" in pooled.index else np.nan
-    rows = []
-    for condition, ev in evaluations.items():
-        row = {"condition": condition}
-        row.update({r.concept: float(r.rate) for r in ev.rates.itertuples()})
-        p = pooled.loc[condition]
-        row.update(pooled=float(p["rate"]), low=float(p["low"]), high=float(p["high"]),
-                   n=int(p["n"]), change_points=100 * (float(p["rate"]) - aligned))
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("condition")
-
-
-# --- the verdicts -------------------------------------------------------------------------------
-
-def steering_verdict(effects: pd.DataFrame, threshold: float = EMA_POINTS) -> dict:
-    """Does adding the general direction to the aligned model lower refusal over all concepts,
-    more than a random direction of the same norm? Judged at the steering scale with the
-    largest drop: yes when it lowers the pooled rate by more than ``threshold`` beyond the
-    random direction's change; partly when it lowers it more than random does, by less; no
-    otherwise."""
-    if "aligned" not in effects.index:
-        return {"verdict": "n/a", "text": "no aligned evaluation"}
-    a = float(effects.loc["aligned", "pooled"])
-    steer = [c for c in effects.index if c.startswith("steer +")]
-    if not steer:
-        return {"verdict": "n/a", "text": "no steering evaluated"}
-    best = min(steer, key=lambda c: float(effects.loc[c, "pooled"]))
-    rand = best.replace("steer", "random", 1)
-    s = float(effects.loc[best, "pooled"])
-    r = float(effects.loc[rand, "pooled"]) if rand in effects.index else a
-    margin = (a - s) - (a - r)
-    verdict = "yes" if (a - s) > threshold and margin > threshold else (
-        "partly" if margin > 0 and s < a else "no")
-    return {"verdict": verdict, "condition": best, "aligned": a, "steered": s, "random": r,
-            "text": f"pooled refusal, all concepts: aligned {100 * a:.0f}%, {best} {100 * s:.0f}%, "
-                    f"{rand} {100 * r:.0f}%"}
-
-
-def ablation_verdict(effects: pd.DataFrame, min_gap: float = MIN_GAP) -> dict:
-    """Does projecting the direction out of the unlearned model bring refusal back? The
-    recovered fraction (ablated - unlearned) / (aligned - unlearned) of the pooled rate: yes
-    when it is at least 0.5 and exceeds the random direction's by 0.25; partly when it is above
-    zero and above random's; no otherwise; n/a when unlearning lowered the pooled rate by less
-    than ``min_gap``."""
-    need = {"aligned", "unlearned", "ablate direction"}
-    if not need <= set(effects.index):
-        return {"verdict": "n/a", "text": "ablation not evaluated"}
-    a, u, d = (float(effects.loc[c, "pooled"]) for c in ("aligned", "unlearned",
-                                                                "ablate direction"))
-    r = float(effects.loc["ablate random", "pooled"]) if "ablate random" in effects.index else u
-    if a - u < min_gap:
-        return {"verdict": "n/a", "aligned": a, "unlearned": u,
-                "text": f"unlearning lowered the pooled refusal by only {100 * (a - u):.0f} points "
-                        f"({100 * a:.0f}% -> {100 * u:.0f}%): nothing to restore"}
-    rec, rec_r = (d - u) / (a - u), (r - u) / (a - u)
-    verdict = "yes" if rec >= RECOVERY_YES and rec - rec_r >= RANDOM_MARGIN else (
-        "partly" if rec > 0 and rec > rec_r else "no")
-    return {"verdict": verdict, "recovered": rec, "recovered_random": rec_r,
-            "text": f"pooled refusal, all concepts: aligned {100 * a:.0f}%, unlearned {100 * u:.0f}%, "
-                    f"direction ablated {100 * d:.0f}% (recovered {rec:.2f}), random ablated "
-                    f"{100 * r:.0f}% ({rec_r:.2f})"}

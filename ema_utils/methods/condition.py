@@ -96,12 +96,17 @@ class Condition(str):
 
     @property
     def label(self) -> str:
-        """A short label for figures: "NPO + retain CE 1:2", "NPO + KL \u03bb=10", "NPO"."""
+        """A short label for figures: "NPO + retain CE 1:2", "NPO + retain CE 1:1 w2=10",
+        "NPO + KL \u03bb=10", "NPO", "NPO (seed 1)"."""
         text = "aligned model" if self.is_aligned else method_label(self.method)
         if self.kl_lambda is not None:
-            return f"{text} \u03bb={self.kl_lambda:g}"
-        if self.retain_ratio is not None:
+            text += f" \u03bb={self.kl_lambda:g}"
+        elif self.retain_ratio is not None:
             text += f" 1:{self.retain_ratio:g}"
+        if self.retain_weight is not None:
+            text += f" w2={self.retain_weight:g}"
+        if self.train_seed is not None:
+            text += f" (seed {self.train_seed})"
         return text
 
     @property

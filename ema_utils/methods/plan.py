@@ -16,7 +16,7 @@ import pandas as pd
 
 from .. import CONCEPTS
 from ..core.errors import ParameterError
-from .condition import Condition, parse_ratio
+from .condition import Condition, parse_ratio, try_condition
 from .interventions import run_intervention
 from .registry import METHODS, augmented_methods
 from .trainer import UnlearnConfig
@@ -44,32 +44,59 @@ class PlannedRun:
     base: Condition  # the plain run (chapter 2), e.g. npo_safety
 
 
+def _positive(name: str, w) -> float:
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or not math.isfinite(w):
+        raise ParameterError(f"parameter '{name}' must be a positive number (a loss weight), got {w!r}")
+    return float(w)
+
+
+def seed_runs(summaries: dict, base: Condition) -> list[Condition]:
+    """The plain run ``base`` and its other training seeds' runs that chapter 2 trained
+    ("npo_safety", "npo_seed1_safety", ...), in seed order (the plain name first)."""
+    others = sorted((c for c in map(try_condition, summaries) if c is not None and c.train_seed
+                     is not None and c.replace(train_seed=None) == base), key=lambda c: c.train_seed)
+    return [base] + others
+
+
 def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retain_ratios=(1,),
                    kl_lambdas=(1.0,), kl_ratio=1, w1: float = 1.0, w2: float = 1.0,
-                   w3: float = 1.0, model_id: str | None = None) -> list[PlannedRun]:
+                   w3: float = 1.0, retain_weights=None,
+                   model_id: str | None = None) -> list[PlannedRun]:
     """The augmented runs to train, each with the plain run's config and the method changed.
 
     ``summaries``: chapter 2's run summaries (interventions.load_run_summaries). For each target
-    in ``concepts``: npo_retain at every ratio of ``retain_ratios`` (from npo_<target>'s config),
-    sft_retain at every ratio of ``sft_retain_ratios`` (from sft_<target>'s), npo_kl at every
-    lambda of ``kl_lambdas`` with ``kl_ratio``. Empty lists leave a variant out. Everything is
-    validated here, before any model loads; with ``model_id`` the plain runs must have been
-    trained on that model (else the comparison would mix two models).
+    in ``concepts``: npo_retain at every ratio of ``retain_ratios`` and every retain weight of
+    ``retain_weights`` (None: ``[w2]``; from npo_<target>'s config), sft_retain at every ratio
+    of ``sft_retain_ratios`` (retain weight ``w2``; from sft_<target>'s), npo_kl at every
+    lambda of ``kl_lambdas`` with ``kl_ratio``. Empty lists leave a variant out. Every run is
+    planned once per training seed chapter 2 trained its plain run with (npo_seed1_safety ->
+    npo_retain_1to1_seed1_safety, from that run's config), so every arm has the plain runs'
+    spread over seeds. A retain weight other than 1 is part of the name ("_w10").
+
+    Why a retain-weight sweep: NPO works on the *summed* log-probability of a response, the
+    retain term is a token-*mean* cross-entropy, so at equal weights the NPO gradient is larger
+    by about the response length (~20 tokens); a sweep finds where the retain term starts to
+    matter instead of judging containment at one weight that may be too small to act.
+
+    Everything is validated here, before any model loads; with ``model_id`` the plain runs must
+    have been trained on that model (else the comparison would mix two models).
     """
-    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or not math.isfinite(w):
-            raise ParameterError(f"parameter '{name}' must be a positive number (a loss weight), "
-                                 f"got {w!r}")
+    w1, w2, w3 = (_positive(name, w) for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+    if retain_weights is None:
+        retain_weights = [w2]
+    if isinstance(retain_weights, (int, float)):
+        retain_weights = [retain_weights]
+    retain_weights = [_positive("retain_weights", w) for w in retain_weights]
     if isinstance(concepts, str):
         concepts = [concepts]
     plan = []
     for concept in concepts:
         if concept not in CONCEPTS:
             raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
-        variants = ([("npo_retain", r, None) for r in retain_ratios]
-                    + [("sft_retain", r, None) for r in sft_retain_ratios]
-                    + [("npo_kl", kl_ratio, lam) for lam in kl_lambdas])
-        for method, ratio, lam in variants:
+        variants = ([("npo_retain", r, None, w) for r in retain_ratios for w in retain_weights]
+                    + [("sft_retain", r, None, w2) for r in sft_retain_ratios]
+                    + [("npo_kl", kl_ratio, lam, None) for lam in kl_lambdas])
+        for method, ratio, lam, weight in variants:
             family = METHODS[method].base
             base = Condition(family, concept)
             if base not in summaries:
@@ -87,22 +114,26 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
                                     or not lam > 0):
                 raise ParameterError(f"kl_lambdas must hold positive numbers, got {lam!r}")
             # the method's own weights (registry: loss part -> config field), set from w1/w2/w3/lambda
-            values = {"w_forget": w1, "w_retain": w2, "w_sft": w3, "kl_lambda": lam}
+            values = {"w_forget": w1, "w_retain": weight, "w_sft": w3, "kl_lambda": lam}
             changes = {field: float(values[field]) for field in METHODS[method].weights.values()}
-            config = plain_config(summaries[base]).replace(method=method, **changes)
-            plan.append(PlannedRun(condition=Condition(method, concept, retain_ratio=ratio, kl_lambda=lam),
-                                   concept=concept, family=family, config=config, ratio=ratio,
-                                   base=base))
+            condition = Condition(method, concept, retain_ratio=ratio, kl_lambda=lam,
+                                  retain_weight=None if weight in (None, 1.0) else weight)
+            for seeded_base in seed_runs(summaries, base):
+                config = plain_config(summaries[seeded_base]).replace(method=method, **changes)
+                plan.append(PlannedRun(condition=condition.replace(train_seed=seeded_base.train_seed),
+                                       concept=concept, family=family, config=config,
+                                       ratio=ratio, base=seeded_base))
     names = [p.condition for p in plan]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ParameterError(f"the same run is planned twice: {dup}; remove the repeated ratio "
-                             "or lambda from the parameters")
+        raise ParameterError(f"the same run is planned twice: {dup}; remove the repeated ratio, "
+                             "retain weight or lambda from the parameters")
     return plan
 
 
 def plan_table(plan: list[PlannedRun]) -> pd.DataFrame:
-    """The plan as a table: condition, base run, method, ratio, and the loss weights."""
+    """The plan as a table: condition, base run, method, ratio, the loss weights and the
+    training seed."""
     rows = []
     for p in plan:
         c = p.config
@@ -110,7 +141,7 @@ def plan_table(plan: list[PlannedRun]) -> pd.DataFrame:
                      "forget:retain": f"1:{p.ratio:g}", "loss": " + ".join(
                          f"{w:g}*{part}" for part, w in c.loss_weights().items()),
                      "lr": c.lr, "steps": c.max_steps or f"{c.epochs} epochs",
-                     "lora": f"r{c.lora_r}" if c.lora else "full"})
+                     "lora": f"r{c.lora_r}" if c.lora else "full", "training seed": c.seed})
     return pd.DataFrame(rows).set_index("condition")
 
 
