@@ -63,6 +63,20 @@ def test_notebook_has_exactly_one_parameters_cell(path):
 
 
 @pytest.mark.skipif(not NOTEBOOKS, reason=NO_NOTEBOOKS)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_parameter_line_is_read_by_papermill(path):
+    # papermill reads the parameters cell line by line and silently skips a line it cannot
+    # parse (an apostrophe in a comment can do it): that parameter then cannot be set by a profile
+    import papermill
+
+    cell = next(c for c in _read(path).cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = re.findall(r"^([A-Za-z_]\w*)\s*=", cell.source, flags=re.M)
+    read = set(papermill.inspect_notebook(str(path)))
+    assert not set(assigned) - read, (f"{path.name}: papermill cannot read the parameter line(s) of "
+                                      f"{sorted(set(assigned) - read)}; simplify their comments")
+
+
+@pytest.mark.skipif(not NOTEBOOKS, reason=NO_NOTEBOOKS)
 def test_notebooks_and_table_of_contents_agree():
     names = [p.stem for p in NOTEBOOKS]
     for name in names:
