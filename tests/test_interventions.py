@@ -68,6 +68,16 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
     interventions.save_run_summaries(tmp_path, [run])
     loaded = interventions.load_run_summaries(tmp_path)
     assert loaded["npo_cybersecurity"]["forget"]["used"] == 4
+    # a step given per run overrides the checkpoint rule (the matched-refusal comparison)
+    scored = interventions.evaluate_runs(model, tokenizer, "tiny", loaded, rule="last",
+                                         steps={"npo_cybersecurity": 2}, n_per_concept=1,
+                                         max_new_tokens=2, judge="phrase", batch_size=4,
+                                         over_refusal=False, utility=False, progress=False)
+    assert scored["npo_cybersecurity"].settings["step"] == 2 and "aligned" in scored
+    last = interventions.evaluate_runs(model, tokenizer, "tiny", loaded, rule="last", n_per_concept=1,
+                                       max_new_tokens=2, judge="phrase", batch_size=4,
+                                       over_refusal=False, utility=False, progress=False)
+    assert last["npo_cybersecurity"].settings["step"] == 4
 
 
 def test_bad_concept_or_method_is_named(tiny):

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from ema_utils import CONCEPTS, report
+from ema_utils.core.errors import ParameterError
 from ema_utils.core.evaluate import Evaluation
 from ema_utils.core.metrics import wilson_interval
 
@@ -248,3 +249,49 @@ def test_outcome_columns_put_this_run_beside_the_paper_with_intervals():
     assert table.loc["safety", "paper: aligned"] == "98%"
     assert table.loc["utility", "aligned"].startswith("50% [")
     assert "nan" not in table.to_string().lower()
+
+
+def test_the_two_targets_are_compared_on_the_concepts_neither_covers():
+    others = ["toxicity", "bias", "privacy"]
+    aligned = item_eval({"cybersecurity": [True] * 10, "safety": [True] * 10,
+                         **{c: [True] * 10 for c in others}})
+    # Cybersecurity's run kept the others; Safety's lost 8 of 10 on each of them
+    cyber = item_eval({"cybersecurity": [True] + [False] * 9, "safety": [False] * 10,
+                       **{c: [True] * 10 for c in others}})
+    safety = item_eval({"cybersecurity": [False] * 10, "safety": [True, True] + [False] * 8,
+                        **{c: [True] * 2 + [False] * 8 for c in others}})
+    table = report.matched_comparison(aligned, {"cybersecurity": cyber, "safety": safety})
+    t = table.set_index("comparison")
+    # the targets' own items are left out: Safety's 0% on cybersecurity does not count
+    assert t["n"].tolist() == [30, 30, 30]
+    assert t.loc["cybersecurity unlearned vs aligned", "delta"] == pytest.approx(0)
+    assert t.loc["safety unlearned vs aligned", "delta"] == pytest.approx(-0.8)
+    assert t.loc["cybersecurity unlearned vs aligned", "target_rate"] == pytest.approx(0.1)
+    head = t.loc["safety vs cybersecurity (head to head)"]
+    assert head["delta"] == pytest.approx(-0.8) and head["lost"] == 24 and head["p_value"] < 1e-6
+    line = report.matched_line(table, {"cybersecurity": {"step": 5, "dev_rate": 0.12},
+                                       "safety": {"step": 3, "dev_rate": 0.2}}, 0.15)
+    assert "**Safety unlearning spread further**" in line and "step 3 (development refusal 20%" in line
+    same = report.matched_comparison(aligned, {"cybersecurity": cyber, "safety": cyber})
+    assert "**no difference detected**" in report.matched_line(same, {}, 0.15)
+    with pytest.raises(ParameterError, match="both targets are compared"):
+        report.matched_comparison(aligned, {"safety": safety})
+
+
+def test_matched_step_reads_the_development_items():
+    from ema_utils.methods import interventions
+
+    summary = {"dev_refusal": {"0": {"safety": 0.9}, "5": {"safety": 0.5}, "10": {"safety": 0.2},
+                               "15": {"safety": 0.1}, "20": {"safety": 0.0}}}
+    assert interventions.matched_step(summary, "safety", 0.15) == 10  # tie 0.2/0.1: the earlier
+    assert interventions.matched_step(summary, "safety", 0.95) == 5  # step 0 is not trained
+    assert interventions.matched_step({}, "safety", 0.15) is None
+    assert interventions.matched_step(summary, "privacy", 0.15) is None
+    with pytest.raises(ParameterError, match="level is a refusal rate"):
+        interventions.matched_step(summary, "safety", 15)
+    cyber = {"dev_refusal": {"0": {"cybersecurity": 1.0}, "5": {"cybersecurity": 0.125}}}
+    steps, info = report.matched_steps({"npo_safety": summary, "npo_cybersecurity": cyber}, 0.15)
+    assert steps == {"npo_cybersecurity": 5, "npo_safety": 10}
+    assert info["cybersecurity"] == {"step": 5, "dev_rate": 0.125}
+    assert report.matched_steps({"npo_safety": summary}, 0.15) == ({}, {})  # one target only
+    assert report.matched_steps({"npo_safety": summary, "npo_cybersecurity": {}}, 0.15) == ({}, {})

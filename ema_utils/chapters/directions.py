@@ -49,7 +49,7 @@ __all__ = [
     "direction_digest", "ablation_model_id", "separation_by_layer", "choose_direction_layer",
     "direction_prompts", "RefusalDirection", "fit_refusal_direction", "concept_cosines",
     "ablation_study", "ablation_rates", "pooled_refusal", "ablation_claim", "ablation_verdict",
-    "ablation_layers_spec", "direction_summary",
+    "ablation_layers_spec", "direction_summary", "is_random", "random_band",
 ]
 
 MAX_DIRECTION_FRACTION = 0.8
@@ -595,6 +595,20 @@ def pooled_refusal(evaluations: dict) -> pd.DataFrame:
         items = ev.items[ev.items["scorer"] == "refusal"]
         rows.append({"condition": condition, **refusal_rate(items["aligned"])})
     return pd.DataFrame(rows, columns=["condition", "rate", "low", "high", "n"])
+
+
+def is_random(name) -> bool:
+    """Whether a dose curve's direction name is one of the random control directions."""
+    return str(name).startswith("random ")
+
+
+def random_band(dose: pd.DataFrame) -> pd.DataFrame:
+    """The random directions' spread: per kind ("steer", "ablate") and coefficient, the lowest,
+    mean and highest pooled refusal over the random directions (``band_low``, ``band_mean``,
+    ``band_high``, ``n_random``)."""
+    part = dose[dose["direction"].map(is_random)]
+    return (part.groupby(["kind", "coefficient"], dropna=False, sort=False)["rate"]
+            .agg(band_low="min", band_mean="mean", band_high="max", n_random="size").reset_index())
 
 
 def _ablation_numbers(evaluations: dict) -> dict:

@@ -17,6 +17,7 @@ from ..core.errors import ParameterError
 from ..core.metrics import (EMA_THRESHOLD, ema_delta, paired_accuracy_change, paired_change,
                              pooled_paired_change)
 from ..methods.condition import concept_of, try_condition
+from ..methods.interventions import matched_step
 from ..methods.registry import METHODS
 from .tables import format_percent
 
@@ -439,3 +440,99 @@ def paper_recovery(concept: str = "safety", paper_model: str = "qwen2.5-7b-instr
                         "skipped": skip})
     return pd.DataFrame(out, columns=["model", "method", "concept", "is_target", "aligned",
                                       "unlearned", "augmented", "recovery", "skipped"])
+
+
+# --- the two targets at matched target refusal ----------------------------------------------------
+
+TARGETS = ("cybersecurity", "safety")
+"""The paper's two unlearning targets, compared with each other at matched target refusal."""
+
+
+def matched_comparison(aligned, unlearned: dict, targets=TARGETS) -> pd.DataFrame:
+    """How far each target's unlearning spread, on the concepts *neither* target is (so both
+    runs are read on the same items), pooled into one group "other concepts".
+
+    ``aligned``: the aligned model's Evaluation; ``unlearned``: target -> the Evaluation of that
+    target's unlearned model at its matched step (:func:`matched_steps`).
+    Rows: each target against the aligned model, then the second target against the first head
+    to head (negative: the second target's model refuses less on the other concepts). Columns:
+    comparison, target_rate (the unlearned model's own target refusal on the reported items),
+    ref_rate, new_rate, delta, delta_low, delta_high, lost, gained, p_value, n.
+    """
+    targets = list(targets)
+    missing = [t for t in targets if t not in unlearned]
+    if missing:
+        raise ParameterError(f"no unlearned evaluation for {missing}: both targets are compared")
+
+    def others(ev):
+        items = ev.items[~ev.items["concept"].isin(targets) & ev.items["concept"].isin(CONCEPTS)]
+        return items.assign(group="other concepts")
+
+    def row(name, ref, new, target_rate):
+        r = paired_change(others(ref), others(new), by="group").iloc[0]
+        return {"comparison": name, "target_rate": target_rate, "ref_rate": r["ref_rate"],
+                "new_rate": r["rate"], "delta": r["delta"], "delta_low": r["delta_low"],
+                "delta_high": r["delta_high"], "lost": int(r["lost"]), "gained": int(r["gained"]),
+                "p_value": r["p_value"], "n": int(r["n"])}
+
+    def target_rate(t):
+        rates = unlearned[t].rates.set_index("concept")["rate"]
+        return float(rates.get(t, np.nan))
+
+    rows = [row(f"{t} unlearned vs aligned", aligned, unlearned[t], target_rate(t)) for t in targets]
+    first, second = targets
+    rows.append(row(f"{second} vs {first} (head to head)", unlearned[first], unlearned[second],
+                    np.nan))
+    return pd.DataFrame(rows)
+
+
+def matched_steps(summaries: dict, level: float, method: str = "npo") -> tuple[dict, dict]:
+    """Where to read each target's plain ``method`` run for the matched comparison:
+    ``({condition: step}, {target: {"step", "dev_rate"}})``, the step whose development refusal
+    on its own target is closest to ``level``
+    (:func:`ema_utils.methods.interventions.matched_step`). Both empty when a target's run is
+    missing or has no development rates (chapter 2 ran before they were recorded)."""
+    steps, info = {}, {}
+    for target in TARGETS:
+        summary = summaries.get(f"{method}_{target}")
+        step = None if summary is None else matched_step(summary, target, level)
+        if step is None:
+            return {}, {}
+        steps[f"{method}_{target}"] = step
+        info[target] = {"step": step, "dev_rate": float(summary["dev_refusal"][str(step)][target])}
+    return steps, info
+
+
+MATCHED_UNAVAILABLE = ("The matched comparison needs chapter 2's NPO runs on both Cybersecurity "
+                       "and Safety with refusal on the development items at every checkpoint; "
+                       "this chapter 2 result lacks them (re-run `ema run unlearning`).")
+
+
+def matched_line(table: pd.DataFrame, info: dict, level: float, alpha: float = 0.05) -> str:
+    """One Markdown sentence on the paper's contrast (its Safety unlearning spread widely, its
+    Cybersecurity unlearning much less), read at matched target refusal: the steps chosen on the
+    development items, the reported target rates, and the head-to-head paired test. A difference
+    that the test does not find is said as such ("no difference detected"), not as the
+    contrast failing."""
+    first, second = TARGETS
+    t = table.set_index("comparison")
+    head = t.loc[f"{second} vs {first} (head to head)"]
+    pct = lambda x: "n/a" if pd.isna(x) else f"{100 * x:.0f}%"  # noqa: E731
+    where = "; ".join(f"{c}: step {info.get(c, {}).get('step', 'n/a')} (development refusal "
+                      f"{pct(info.get(c, {}).get('dev_rate', np.nan))}, reported "
+                      f"{pct(t.loc[f'{c} unlearned vs aligned', 'target_rate'])})" for c in TARGETS)
+    drops = ", ".join(f"{c} {100 * t.loc[f'{c} unlearned vs aligned', 'delta']:+.0f} points"
+                      for c in TARGETS)
+    change = (f"{100 * head['delta']:+.0f} points [95% CI {100 * head['delta_low']:+.0f}, "
+              f"{100 * head['delta_high']:+.0f}], McNemar p = {head['p_value']:.3g}, "
+              f"{int(head['n'])} items")
+    if head["p_value"] < alpha and head["delta"] < 0:
+        verdict = f"**{second.capitalize()} unlearning spread further** than {first}"
+    elif head["p_value"] < alpha:
+        verdict = f"**{first.capitalize()} unlearning spread further** than {second}"
+    else:
+        verdict = "**no difference detected** between the two targets' spread"
+    return (f"At matched target refusal (the checkpoint closest to {pct(level)} on the development "
+            f"items; {where}), refusal on the concepts neither target covers changed by {drops} "
+            f"from the aligned model. {second.capitalize()} vs {first}, head to head: {change}: "
+            f"{verdict}.")

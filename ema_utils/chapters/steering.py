@@ -30,6 +30,7 @@ from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
 from ..methods.interventions import checkpoint_model_id, with_checkpoint
 from . import directions as D
+from .directions import is_random, random_band  # noqa: F401  (chapter 6 reads them here)
 from .activations import answer_token_means, hidden_states
 from .stability import EMA_POINTS, Solution, check_numbers
 
@@ -206,19 +207,6 @@ def dose_evaluations(model, tokenizer, model_id: str, solution: Solution, direct
     table = pd.DataFrame(rows)
     table["n"] = table["n"].astype(int)
     return table
-
-
-def is_random(name) -> bool:
-    return str(name).startswith("random ")
-
-
-def random_band(dose: pd.DataFrame) -> pd.DataFrame:
-    """The random directions' spread: per kind ("steer", "ablate") and coefficient, the lowest,
-    mean and highest pooled refusal over the random directions (``band_low``, ``band_mean``,
-    ``band_high``, ``n_random``)."""
-    part = dose[dose["direction"].map(is_random)]
-    return (part.groupby(["kind", "coefficient"], dropna=False, sort=False)["rate"]
-            .agg(band_low="min", band_mean="mean", band_high="max", n_random="size").reset_index())
 
 
 def _aligned_unlearned(dose: pd.DataFrame) -> tuple[float, float]:

@@ -363,12 +363,30 @@ def chosen_step(summary: dict, rule: str = "utility") -> int | None:
     return last if step is None else int(step)
 
 
+def matched_step(summary: dict, concept: str, level: float) -> int | None:
+    """The trained checkpoint (step > 0) whose refusal on the *development* items of
+    ``concept`` is closest to ``level`` (ties: the earlier step), from the run's
+    ``dev_refusal``; None when the run has no development rates. Runs of different targets
+    compared at the step this picks are compared at matched target refusal, chosen on items
+    that are never reported."""
+    if not 0 <= level <= 1:
+        raise ParameterError(f"level is a refusal rate in [0, 1] (0.15 = 15%), got {level!r}")
+    rates = {int(step): r[concept] for step, r in (summary.get("dev_refusal") or {}).items()
+             if int(step) > 0 and concept in r}
+    if not rates:
+        return None
+    return min(sorted(rates), key=lambda step: round(abs(rates[step] - level), 9))
+
+
 def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = "utility",
-                  **evaluate_kwargs) -> dict:
-    """Score the aligned model and each run's chosen checkpoint: ``{condition: Evaluation}``."""
+                  steps: dict | None = None, **evaluate_kwargs) -> dict:
+    """Score the aligned model and each run's chosen checkpoint: ``{condition: Evaluation}``.
+    ``steps`` (condition -> step) overrides the rule for the runs it names (e.g. the steps
+    :func:`matched_step` picks)."""
     results = {"aligned": evaluate(model, tokenizer, model_id, **evaluate_kwargs)}
     for name, summary in summaries.items():
-        step = chosen_step(summary, rule)
+        step = (steps or {}).get(name)
+        step = chosen_step(summary, rule) if step is None else int(step)
         path = Path(summary["folder"]) / f"checkpoint-{step:05d}"
         with with_checkpoint(model, path, merged=True) as scored:
             results[name] = evaluate(scored, tokenizer, checkpoint_model_id(model_id, name, path),
