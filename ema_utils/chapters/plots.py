@@ -654,23 +654,23 @@ def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the gene
     model steered with each real direction (95% Wilson intervals) against the coefficient (a
     multiple of the residual stream's norm at the steering layer, log scale), over the band
     (lowest to highest) of the random directions at each coefficient. Right: the unlearned
-    model with each real direction projected out, beside the random ablations' band, the
-    unlearned and the aligned model.
+    model with each real direction projected out, beside the random ablations' band (lowest to
+    highest, dashed), the unlearned and the aligned model.
 
     ``dose``: ema_utils.chapters.steering.dose_evaluations (kind, direction, coefficient, rate,
     low, high).
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.6), gridspec_kw={"width_ratios": [1.3, 1]})
     level = {k: 100 * float(dose.loc[dose["kind"] == k, "rate"].iloc[0])
              for k in ("aligned", "unlearned") if (dose["kind"] == k).any()}
     is_random = dose["direction"].astype(str).str.startswith("random ")
     real_names = [n for n in dict.fromkeys(dose.loc[~is_random, "direction"]) if n]
     colors = dict(zip(real_names, ("#C44E52", "#4C72B0", "#55A868", "#8172B2")))
     steer = dose[dose["kind"] == "steer"]
-    band = steer[is_random[steer.index]].groupby("coefficient")["rate"].agg(["min", "max"]).sort_index()
+    band = steer[is_random[steer.index]].groupby("coefficient")["rate"].agg(["min", "max", "size"])
     if len(band):
         left.fill_between(band.index, 100 * band["min"], 100 * band["max"], color="0.85",
-                          label=f"{int(is_random[steer.index].sum() / len(band))} random directions")
+                          label=f"{int(band['size'].max())} random directions (range)")
     for name in real_names:
         rows = steer[steer["direction"] == name].sort_values("coefficient")
         if len(rows):
@@ -680,29 +680,35 @@ def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the gene
                           marker="o", capsize=3, color=colors[name], label=f"{name} direction")
     if "aligned" in level:
         left.axhline(level["aligned"], color="black", linestyle=":", linewidth=1, label="aligned model")
-    if len(steer) and (steer["coefficient"] > 0).all():
+    coefficients = sorted(steer["coefficient"].dropna().unique())
+    if coefficients and min(coefficients) > 0:
         left.set_xscale("log", base=2)
+        left.set_xticks(coefficients, [f"{c:g}x" for c in coefficients])
+        left.minorticks_off()
     left.set_ylim(-3, 103)
-    left.set_xlabel("coefficient (× the residual stream's norm at the layer)")
+    left.set_xlabel("coefficient (x the residual norm at the layer)")
     left.set_ylabel("pooled refusal (% of items)")
     left.set_title("steering the aligned model")
-    left.legend(fontsize=8, loc="lower left")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ablate = dose[dose["kind"] == "ablate"]
     random_rates = 100 * ablate.loc[is_random[ablate.index], "rate"]
-    bars = [(f"{n} ablated", 100 * float(ablate.loc[ablate["direction"] == n, "rate"].iloc[0]),
+    bars = [(f"{n}\nablated", 100 * float(ablate.loc[ablate["direction"] == n, "rate"].iloc[0]),
              colors[n]) for n in real_names if (ablate["direction"] == n).any()]
     bars = [("aligned", level.get("aligned", np.nan), "black"),
             ("unlearned", level.get("unlearned", np.nan), "0.55")] + bars
     right.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars], width=0.6)
     if len(random_rates):
-        right.axhspan(random_rates.min(), random_rates.max(), color="0.85", zorder=0,
-                      label=f"{len(random_rates)} random directions ablated")
-        right.legend(fontsize=8, loc="upper right")
-    right.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=20, ha="right")
+        right.axhspan(random_rates.min(), random_rates.max(), color="0.85", zorder=0)
+        for y in (random_rates.min(), random_rates.max()):
+            right.axhline(y, color="0.45", linestyle="--", linewidth=1,
+                          label=f"{len(random_rates)} random directions ablated (range)"
+                          if y == random_rates.min() else None)
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    right.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     right.set_ylim(0, 105)
     right.set_xlabel("model")
     right.set_ylabel("pooled refusal (% of items)")
-    right.set_title("projecting it out of the unlearned model")
+    right.set_title("projected out of the unlearned model")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
