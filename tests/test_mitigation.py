@@ -407,6 +407,15 @@ def test_augmented_plan_sweeps_the_retain_weight_and_follows_every_training_seed
     assert by["npo_retain_1to1_w10_safety"].config.seed == 0
     assert second.condition.label == "NPO + retain CE 1:1 w2=10 (seed 1)"
     assert mitigation.plan_table(plan).loc[second.condition, "training seed"] == 1
+    # the KL variant only where asked (chapter 6 reads Safety's)
+    summaries.update({k.replace("safety", "cybersecurity"): v for k, v in plain_summaries().items()})
+    both = mitigation.augmented_plan(summaries, ["safety", "cybersecurity"], retain_ratios=[1],
+                                     sft_retain_ratios=[], kl_lambdas=[10], kl_concepts=["safety"])
+    assert [p.condition for p in both if p.config.method == "npo_kl"] == [
+        "npo_kl_1to1_lambda10_safety", "npo_kl_1to1_lambda10_seed1_safety"]
+    assert "npo_retain_1to1_cybersecurity" in [p.condition for p in both]
+    with pytest.raises(ParameterError, match="kl_concepts \\['privacy'\\] are not among the targets"):
+        mitigation.augmented_plan(summaries, ["safety"], kl_concepts=["privacy"])
     with pytest.raises(ParameterError, match="'retain_weights' must be a positive number"):
         mitigation.augmented_plan(summaries, ["safety"], retain_weights=[1, -3])
     with pytest.raises(ParameterError, match="planned twice"):

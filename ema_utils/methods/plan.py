@@ -60,7 +60,7 @@ def seed_runs(summaries: dict, base: Condition) -> list[Condition]:
 
 def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retain_ratios=(1,),
                    kl_lambdas=(1.0,), kl_ratio=1, w1: float = 1.0, w2: float = 1.0,
-                   w3: float = 1.0, retain_weights=None,
+                   w3: float = 1.0, retain_weights=None, kl_concepts=None,
                    model_id: str | None = None) -> list[PlannedRun]:
     """The augmented runs to train, each with the plain run's config and the method changed.
 
@@ -68,7 +68,8 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
     in ``concepts``: npo_retain at every ratio of ``retain_ratios`` and every retain weight of
     ``retain_weights`` (None: ``[w2]``; from npo_<target>'s config), sft_retain at every ratio
     of ``sft_retain_ratios`` (retain weight ``w2``; from sft_<target>'s), npo_kl at every
-    lambda of ``kl_lambdas`` with ``kl_ratio``. Empty lists leave a variant out. Every run is
+    lambda of ``kl_lambdas`` with ``kl_ratio`` on the targets in ``kl_concepts`` (None: every
+    target of ``concepts``). Empty lists leave a variant out. Every run is
     planned once per training seed chapter 2 trained its plain run with (npo_seed1_safety ->
     npo_retain_1to1_seed1_safety, from that run's config), so every arm has the plain runs'
     spread over seeds. A retain weight other than 1 is part of the name ("_w10").
@@ -89,13 +90,20 @@ def augmented_plan(summaries: dict, concepts, retain_ratios=(1, 2, 3), sft_retai
     retain_weights = [_positive("retain_weights", w) for w in retain_weights]
     if isinstance(concepts, str):
         concepts = [concepts]
+    kl_concepts = list(concepts) if kl_concepts is None else (
+        [kl_concepts] if isinstance(kl_concepts, str) else list(kl_concepts))
+    stray = [c for c in kl_concepts if c not in concepts]
+    if stray:
+        raise ParameterError(f"kl_concepts {stray} are not among the targets {list(concepts)}: "
+                             "the KL variant is trained on targets of this chapter only")
     plan = []
     for concept in concepts:
         if concept not in CONCEPTS:
             raise ParameterError(f"unknown concept '{concept}'; concepts: {', '.join(CONCEPTS)}")
         variants = ([("npo_retain", r, None, w) for r in retain_ratios for w in retain_weights]
                     + [("sft_retain", r, None, w2) for r in sft_retain_ratios]
-                    + [("npo_kl", kl_ratio, lam, None) for lam in kl_lambdas])
+                    + [("npo_kl", kl_ratio, lam, None) for lam in kl_lambdas
+                       if concept in kl_concepts])
         for method, ratio, lam, weight in variants:
             family = METHODS[method].base
             base = Condition(family, concept)
