@@ -273,7 +273,12 @@ def test_the_two_targets_are_compared_on_the_concepts_neither_covers():
                                        "safety": {"step": 3, "dev_rate": 0.2}}, 0.15)
     assert "**Safety unlearning spread further**" in line and "step 3 (development refusal 20%" in line
     same = report.matched_comparison(aligned, {"cybersecurity": cyber, "safety": cyber})
-    assert "**no difference detected**" in report.matched_line(same, {}, 0.15)
+    close = {"cybersecurity": {"step": 5, "dev_rate": 0.125}, "safety": {"step": 3, "dev_rate": 0.2}}
+    assert "**no difference detected**" in report.matched_line(same, close, 0.15)
+    # a grid too coarse to match the two: nothing is read, whatever the test says
+    apart = {"cybersecurity": {"step": 5, "dev_rate": 0.5}, "safety": {"step": 3, "dev_rate": 0.2}}
+    line = report.matched_line(table, apart, 0.15)
+    assert "**not read**" in line and "50% vs 20%" in line and "spread further" not in line
     with pytest.raises(ParameterError, match="both targets are compared"):
         report.matched_comparison(aligned, {"safety": safety})
 

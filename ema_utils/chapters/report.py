@@ -508,12 +508,19 @@ MATCHED_UNAVAILABLE = ("The matched comparison needs chapter 2's NPO runs on bot
                        "this chapter 2 result lacks them (re-run `ema run unlearning`).")
 
 
-def matched_line(table: pd.DataFrame, info: dict, level: float, alpha: float = 0.05) -> str:
+MATCH_TOLERANCE = 0.10
+"""The two targets count as matched when their development refusal at the chosen steps is
+within this of each other and of the level."""
+
+
+def matched_line(table: pd.DataFrame, info: dict, level: float, alpha: float = 0.05,
+                 tolerance: float = MATCH_TOLERANCE) -> str:
     """One Markdown sentence on the paper's contrast (its Safety unlearning spread widely, its
     Cybersecurity unlearning much less), read at matched target refusal: the steps chosen on the
     development items, the reported target rates, and the head-to-head paired test. A difference
     that the test does not find is said as such ("no difference detected"), not as the
-    contrast failing."""
+    contrast failing; when the checkpoints could not match the two targets (development refusal
+    more than ``tolerance`` apart, or from ``level``) no contrast is read at all."""
     first, second = TARGETS
     t = table.set_index("comparison")
     head = t.loc[f"{second} vs {first} (head to head)"]
@@ -526,7 +533,15 @@ def matched_line(table: pd.DataFrame, info: dict, level: float, alpha: float = 0
     change = (f"{100 * head['delta']:+.0f} points [95% CI {100 * head['delta_low']:+.0f}, "
               f"{100 * head['delta_high']:+.0f}], McNemar p = {head['p_value']:.3g}, "
               f"{int(head['n'])} items")
-    if head["p_value"] < alpha and head["delta"] < 0:
+    dev = [info.get(c, {}).get("dev_rate", np.nan) for c in TARGETS]
+    matched = all(abs(d - level) <= tolerance + 1e-9 for d in dev) and abs(dev[0] - dev[1]) <= tolerance + 1e-9
+    if not matched:
+        verdict = (f"**not read**: the checkpoints do not match the two targets (development "
+                   f"refusal {' vs '.join(pct(d) for d in dev)}, more than "
+                   f"{100 * tolerance:.0f} points apart or from {pct(level)}), so a difference "
+                   "would reflect how far each run went; a finer checkpoint grid in chapter 2 "
+                   "(`-p checkpoint_every=1`) can match them")
+    elif head["p_value"] < alpha and head["delta"] < 0:
         verdict = f"**{second.capitalize()} unlearning spread further** than {first}"
     elif head["p_value"] < alpha:
         verdict = f"**{first.capitalize()} unlearning spread further** than {second}"
