@@ -259,6 +259,13 @@ def test_r2_verdict_judges_the_arm_chosen_on_development_items_and_every_seed():
     v = mitigation.r2_verdict(pd.DataFrame(seeds), chosen="npo_retain_1to1_safety")
     assert v["verdict"] == "partly" and v["seeds"] == {1: 0.2}
     assert "seed 1 0.20" in v["text"] and "recovered less than 50%" in v["text"]
+    # a "no" is read only when the sweep's positive control passed on the development items
+    flat = [summary_row("npo_retain_1to1_safety", mean=0.0, low=-0.1, high=0.1)]
+    assert mitigation.r2_verdict(pd.DataFrame(flat), able=True)["verdict"] == "no"
+    blind = mitigation.r2_verdict(pd.DataFrame(flat), able=False)
+    assert blind["verdict"] == "n/a" and "could not have come out positive" in blind["text"]
+    assert mitigation.r2_verdict(pd.DataFrame(rows), chosen="npo_retain_1to1_safety",
+                                 able=False)["verdict"] == "yes"  # a positive is read anyway
     good_seed = rows + [summary_row("npo_retain_1to1_seed1_safety", mean=0.6, train_seed=1)]
     assert mitigation.r2_verdict(pd.DataFrame(good_seed), chosen="npo_retain_1to1_safety")[
         "verdict"] == "yes"
@@ -292,6 +299,9 @@ def test_dev_recovery_chooses_each_methods_arm_on_development_rates():
                       "npo_kl": "npo_kl_1to1_lambda10_safety"}
     line = mitigation.sweep_line(table)
     assert "from 1 to 100" in line and "0.17 to 1.00" in line and "from 5% to 80%" in line  # seeds averaged
+    assert mitigation.can_recover(table) is True  # w100 brought everything back (target too)
+    weak = table[table["condition"] == "npo_retain_1to1_safety"]
+    assert mitigation.can_recover(weak) is False and mitigation.can_recover(weak, "sft_retain") is None
     one = mitigation.sweep_line(table[table["condition"] == "npo_retain_1to1_safety"])
     assert "One retain weight" in one and "retain_weights=" in one
     assert mitigation.dev_recovery({}, "safety").empty
