@@ -322,6 +322,14 @@ def test_dose_verdicts_read_where_the_direction_leaves_the_random_band():
     v = steering.steering_verdict(_dose(steer=(0.85, 0.6, 0.2), band=((0.8, 0.9), (0.5, 0.9), (0.1, 0.5))),
                                   "prompt token")
     assert v["verdict"] == "no" and "never below the band of 10 random directions" in v["text"]
+    # random directions already at 0% everywhere: no room to steer beyond them, "no" not earned
+    v = steering.steering_verdict(_dose(steer=(0.1, 0.05, 0.0), band=((0.0, 0.1),) * 3), "prompt token")
+    assert v["verdict"] == "n/a" and "smaller coefficients" in v["text"]
+    v = steering.steering_verdict(_dose(steer=(0.1, 0.05, 0.03), band=((0.02, 0.1),) * 3), "prompt token")
+    assert v["verdict"] == "no"  # room under the band at 0.02: it could have left it
+    assert v["verdict"] == "n/a" and "smaller coefficients" in v["text"]
+    a = steering.ablation_verdict(_dose(ablated=0.5, ablated_band=(0.6, 0.95)), "prompt token")
+    assert a["verdict"] == "n/a" and "already gives 95%" in a["text"]
     a = steering.ablation_verdict(_dose(), "prompt token")
     assert a["verdict"] == "yes" and a["recovered"] == pytest.approx(5 / 7)
     assert steering.ablation_verdict(_dose(ablated=0.4), "prompt token")["verdict"] == "partly"

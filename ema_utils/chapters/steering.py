@@ -221,7 +221,9 @@ def steering_verdict(dose: pd.DataFrame, direction: str, threshold: float = EMA_
     coefficient where the direction's pooled refusal is below every random direction's
     (``band_low``). "yes" when it leaves the band there and refusal is more than ``threshold``
     below the aligned model's; "partly" when it leaves the band by less; "no" when it never
-    leaves it."""
+    leaves it although some coefficient left room for it (its band above 0%); "n/a" when some
+    random direction took refusal to 0% at every coefficient (or the aligned model refuses too
+    little to fall by ``threshold``), so the experiment could not have come out positive."""
     aligned, _ = _aligned_unlearned(dose)
     band = random_band(dose)
     band = band[band["kind"] == "steer"].set_index("coefficient")
@@ -233,6 +235,16 @@ def steering_verdict(dose: pd.DataFrame, direction: str, threshold: float = EMA_
     n_random = int(band["n_random"].max())
     if not below:
         worst = min(real.index, key=lambda c: real.loc[c, "rate"])
+        # the positive control: a "yes" needs a rate below the band and more than `threshold`
+        # below the aligned model, so some coefficient must leave room under its band (and the
+        # aligned model room under itself); without one, "no" is not earned
+        room = aligned > threshold and (band["band_low"] > 0).any()
+        if not room:
+            return {"verdict": "n/a", "direction": direction, "leaves_at": None,
+                    "text": f"{direction} direction: not judged: at every coefficient some random "
+                            "direction already took refusal to 0% (or the aligned model refuses "
+                            f"{100 * aligned:.0f}%), so no direction could be seen to steer beyond "
+                            "them; smaller coefficients are needed"}
         return {"verdict": "no", "direction": direction, "leaves_at": None,
                 "text": f"{direction} direction: never below the band of {n_random} random "
                         f"directions (lowest refusal {100 * real.loc[worst, 'rate']:.0f}% at "
@@ -254,7 +266,8 @@ def ablation_verdict(dose: pd.DataFrame, direction: str, min_gap: float = MIN_GA
     above every random ablation's (``band_high``) and recovers at least half the lost refusal,
     (ablated - unlearned) / (aligned - unlearned) >= 0.5; "partly" when it is above the band by
     less; "no" when it is inside the band; "n/a" when unlearning lowered the pooled refusal by
-    less than ``min_gap``."""
+    less than ``min_gap``, or when random ablations already reach the aligned model's refusal
+    (no room above the band: the experiment could not have come out positive)."""
     aligned, unlearned = _aligned_unlearned(dose)
     real = dose[(dose["kind"] == "ablate") & (dose["direction"] == direction)]
     band = random_band(dose)
@@ -269,6 +282,12 @@ def ablation_verdict(dose: pd.DataFrame, direction: str, min_gap: float = MIN_GA
     high, low = float(band["band_high"].iloc[0]), float(band["band_low"].iloc[0])
     rec = (d - unlearned) / (aligned - unlearned)
     verdict = ("yes" if d > high and rec >= RECOVERY_YES else "partly" if d > high else "no")
+    if verdict == "no" and high >= aligned:
+        # the random ablations already restore the aligned model's refusal: no room above them
+        return {"verdict": "n/a", "direction": direction, "recovered": rec,
+                "text": f"{direction} direction: not judged: ablating random directions already "
+                        f"gives {100 * high:.0f}% (aligned {100 * aligned:.0f}%), so no direction "
+                        "could be seen to restore more"}
     return {"verdict": verdict, "direction": direction, "recovered": rec,
             "text": f"{direction} direction ablated: refusal {100 * d:.0f}% (recovered {rec:.2f}); "
                     f"{int(band['n_random'].iloc[0])} random directions ablated "
