@@ -327,7 +327,6 @@ def test_dose_verdicts_read_where_the_direction_leaves_the_random_band():
     assert v["verdict"] == "n/a" and "smaller coefficients" in v["text"]
     v = steering.steering_verdict(_dose(steer=(0.1, 0.05, 0.03), band=((0.02, 0.1),) * 3), "prompt token")
     assert v["verdict"] == "no"  # room under the band at 0.02: it could have left it
-    assert v["verdict"] == "n/a" and "smaller coefficients" in v["text"]
     a = steering.ablation_verdict(_dose(ablated=0.5, ablated_band=(0.6, 0.95)), "prompt token")
     assert a["verdict"] == "n/a" and "already gives 95%" in a["text"]
     a = steering.ablation_verdict(_dose(), "prompt token")
