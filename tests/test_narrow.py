@@ -334,6 +334,9 @@ def test_dose_verdicts_read_where_the_direction_leaves_the_random_band():
     assert steering.ablation_verdict(_dose(ablated=0.4), "prompt token")["verdict"] == "partly"
     assert steering.ablation_verdict(_dose(ablated=0.28), "prompt token")["verdict"] == "no"
     assert steering.ablation_verdict(_dose(unlearned=0.85), "prompt token")["verdict"] == "n/a"
+    real, shown_band = steering.dose_tables(_dose())
+    assert not real["direction"].str.startswith("random").any() and len(shown_band) == 4
+    assert set(real["coefficient"]) == {"", "0.25x", "1x", "4x"}
     both = steering.dose_verdicts(_dose(), primary="prompt token")
     assert both["steering"]["verdict"] == "yes" and both["steering"]["others"] == {"answer tokens": "no"}
     assert "also read: [no] answer tokens" in both["steering"]["text"]

@@ -311,3 +311,14 @@ def dose_verdicts(dose: pd.DataFrame, primary: str) -> dict:
         out[key] = {**main, "others": {n: v["verdict"] for n, v in others.items()},
                     "text": main["text"] + (f" (also read: {extra})" if extra else "")}
     return out
+
+
+def dose_tables(dose: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(real, band)`` for the page: the real directions' rows of :func:`dose_evaluations` and
+    the random band per coefficient (:func:`random_band`), coefficients written as multiples
+    ("0.25x"; "" for the aligned, unlearned and ablated rows, which have none)."""
+    def as_multiple(table):
+        return table.assign(coefficient=table["coefficient"].map(
+            lambda c: "" if pd.isna(c) else f"{c:g}x"))
+
+    return as_multiple(dose[~dose["direction"].map(is_random)]), as_multiple(random_band(dose))
