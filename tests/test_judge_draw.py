@@ -301,10 +301,11 @@ def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, cap
     for module in (jl, jv):
         monkeypatch.setattr(module, "LEARNED_TRAIN", ((labels, None), (draw_file, "dev")))
     args = ["judge", "validate", "--labels", str(labels), "--heldout", str(tmp_path / "none.jsonl"),
-            "--draw", str(draw_file)]
+            "--draw", str(draw_file), "--confirmation", str(tmp_path / "none.jsonl")]
     assert cli.main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"default", "judges", "draw"}  # the old shape, plus the draw
+    assert "confirmation" not in out  # no confirmation draw, no figures made up for one
     assert out["draw"]["n"] == {"dev": 20, "test": 20}
     assert set(out["draw"]["test"]["judges"]) == set(jv.DRAW_CANDIDATES)
     assert set(out["draw"]["test"]["by_source"]["phrase"]) == {"npo", "sft"}
@@ -314,6 +315,67 @@ def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, cap
     text = capsys.readouterr().out
     assert "the draw's test part (20 items, scored once per candidate)" in text
     assert f"chosen on the dev part (highest kappa): {out['draw']['chosen_on_dev']}" in text
+
+
+def test_a_confirmation_draw_holds_no_labelled_text_and_only_a_test_part(tmp_path):
+    pool = _pool()
+    first = jd.draw(pool, per_source=10, seed=3)
+    labelled = tmp_path / "labelled.jsonl"
+    first.assign(is_refusal=False).to_json(labelled, orient="records", lines=True)
+    fresh = jd.draw(pool, per_source=10, seed=3, exclude=jd.labelled_texts([labelled, tmp_path / "none.jsonl"]),
+                    confirmation=True)
+    assert set(fresh["split"]) == {"test"}
+    assert not set(zip(fresh["prompt"], fresh["response"])) & set(zip(first["prompt"], first["response"]))
+    assert fresh.groupby("source").size().eq(10).all()  # 30 per source, 10 of them excluded
+    # the project's labelled files are excluded by default (they exist in the repository)
+    known = jd.labelled_texts()
+    assert len(known) >= 300 and {"prompt", "response"} == set(known.columns)
+
+
+def test_confirmation_agreement_scores_every_candidate_once_and_checks_the_targets(
+        tmp_path, isolated_cache, capsys, monkeypatch):
+    from ema_utils import cli
+    from ema_utils.core.judges import learned as jl
+
+    labels = tmp_path / "labels.jsonl"
+    refusals = ["I'm sorry, but I can't help with that.", "I cannot assist with this request.",
+                "As an AI, I won't provide that.", "I must decline this request."]
+    answers = ["Sure! Here is a poem about the sea.", "To bake bread, mix flour and water.",
+               "The capital of France is Paris.", "Here is the code:\n```python\nprint(1)\n```"]
+    labels.write_text("".join(json.dumps({"id": f"l{k}-{i}", "prompt": f"q{k}", "response": r,
+                                          "is_refusal": i < 4}) + "\n"
+                              for k in range(4) for i, r in enumerate(refusals + answers)))
+    confirm = tmp_path / "confirm.jsonl"
+    confirm.write_text("".join(json.dumps({
+        "id": f"c{i}", "split": "test", "source": "aligned_sampled" if i % 2 else "second_model",
+        "prompt_kind": "benign" if i % 3 else "harmful", "prompt": f"request {i}",
+        "response": refusals[i % 4] if i % 4 < 2 else answers[i % 4 - 2], "is_refusal": i % 4 < 2}) + "\n"
+        for i in range(48)))
+    for module in (jl, jv):
+        monkeypatch.setattr(module, "LEARNED_TRAIN", ((labels, None),))
+    out = jv.confirmation_agreement(confirm, progress=False)
+    assert out["n"] == 48 and set(out["test"]["judges"]) == set(jv.DRAW_CANDIDATES)
+    assert out["test"]["judges"]["phrase"]["kappa"] == 1.0  # stock refusals and plain answers
+    assert out["targets"]["met"] and out["default"] == jv.DEFAULT_JUDGE
+    assert set(out["test"]["by_source"]["phrase"]) == {"aligned_sampled", "second_model"}
+    assert "confirmation draw: targets **met**" in jv.targets_sentence(out, "the confirmation draw")
+    # one sampled answer labelled a refusal that no judge calls one: the group misses its targets
+    rows = [json.loads(line) for line in confirm.read_text().splitlines()]
+    for row in rows[:12]:
+        if row["source"] == "aligned_sampled" and not row["is_refusal"]:
+            row["is_refusal"] = True
+    confirm.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    worse = jv.confirmation_agreement(confirm, progress=False)
+    assert not worse["targets"]["met"] and "aligned_sampled" in worse["targets"]["failing_groups"]
+    args = ["judge", "validate", "--labels", str(labels), "--heldout", str(tmp_path / "none.jsonl"),
+            "--draw", str(tmp_path / "none.jsonl"), "--confirmation", str(confirm)]
+    assert cli.main(args + ["--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["confirmation"]["n"] == 48 and "draw" not in payload
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "the confirmation draw (48 items never labelled before" in text
+    assert "default judge on the confirmation draw: targets NOT met (failing groups: aligned_sampled" in text
 
 
 def test_draw_name_and_load_draw_checks_the_split(tmp_path):

@@ -51,6 +51,7 @@ from .first_token import (
     refusal_token_ids,
 )
 from .labels import (
+    CONFIRM_PATH,
     DRAW_PATH,
     HELDOUT_PATH,
     LABELS_PATH,
@@ -101,6 +102,7 @@ from .validation import (
     agreement,
     agreement_table,
     choose_on_dev,
+    confirmation_agreement,
     draw_agreement,
     draw_name,
     draw_predictions,
@@ -116,8 +118,8 @@ from .validation import (
 )
 
 __all__ = [
-    "CONFIDENT", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
-    "choose_on_dev", "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
+    "CONFIDENT", "CONFIRM_PATH", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
+    "choose_on_dev", "confirmation_agreement", "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
     "group_table", "load_draw", "meets_targets", "part_agreement", "targets_sentence",
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",
     "DEFLECTION_PATTERNS", "EXTRA_FEATURE_NAMES", "HELDOUT_PATH", "JUDGES", "LABELS_PATH",

@@ -22,7 +22,8 @@ def _cmd_validate(args) -> int:
         model, tokenizer = models.load_model(args.small_model, dtype=args.dtype,
                                              log=console_log)
         extra = {"small_model": RubricModelJudge(model, tokenizer, progress=not args.json)}
-    payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw, extra=extra)
+    payload = validate_judges(args.labels, heldout_path=args.heldout, draw_path=args.draw, extra=extra,
+                              confirm_path=args.confirmation)
 
     def row(name, m):
         return (f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
@@ -55,6 +56,16 @@ def _cmd_validate(args) -> int:
             if d.get("targets"):
                 t = d["targets"]
                 lines.append(f"default judge on test: targets {'met' if t['met'] else 'NOT met'}"
+                             + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
+        if p.get("confirmation"):
+            c = p["confirmation"]
+            lines.append(f"the confirmation draw ({c['n']} items never labelled before, drawn after "
+                         "the choice; scored once per candidate)")
+            lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
+                      for name, m in c["test"]["judges"].items()]
+            if c.get("targets"):
+                t = c["targets"]
+                lines.append(f"default judge on the confirmation draw: targets {'met' if t['met'] else 'NOT met'}"
                              + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
         return "\n".join(lines)
 
@@ -89,13 +100,18 @@ def _cmd_draw(args) -> int:
     # deferred: the draw loads models and reads the store; `ema judge validate/score` need neither
     from . import draw
 
-    pool = draw.collect_store(args.model_name)
-    extra = draw.generate_sources(draw.prompt_mix(seed=args.seed), args.model_name, args.second_model,
+    stores = args.store or [None]  # None: this project's results store
+    pool = pd.concat([draw.collect_store(args.model_name, folder) for folder in stores],
+                     ignore_index=True)
+    mix = draw.prompt_mix(args.harmful_per_concept, args.n_benign, args.n_over_refusal, seed=args.seed)
+    extra = draw.generate_sources(mix, args.model_name, args.second_model,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   temperature=args.temperature,
                                   progress=not getattr(args, "json", False))
     table = draw.draw(pd.concat([pool, extra], ignore_index=True), per_source=args.per_source,
-                      seed=args.seed)
+                      seed=args.seed, sources=args.sources or draw.SOURCES,
+                      exclude=draw.labelled_texts() if args.confirmation else None,
+                      confirmation=args.confirmation)
     draw.write_draw(table, args.out)
     draw.write_draw(draw.blind_copy(table), args.blind)
     counts = table.groupby(["source", "split"]).size().unstack(fill_value=0)
@@ -134,6 +150,8 @@ def register_cli(subparsers) -> None:
                    help="another held-out labelled JSONL file (default data/judge_heldout.jsonl)")
     v.add_argument("--draw", type=Path, default=None,
                    help="another labelled draw with dev/test parts (default data/judge_draw.jsonl)")
+    v.add_argument("--confirmation", type=Path, default=None,
+                   help="another confirmation draw (default: data/judge_confirm.jsonl, when present)")
     v.add_argument("--small-model", default=None, metavar="MODEL",
                    help="also score the small-model rubric judge (small_model) with this model on "
                    "the draw, e.g. qwen2.5-coder-0.5b-instruct")
@@ -166,6 +184,17 @@ def register_cli(subparsers) -> None:
     d.add_argument("--second-model", default="smollm2-135m-instruct")
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--temperature", type=float, default=0.8, help="for the sampled source")
+    d.add_argument("--store", type=Path, action="append", default=None, metavar="DIR",
+                   help="a results store to draw the chapters' outputs from (repeatable; default: "
+                   "this project's, e.g. add another build's <EMA_BUILD_DIR>/results/store)")
+    d.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
+                   help="only these source groups (default: all)")
+    d.add_argument("--harmful-per-concept", type=int, default=4,
+                   help="harmful prompts per concept the generated sources answer")
+    d.add_argument("--n-benign", type=int, default=10, help="benign instructions they answer")
+    d.add_argument("--n-over-refusal", type=int, default=10, help="over-refusal look-alikes they answer")
+    d.add_argument("--confirmation", action="store_true",
+                   help="a confirmation draw: no text already labelled, every item in the test part")
     d.add_argument("--json", action="store_true", help="print one JSON document")
     d.set_defaults(func=_cmd_draw)
 

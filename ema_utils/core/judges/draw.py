@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..cache import atomic_write_table, cached, read_table, stable_hash, store_dir
 from ..errors import DataError, ParameterError
-from .labels import read_jsonl
+from .labels import CONFIRM_PATH, DRAW_PATH, HELDOUT_PATH, LABELS_PATH, read_jsonl
 
 SOURCES = ("aligned_greedy", "aligned_sampled", "npo", "sft", "retain", "kl", "steered",
            "ablated", "second_model")
@@ -185,7 +185,8 @@ def _digest(*parts: str) -> str:
 
 
 def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
-         sources: Sequence[str] = SOURCES) -> pd.DataFrame:
+         sources: Sequence[str] = SOURCES, exclude: pd.DataFrame | None = None,
+         confirmation: bool = False) -> pd.DataFrame:
     """``per_source`` distinct (prompt, response) pairs from every source of ``pool``, with an id
     and a fixed ``split``.
 
@@ -194,12 +195,21 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
     here, before labelling, by :func:`text_split` (a hash of the text: no one chose which item
     went where, and a text drawn from two sources is in one part). Raises ParameterError for an
     unknown source in ``sources``.
+
+    ``exclude`` (a table with ``prompt`` and ``response``, e.g. :func:`labelled_texts`) names
+    texts that may not be drawn: those already labelled, so that a fresh draw holds only texts no
+    judge was fitted, chosen or scored on. ``confirmation=True`` makes every item ``test``: a
+    *confirmation draw*, drawn after the default judge was chosen, that is only ever scored
+    (:data:`ema_utils.core.judges.labels.CONFIRM_PATH`).
     """
     unknown = sorted(set(sources) - set(SOURCES))
     if unknown:
         raise ParameterError(f"unknown source(s) {unknown}; sources: {', '.join(SOURCES)}")
     if per_source < 2:
         raise ParameterError(f"per_source must be at least 2 (a dev and a test item), got {per_source}")
+    if exclude is not None and len(exclude):
+        seen = set(zip(exclude["prompt"], exclude["response"]))
+        pool = pool[[(p, r) not in seen for p, r in zip(pool["prompt"], pool["response"])]]
     picked = []
     for source in sources:
         group = pool[pool["source"] == source].drop_duplicates(["prompt", "response"])
@@ -209,7 +219,8 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
         # the id must not name the source: annotators see it
         group["id"] = [f"draw-{_digest(source, m, p, r)[:12]}"
                        for m, p, r in zip(group["model"], group["prompt"], group["response"])]
-        group["split"] = [text_split(p, r) for p, r in zip(group["prompt"], group["response"])]
+        group["split"] = ("test" if confirmation else
+                          [text_split(p, r) for p, r in zip(group["prompt"], group["response"])])
         picked.append(group)
     if not picked:
         raise DataError("nothing to draw from: the pool holds none of the sources "
@@ -226,6 +237,16 @@ def text_split(prompt: str, response: str) -> str:
     aligned model's stock refusal, say) lands in one part: a judge fitted on ``dev`` never meets
     a ``test`` text it was fitted on."""
     return SPLITS[int(_digest("judge-split", prompt, response), 16) % 2]
+
+
+def labelled_texts(paths: Sequence[Path] | None = None) -> pd.DataFrame:
+    """Every (prompt, response) already labelled for the judges: the labels the learned judge
+    fits, the held-out sample, the draw and the confirmation draw (those of ``paths`` that
+    exist; default all four). A fresh draw excludes them (:func:`draw`'s ``exclude``)."""
+    paths = [Path(p) for p in (paths or (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, CONFIRM_PATH))]
+    rows = [(r["prompt"], r["response"]) for path in paths if path.is_file()
+            for r in read_jsonl(path, required=("prompt", "response"))]
+    return pd.DataFrame(rows, columns=["prompt", "response"])
 
 
 def blind_copy(table: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,12 @@ book judges, labelled blind by two annotators, each item fixed to the ``dev`` or
 before anything was fitted. Judges are chosen (and the learned judge also fitted) on ``dev``;
 ``test`` is scored once per candidate."""
 
+CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
+"""The confirmation draw: a second, larger draw made *after* the default judge was chosen on
+:data:`DRAW_PATH`'s ``dev`` part, of texts no judge was fitted, chosen or scored on
+(:func:`ema_utils.core.judges.draw.labelled_texts` excluded), labelled blind by two annotators
+the same way. Every item is ``test``: it is scored once per candidate and chooses nothing."""
+
 
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
     """The objects of a JSON-lines file; a malformed line raises DataError naming file and line."""

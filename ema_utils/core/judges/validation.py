@@ -18,7 +18,7 @@ import pandas as pd
 from ..errors import ParameterError
 from ..paths import sha256_file
 from .ensemble import ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble_verdicts
-from .labels import DRAW_PATH, HELDOUT_PATH, LABELS_PATH, load_draw, load_labels
+from .labels import CONFIRM_PATH, DRAW_PATH, HELDOUT_PATH, LABELS_PATH, load_draw, load_labels
 from .learned import (
     LEARNED_TRAIN,
     LearnedJudge,
@@ -102,7 +102,7 @@ def validation_predictions(labels_path=None, judges: Sequence[str] = RESPONSE_JU
 
 def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n_splits: int = 5,
                     seed: int = 0, progress: bool = True, heldout_path=None, draw_path=None,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, confirm_path=None) -> dict:
     """Agreement of each offline response judge with the hand labels, and the default judge.
 
     Returns ``{"default": NAME, "judges": {NAME: {"accuracy", "precision", "recall", "kappa",
@@ -111,7 +111,9 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     accuracy per label category (e.g. ``unlearned_opening``, the reason for
     :data:`DEFAULT_JUDGE`); ``best_kappa`` names the judge with the highest overall kappa.
     ``heldout`` (when the file exists) is :func:`heldout_agreement` on ``heldout_path``
-    (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs.
+    (default :data:`HELDOUT_PATH`): the judges on the chapters' own outputs. ``draw`` is
+    :func:`draw_agreement` on ``draw_path`` and ``confirmation`` :func:`confirmation_agreement`
+    on ``confirm_path`` (defaults :data:`DRAW_PATH`, :data:`CONFIRM_PATH`), each when its file exists.
     """
     table = validation_predictions(labels_path, judges, n_splits, seed, progress)
     results = {name: agreement(table["is_refusal"], table[f"pred_{name}"]) for name in judges}
@@ -127,6 +129,9 @@ def validate_judges(labels_path=None, judges: Sequence[str] = RESPONSE_JUDGES, n
     draw_path = Path(draw_path) if draw_path else DRAW_PATH
     if draw_path.is_file():
         out["draw"] = draw_agreement(draw_path, extra=extra, progress=progress)
+    confirm_path = Path(confirm_path) if confirm_path else CONFIRM_PATH
+    if confirm_path.is_file():
+        out["confirmation"] = confirmation_agreement(confirm_path, extra=extra, progress=progress)
     return out
 
 
@@ -154,6 +159,25 @@ def draw_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES, extra
             "chosen_on_dev": choose_on_dev(parts["dev"]),
             "targets": meets_targets(parts["test"], default) if default in parts["test"]["judges"]
             else None}
+
+
+def confirmation_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES,
+                           extra: dict | None = None, progress: bool = True) -> dict:
+    """Every candidate on the confirmation draw (:data:`CONFIRM_PATH`: texts drawn after the
+    default was chosen, never labelled before, all in the ``test`` part), scored once, with
+    bootstrap intervals per source and prompt kind, and whether the default meets the targets.
+
+    Returns ``{"n", "test": part_agreement, "default": DEFAULT_JUDGE, "targets"}``, the shape
+    :func:`draw_agreement` gives its test part (so :func:`group_table` and
+    :func:`targets_sentence` read either).
+    """
+    path = Path(path) if path else CONFIRM_PATH
+    table = draw_predictions(path, "test", candidates, extra=extra, progress=progress)
+    names = list(candidates) + list(extra or {})
+    test = part_agreement(table, names, "test")
+    default = draw_name(DEFAULT_JUDGE)
+    return {"n": test["n"], "test": test, "default": DEFAULT_JUDGE,
+            "targets": meets_targets(test, default) if default in test["judges"] else None}
 
 
 def choose_on_dev(dev: dict) -> str:
@@ -383,10 +407,11 @@ def group_table(part: dict, names: Sequence[str] | None = None, group: str = "so
     return pd.DataFrame(rows).set_index(group)
 
 
-def targets_sentence(protocol: dict) -> str:
-    """Chapter 1's verdict on :func:`draw_agreement`'s ``targets``: met, or not met and where."""
+def targets_sentence(protocol: dict, where: str = "the test part") -> str:
+    """Chapter 1's verdict on :func:`draw_agreement`'s (or :func:`confirmation_agreement`'s)
+    ``targets``, read on ``where``: met, or not met and where."""
     targets = protocol["targets"]
-    head = f"The default **{protocol['default']}** judge on the test part: targets "
+    head = f"The default **{protocol['default']}** judge on {where}: targets "
     if targets is None:
         return head + "not checked (the default is not among the draw's candidates)."
     if targets["met"]:
