@@ -54,6 +54,7 @@ def test_npo_run_is_scored_along_training_and_cached(tiny, canned_refusals, tmp_
 
     assert plots.kl_curves([run]).axes[0].collections, "each concept's interval band is drawn"
     assert run.selected is None or run.selected["step"] in (2, 4)
+    assert run.summary()["utility_above_chance"] in (True, False)  # the auto rule's input is kept
     assert run.checkpoint_path(0) is None and run.checkpoint_path(4).is_dir()
     assert not checkpoints.has_adapter(model), "the caller's model is left without an adapter"
     summary = interventions.trajectory_summary(run)
@@ -200,3 +201,38 @@ def test_ema_unlearn_takes_a_training_seed_apart_from_the_data_seed(monkeypatch)
         with pytest.raises(Stop):
             main(["unlearn", "--concept", "safety", "--method", "npo", *argv])
         assert seen == want, argv
+
+
+def test_the_auto_rule_is_the_papers_only_where_utility_can_tell_checkpoints_apart(tmp_path):
+    from ema_utils.methods.checkpoints import resolve_rule
+
+    assert resolve_rule("auto", True) == "utility"
+    assert resolve_rule("auto", False) == "first_below"  # MMLU at chance: the utility rule is noise
+    assert resolve_rule("auto", None) == "utility"  # a run recorded before: the paper's rule
+    assert resolve_rule("last", False) == "last" and resolve_rule("utility", False) == "utility"
+    with pytest.raises(ParameterError, match="checkpoint rule 'best' unknown; rules: auto, utility"):
+        resolve_rule("best", True)
+    for step in (5, 10, 15, 20):
+        (tmp_path / f"checkpoint-{step:05d}").mkdir()
+    summary = {"folder": str(tmp_path), "selected_step": 20, "first_below_step": 10}
+    at_chance = {**summary, "utility_above_chance": False}
+    assert interventions.chosen_step(at_chance) == 10 and interventions.rule_for(at_chance) == "first_below"
+    assert interventions.chosen_step({**summary, "utility_above_chance": True}) == 20
+    assert interventions.chosen_step(at_chance, "utility") == 20
+    assert interventions.chosen_step(at_chance, "last") == 20
+    assert interventions.chosen_step({**at_chance, "first_below_step": None}) == 20  # none found: the last
+
+
+def test_a_run_knows_whether_its_aligned_utility_lies_above_chance(tmp_path):
+    def run(utility):
+        return interventions.InterventionRun(
+            name="npo_safety", concept="safety", method="npo", folder=tmp_path, forget_stats={},
+            losses=pd.DataFrame(), kl=pd.DataFrame(), trajectory=pd.DataFrame(),
+            utility=pd.DataFrame(utility), selected=None, first_below=None)
+
+    assert run([{"step": 0, "utility": 0.28, "low": 0.21}, {"step": 5, "utility": 0.3, "low": 0.22}]
+               ).utility_above_chance() is False
+    above = run([{"step": 0, "utility": 0.6, "low": 0.52}])
+    assert above.utility_above_chance() is True and above.summary()["utility_above_chance"] is True
+    assert run([{"step": 0, "utility": 0.6}]).utility_above_chance() is None  # not recorded
+    assert run([]).utility_above_chance() is None

@@ -47,7 +47,7 @@ from ..core.evaluate import sample_items
 from ..core.results import chapter_results, chapter_summary, slot_options
 from ..methods import trainer
 from ..methods.condition import try_condition
-from ..methods.interventions import chosen_step, load_run_summaries
+from ..methods.interventions import chosen_step, load_run_summaries, rule_for
 from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
 from .run_options import upstream_options
@@ -85,11 +85,11 @@ def _unlearning_summaries(profile: str) -> dict:
 
 def _checkpoint_rule(profile: str) -> str:
     """The rule chapter 4 scored its checkpoints by (so both solutions are the models it
-    scored); "utility" (the paper's) when chapter 4 did not record one."""
+    scored); "auto" (the chapters' default) when chapter 4 did not record one."""
     try:
-        return str(_run_parameters("mitigation", profile).get("checkpoint_rule") or "utility")
+        return str(_run_parameters("mitigation", profile).get("checkpoint_rule") or "auto")
     except EmaError:
-        return "utility"
+        return "auto"
 
 
 def general_solution(profile: str, concept: str = TARGET, rule: str | None = None) -> Solution:
@@ -276,10 +276,11 @@ def narrow_solution(model, tokenizer, model_id: str, profile: str, concept: str 
     if run is None:
         raise EmaError(f"rebuilding chapter 4's plan gave {sorted(runs)}, not "
                        f"{choice['condition']}; re-run `{_command('mitigation', profile)}`")
-    rule = rule or str(params.get("checkpoint_rule") or "utility")
+    rule = rule or str(params.get("checkpoint_rule") or "auto")
     step = chosen_step(run.summary(), rule)
     scored = (msum.get("steps") or {}).get(choice["condition"])
-    note = f"chapter 4's NPO + KL run, lambda {choice['kl_lambda']:g}, checkpoint by the '{rule}' rule"
+    note = (f"chapter 4's NPO + KL run, lambda {choice['kl_lambda']:g}, checkpoint by the "
+            f"'{rule_for(run.summary(), rule)}' rule")
     if scored is not None and int(scored) != step:
         note += f" (chapter 4 scored step {scored})"
     solution = Solution(role="narrow", condition=choice["condition"], step=step,

@@ -166,9 +166,25 @@ def load_checkpoint(base_model, path, is_trainable: bool = False):
 
 # --- checkpoint selection -----------------------------------------------------------------------
 
-CHECKPOINT_RULES = ("utility", "first_below", "last")
-"""How a chapter picks the checkpoint it scores (interventions.chosen_step): the paper's utility
-rule, the first checkpoint below the target threshold, or the last one."""
+CHECKPOINT_RULES = ("auto", "utility", "first_below", "last")
+"""How a chapter picks the checkpoint it scores (interventions.chosen_step): ``auto`` (the
+default: the paper's utility rule where the aligned model's development MMLU accuracy lies above
+chance, else first-below, :func:`resolve_rule`), the paper's utility rule, the first checkpoint
+below the target threshold, or the last one."""
+
+
+def resolve_rule(rule: str, utility_above_chance: bool | None) -> str:
+    """The rule ``rule`` stands for on a run: ``auto`` is ``utility`` when the aligned model's
+    development MMLU interval lies above chance (``utility_above_chance``; None, unknown, for a
+    run recorded before it was kept, keeps the paper's rule), and ``first_below`` when it does
+    not: a model answering at chance has no utility to lose, so "utility dropped less than 3
+    points" passes or fails by the noise of the sample and its choice says nothing. Any other
+    rule is itself. Raises ParameterError for an unknown rule."""
+    if rule not in CHECKPOINT_RULES:
+        raise ParameterError(f"checkpoint rule '{rule}' unknown; rules: {', '.join(CHECKPOINT_RULES)}")
+    if rule != "auto":
+        return rule
+    return "first_below" if utility_above_chance is False else "utility"
 
 
 def _utility_map(utility_by_step) -> dict[int, float]:

@@ -22,7 +22,7 @@ from .. import CONCEPTS
 from ..core import models
 from ..core.cache import atomic_write_json, cached, stable_hash
 from ..core.console import emit
-from ..core.data import load_prompts
+from ..core.data import MMLU_CHANCE, load_prompts
 from ..core.errors import ParameterError
 from ..core.evaluate import eval_items, evaluate, sample_items
 from ..core.judges.registry import get_judge
@@ -30,11 +30,11 @@ from ..core.metrics import display_response, mean_interval
 from ..core.models import DTYPE_NAMES, model_identity
 from ..core.params import parse_overrides
 from .checkpoints import (
-    CHECKPOINT_RULES,
     adapter_digest,
     first_checkpoint_below,
     load_checkpoint,
     merged_for_inference,
+    resolve_rule,
     select_checkpoint,
     unload_adapter,
 )
@@ -72,11 +72,20 @@ class InterventionRun:
             raise ParameterError(f"{self.name}: no complete checkpoint for step {step} in {self.folder}")
         return path
 
+    def utility_above_chance(self) -> bool | None:
+        """Whether the aligned model's (step 0) development MMLU accuracy has its 95% interval
+        above chance: whether the utility rule can tell checkpoints apart (None: not recorded)."""
+        aligned = self.utility[self.utility["step"] == 0] if "low" in self.utility else self.utility.iloc[0:0]
+        if aligned.empty or pd.isna(aligned["low"].iloc[0]):
+            return None
+        return bool(aligned["low"].iloc[0] > MMLU_CHANCE)
+
     def summary(self) -> dict:
         return {"name": self.name, "concept": self.concept, "method": self.method,
                 "folder": str(self.folder), "forget": self.forget_stats,
                 "selected_step": None if self.selected is None else int(self.selected["step"]),
                 "first_below_step": None if self.first_below is None else int(self.first_below["step"]),
+                "utility_above_chance": self.utility_above_chance(),
                 "settings": self.settings,
                 # refusal on the development items at every checkpoint: what later chapters
                 # choose on (dev_refusal_at), never the eval items they report
@@ -296,7 +305,8 @@ def _score_checkpoints(run, model, tokenizer, model_id, steps, n, max_new_tokens
                               utility_per_subject=utility_per_subject, utility_part="dev",
                               progress=progress)
         rows.append(result.rates.assign(step=int(step)))
-        utility.append({"step": int(step), "utility": result.utility["accuracy"]})
+        utility.append({"step": int(step), "utility": result.utility["accuracy"],
+                        "low": result.utility.get("low")})
     run.trajectory = pd.concat(rows, ignore_index=True)
     run.utility = pd.DataFrame(utility)
 
@@ -352,11 +362,17 @@ def compare_responses(model, tokenizer, run: InterventionRun, step: int, prompts
 
 
 
-def chosen_step(summary: dict, rule: str = "utility") -> int | None:
-    """The step a chapter scores for a run: the paper's utility rule, the first checkpoint below
-    the target threshold, or the last one; falls back to the last when a rule found none."""
-    if rule not in CHECKPOINT_RULES:
-        raise ParameterError(f"checkpoint rule '{rule}' unknown; rules: {', '.join(CHECKPOINT_RULES)}")
+def rule_for(summary: dict, rule: str = "auto") -> str:
+    """The rule a run's checkpoint is chosen by: ``rule``, with ``auto`` resolved on the run
+    (:func:`ema_utils.methods.checkpoints.resolve_rule`)."""
+    return resolve_rule(rule, summary.get("utility_above_chance"))
+
+
+def chosen_step(summary: dict, rule: str = "auto") -> int | None:
+    """The step a chapter scores for a run: by :func:`rule_for` the paper's utility rule, the
+    first checkpoint below the target threshold, or the last one; falls back to the last when a
+    rule found none."""
+    rule = rule_for(summary, rule)
     last = max(int(p.name.split("-")[1]) for p in Path(summary["folder"]).glob("checkpoint-*"))
     step = {"utility": summary.get("selected_step"), "first_below": summary.get("first_below_step"),
             "last": last}[rule]
@@ -378,7 +394,7 @@ def matched_step(summary: dict, concept: str, level: float) -> int | None:
     return min(sorted(rates), key=lambda step: round(abs(rates[step] - level), 9))
 
 
-def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = "utility",
+def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = "auto",
                   steps: dict | None = None, **evaluate_kwargs) -> dict:
     """Score the aligned model and each run's chosen checkpoint: ``{condition: Evaluation}``.
     ``steps`` (condition -> step) overrides the rule for the runs it names (e.g. the steps
@@ -392,6 +408,7 @@ def evaluate_runs(model, tokenizer, model_id: str, summaries: dict, rule: str = 
             results[name] = evaluate(scored, tokenizer, checkpoint_model_id(model_id, name, path),
                                      **evaluate_kwargs)
         results[name].settings["step"] = step
+        results[name].settings["rule"] = "given" if name in (steps or {}) else rule_for(summary, rule)
     return results
 
 
