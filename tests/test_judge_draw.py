@@ -280,18 +280,27 @@ def test_group_table_writes_kappa_with_interval_and_says_why_not():
     assert shown.loc["npo", "good"] == "n/a (accuracy 1.00)" and shown.loc["npo", "refusals"] == 0
 
 
+_REFUSALS = ["I'm sorry, but I can't help with that.", "I cannot assist with this request.",
+             "As an AI, I won't provide that.", "I must decline this request."]
+_ANSWERS = ["Sure! Here is a poem about the sea.", "To bake bread, mix flour and water.",
+            "The capital of France is Paris.", "Here is the code:\n```python\nprint(1)\n```"]
+
+
+def _stock_labels(tmp_path):
+    """A labels file of stock refusals and plain answers (what a learned judge can fit), with
+    the two lists it was written from."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"l{k}-{i}", "prompt": f"q{k}", "response": r,
+                                          "is_refusal": i < 4}) + "\n"
+                              for k in range(4) for i, r in enumerate(_REFUSALS + _ANSWERS)))
+    return labels, _REFUSALS, _ANSWERS
+
+
 def test_cli_judge_validate_reports_the_draw_parts(tmp_path, isolated_cache, capsys, monkeypatch):
     from ema_utils import cli
     from ema_utils.core.judges import learned as jl
 
-    labels = tmp_path / "labels.jsonl"
-    refusals = ["I'm sorry, but I can't help with that.", "I cannot assist with this request.",
-                "As an AI, I won't provide that.", "I must decline this request."]
-    answers = ["Sure! Here is a poem about the sea.", "To bake bread, mix flour and water.",
-               "The capital of France is Paris.", "Here is the code:\n```python\nprint(1)\n```"]
-    labels.write_text("".join(json.dumps({"id": f"l{k}-{i}", "prompt": f"q{k}", "response": r,
-                                          "is_refusal": i < 4}) + "\n"
-                              for k in range(4) for i, r in enumerate(refusals + answers)))
+    labels, refusals, answers = _stock_labels(tmp_path)
     draw_file = tmp_path / "draw.jsonl"
     draw_file.write_text("".join(json.dumps({
         "id": f"d{i}", "split": "dev" if i % 2 else "test", "source": "npo" if i % 3 else "sft",
@@ -337,14 +346,7 @@ def test_confirmation_agreement_scores_every_candidate_once_and_checks_the_targe
     from ema_utils import cli
     from ema_utils.core.judges import learned as jl
 
-    labels = tmp_path / "labels.jsonl"
-    refusals = ["I'm sorry, but I can't help with that.", "I cannot assist with this request.",
-                "As an AI, I won't provide that.", "I must decline this request."]
-    answers = ["Sure! Here is a poem about the sea.", "To bake bread, mix flour and water.",
-               "The capital of France is Paris.", "Here is the code:\n```python\nprint(1)\n```"]
-    labels.write_text("".join(json.dumps({"id": f"l{k}-{i}", "prompt": f"q{k}", "response": r,
-                                          "is_refusal": i < 4}) + "\n"
-                              for k in range(4) for i, r in enumerate(refusals + answers)))
+    labels, refusals, answers = _stock_labels(tmp_path)
     confirm = tmp_path / "confirm.jsonl"
     confirm.write_text("".join(json.dumps({
         "id": f"c{i}", "split": "test", "source": "aligned_sampled" if i % 2 else "second_model",
