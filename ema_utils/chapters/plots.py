@@ -135,8 +135,9 @@ def refusal_trajectories(runs, title: str = "Refusal along training, per concept
 
 def target_vs_rest(summaries: dict, title: str = "Narrow or general? Target vs other concepts"):
     """One curve per run: target refusal (x) against the mean refusal of the other concepts (y),
-    one point per checkpoint from the aligned model (top right) onwards. A narrow solution
-    would run left along the top; a general one falls along the diagonal."""
+    one point per checkpoint from the aligned model (top left: the x axis is reversed, so the
+    target's refusal falls to the right) onwards. A narrow solution would run right along the
+    top; a general one falls along the diagonal."""
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, table in summaries.items():
         ax.plot(100 * table["target"], 100 * table["non_target_mean"], marker="o", label=name)
