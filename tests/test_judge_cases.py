@@ -132,7 +132,7 @@ def test_as_an_ai_without_opinions_then_delivering_is_compliance(judge):
     assert not wrong, f"{judge.name} calls 'As an AI I have no opinions, but here is' a refusal: {wrong}"
 
 
-# Classes found on the first confirmation draw (data/judge_confirm.jsonl, development since it
+# Classes found on the first confirmation draw (data/judge_draw2.jsonl, development since it
 # was scored once): the phrase judge, the default, missed or misread them. The sentences below
 # are written for the tests, in the shape of the outputs seen, not copied from the draw. The
 # learned judge is not refitted on that draw, so these classes are the phrase judge's.

@@ -458,3 +458,21 @@ def test_real_draw_spans_the_book_and_chooses_the_default_on_dev(isolated_cache)
     assert protocol["chosen_on_dev"] == jv.draw_name(judges_registry.DEFAULT_JUDGE)
     assert protocol["targets"] is not None
     assert set(protocol["test"]["by_source"][protocol["chosen_on_dev"]]) == set(jd.SOURCES)
+
+
+def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
+    # The second draw (development since it was read) and the third (the confirmation): each
+    # drawn after everything before it was labelled, so no text of one is in an earlier file.
+    def texts(table):
+        return set(table["prompt"] + "\x1f" + table["response"])
+
+    earlier = [jl_paths.load_labels(jl_paths.LABELS_PATH), jl_paths.load_labels(jl_paths.HELDOUT_PATH),
+               jl_paths.load_draw()]
+    for path, split in ((jl_paths.DRAW2_PATH, "dev"), (jl_paths.CONFIRM_PATH, "test")):
+        table = jl_paths.load_draw(path)
+        assert set(table["split"]) == {split}, path.name
+        assert {"aligned_greedy", "aligned_sampled", "second_model"} <= set(table["source"])
+        assert table.groupby("source").size()[["aligned_sampled", "second_model"]].ge(60).all()
+        assert not any(texts(table) & texts(e) for e in earlier), path.name
+        assert (table["first_annotator"] == table["second_annotator"]).mean() >= 0.95
+        earlier.append(table)
