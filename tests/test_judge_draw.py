@@ -341,6 +341,17 @@ def test_a_confirmation_draw_holds_no_labelled_text_and_only_a_test_part(tmp_pat
     assert len(known) >= 300 and {"prompt", "response"} == set(known.columns)
 
 
+def test_a_redacted_labelled_text_still_excludes_its_original():
+    labelled = pd.DataFrame({"prompt": ["p", "q"], "response": ["The dose is [redacted].", "Sure: x"]})
+    pool = pd.DataFrame({"prompt": ["p", "p", "q", "q"],
+                         "response": ["The dose is 5 units.", "The dose varies.", "Sure: x", "Sure: y"]})
+    assert jd.already_labelled(pool, labelled).tolist() == [True, False, True, False]
+    drawn = jd.draw(pool.assign(source="aligned_greedy", model="m", decoding="greedy", max_new_tokens=24,
+                                prompt_id="i", concept="safety", prompt_kind="harmful"),
+                    per_source=4, exclude=labelled, confirmation=True)
+    assert sorted(drawn["response"]) == ["Sure: y", "The dose varies."]
+
+
 def test_confirmation_agreement_scores_every_candidate_once_and_checks_the_targets(
         tmp_path, isolated_cache, capsys, monkeypatch):
     from ema_utils import cli
@@ -472,7 +483,9 @@ def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
         table = jl_paths.load_draw(path)
         assert set(table["split"]) == {split}, path.name
         assert {"aligned_greedy", "aligned_sampled", "second_model"} <= set(table["source"])
-        assert table.groupby("source").size()[["aligned_sampled", "second_model"]].ge(60).all()
+        assert table.groupby("source").size()[["aligned_sampled", "second_model"]].ge(50).all()
         assert not any(texts(table) & texts(e) for e in earlier), path.name
+        # nor under a redaction: a stored "[redacted]" text stands for its original
+        assert not jd.already_labelled(table, pd.concat(earlier, ignore_index=True)).any(), path.name
         assert (table["first_annotator"] == table["second_annotator"]).mean() >= 0.95
         earlier.append(table)

@@ -208,8 +208,7 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
     if per_source < 2:
         raise ParameterError(f"per_source must be at least 2 (a dev and a test item), got {per_source}")
     if exclude is not None and len(exclude):
-        seen = set(zip(exclude["prompt"], exclude["response"]))
-        pool = pool[[(p, r) not in seen for p, r in zip(pool["prompt"], pool["response"])]]
+        pool = pool[~already_labelled(pool, exclude)]
     picked = []
     for source in sources:
         group = pool[pool["source"] == source].drop_duplicates(["prompt", "response"])
@@ -237,6 +236,24 @@ def text_split(prompt: str, response: str) -> str:
     aligned model's stock refusal, say) lands in one part: a judge fitted on ``dev`` never meets
     a ``test`` text it was fitted on."""
     return SPLITS[int(_digest("judge-split", prompt, response), 16) % 2]
+
+
+REDACTED = "[redacted]"
+"""What :func:`merge_annotations` writes in place of harmful specifics."""
+
+
+def already_labelled(pool: pd.DataFrame, labelled: pd.DataFrame) -> pd.Series:
+    """Per row of ``pool``: is its (prompt, response) one of ``labelled``'s? A labelled text
+    stored with a part replaced by :data:`REDACTED` matches the pool's unredacted original (any
+    text where the mark stands), so a redacted text is not drawn again under its first form."""
+    exact = set(zip(labelled["prompt"], labelled["response"]))
+    masked = {}
+    for prompt, response in zip(labelled["prompt"], labelled["response"]):
+        if REDACTED in response:
+            pattern = ".+?".join(re.escape(part) for part in response.split(REDACTED))
+            masked.setdefault(prompt, []).append(re.compile(pattern, re.DOTALL))
+    return pd.Series([(p, r) in exact or any(rx.fullmatch(r) for rx in masked.get(p, ()))
+                      for p, r in zip(pool["prompt"], pool["response"])], index=pool.index)
 
 
 def labelled_texts(paths: Sequence[Path] | None = None) -> pd.DataFrame:
@@ -305,7 +322,7 @@ def merge_annotations(draw_table: pd.DataFrame, first, second, third=None) -> pd
         for ann in (a[i], b[i]):
             part = ann.get("redact")
             if part and part in text:
-                text = text.replace(part, "[redacted]")
+                text = text.replace(part, REDACTED)
         redacted.append(text != out["response"].iloc[k])
         out.iloc[k, out.columns.get_loc("response")] = text
     out["redacted"] = redacted
