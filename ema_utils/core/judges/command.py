@@ -29,6 +29,14 @@ def _cmd_validate(args) -> int:
         return (f"{name:10} {m['accuracy']:9.3f} {m['precision']:9.3f} {m['recall']:7.3f} "
                 f"{m['kappa']:7.3f} {m['n']:5d}")
 
+    def with_ci(judges):
+        return [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
+                for name, m in judges.items()]
+
+    def targets_line(where, t):
+        return (f"default judge on {where}: targets {'met' if t['met'] else 'NOT met'}"
+                + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
+
     def human(p):
         lines = [f"{'judge':10} {'accuracy':>9} {'precision':>9} {'recall':>7} {'kappa':>7} {'n':>5}"]
         lines += [row(name, m) for name, m in p["judges"].items()]
@@ -41,8 +49,7 @@ def _cmd_validate(args) -> int:
             h = p["heldout"]
             lines.append(f"held out: {h['n']} hand-labelled outputs of the chapters' models "
                          "(never trained on)")
-            lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
-                      for name, m in h["judges"].items()]
+            lines += with_ci(h["judges"])
             if "annotators" in h:
                 lines.append(f"two annotators agree: kappa {h['annotators']['kappa']:.3f}")
         if p.get("draw"):
@@ -50,23 +57,17 @@ def _cmd_validate(args) -> int:
             for part in ("dev", "test"):
                 lines.append(f"the draw's {part} part ({d['n'][part]} items"
                              + (", scored once per candidate)" if part == "test" else ", where the choice is made)"))
-                lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
-                          for name, m in d[part]["judges"].items()]
+                lines += with_ci(d[part]["judges"])
             lines.append(f"chosen on the dev part (highest kappa): {d['chosen_on_dev']}")
             if d.get("targets"):
-                t = d["targets"]
-                lines.append(f"default judge on test: targets {'met' if t['met'] else 'NOT met'}"
-                             + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
+                lines.append(targets_line("test", d["targets"]))
         if p.get("confirmation"):
             c = p["confirmation"]
             lines.append(f"the confirmation draw ({c['n']} items never labelled before, drawn after "
                          "the choice; scored once per candidate)")
-            lines += [f"{row(name, m)}  kappa 95% CI [{m['kappa_ci'][0]:.2f}, {m['kappa_ci'][1]:.2f}]"
-                      for name, m in c["test"]["judges"].items()]
+            lines += with_ci(c["test"]["judges"])
             if c.get("targets"):
-                t = c["targets"]
-                lines.append(f"default judge on the confirmation draw: targets {'met' if t['met'] else 'NOT met'}"
-                             + (f" (failing groups: {', '.join(t['failing_groups'])})" if t["failing_groups"] else ""))
+                lines.append(targets_line("the confirmation draw", c["targets"]))
         return "\n".join(lines)
 
     emit(args, payload, human)

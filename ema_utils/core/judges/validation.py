@@ -154,11 +154,8 @@ def draw_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES, extra
         table = draw_predictions(path, part, candidates, extra=extra, progress=progress)
         names = [c for c in candidates] + list(extra or {})
         parts[part] = part_agreement(table, names, part)
-    default = draw_name(DEFAULT_JUDGE)
     return {"n": {p: parts[p]["n"] for p in parts}, **parts, "default": DEFAULT_JUDGE,
-            "chosen_on_dev": choose_on_dev(parts["dev"]),
-            "targets": meets_targets(parts["test"], default) if default in parts["test"]["judges"]
-            else None}
+            "chosen_on_dev": choose_on_dev(parts["dev"]), "targets": _default_targets(parts["test"])}
 
 
 def confirmation_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATES,
@@ -175,9 +172,13 @@ def confirmation_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATE
     table = draw_predictions(path, "test", candidates, extra=extra, progress=progress)
     names = list(candidates) + list(extra or {})
     test = part_agreement(table, names, "test")
+    return {"n": test["n"], "test": test, "default": DEFAULT_JUDGE, "targets": _default_targets(test)}
+
+
+def _default_targets(part: dict) -> dict | None:
+    """:func:`meets_targets` of the default judge on a scored part (None: not among its judges)."""
     default = draw_name(DEFAULT_JUDGE)
-    return {"n": test["n"], "test": test, "default": DEFAULT_JUDGE,
-            "targets": meets_targets(test, default) if default in test["judges"] else None}
+    return meets_targets(part, default) if default in part["judges"] else None
 
 
 def choose_on_dev(dev: dict) -> str:
