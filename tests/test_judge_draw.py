@@ -371,15 +371,19 @@ def test_confirmation_agreement_scores_every_candidate_once_and_checks_the_targe
     assert out["test"]["judges"]["phrase"]["kappa"] == 1.0  # stock refusals and plain answers
     assert out["targets"]["met"] and out["default"] == jv.DEFAULT_JUDGE
     assert set(out["test"]["by_source"]["phrase"]) == {"aligned_sampled", "second_model"}
+    assert set(out["test"]["by_certainty"]["phrase"]) == {"clear"}  # no item marked unsure
     assert "confirmation draw: targets **met**" in jv.targets_sentence(out, "the confirmation draw")
     # one sampled answer labelled a refusal that no judge calls one: the group misses its targets
     rows = [json.loads(line) for line in confirm.read_text().splitlines()]
     for row in rows[:12]:
         if row["source"] == "aligned_sampled" and not row["is_refusal"]:
-            row["is_refusal"] = True
+            row["is_refusal"] = row["unsure"] = True
     confirm.write_text("".join(json.dumps(r) + "\n" for r in rows))
     worse = jv.confirmation_agreement(confirm, progress=False)
     assert not worse["targets"]["met"] and "aligned_sampled" in worse["targets"]["failing_groups"]
+    # the errors sit on the items an annotator was unsure of; the targets still count them
+    certainty = worse["test"]["by_certainty"]["phrase"]
+    assert certainty["clear"]["kappa"] == 1.0 and certainty["unsure"]["accuracy"] == 0.0
     args = ["judge", "validate", "--labels", str(labels), "--heldout", str(tmp_path / "none.jsonl"),
             "--draw", str(tmp_path / "none.jsonl"), "--confirmation", str(confirm)]
     assert cli.main(args + ["--json"]) == 0
@@ -472,14 +476,16 @@ def test_real_draw_spans_the_book_and_chooses_the_default_on_dev(isolated_cache)
 
 
 def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
-    # The second draw (development since it was read) and the third (the confirmation): each
+    # The second and third draws (development since they were read) and the fourth (the
+    # confirmation): each
     # drawn after everything before it was labelled, so no text of one is in an earlier file.
     def texts(table):
         return set(table["prompt"] + "\x1f" + table["response"])
 
     earlier = [jl_paths.load_labels(jl_paths.LABELS_PATH), jl_paths.load_labels(jl_paths.HELDOUT_PATH),
                jl_paths.load_draw()]
-    for path, split in ((jl_paths.DRAW2_PATH, "dev"), (jl_paths.CONFIRM_PATH, "test")):
+    for path, split in ((jl_paths.DRAW2_PATH, "dev"), (jl_paths.DRAW3_PATH, "dev"),
+                        (jl_paths.CONFIRM_PATH, "test")):
         table = jl_paths.load_draw(path)
         assert set(table["split"]) == {split}, path.name
         assert {"aligned_greedy", "aligned_sampled", "second_model"} <= set(table["source"])

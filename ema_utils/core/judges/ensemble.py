@@ -38,7 +38,8 @@ def ensemble_verdicts(rule: str, prompts: Sequence[str], responses: Sequence[str
     if rule not in ENSEMBLE_RULES:
         raise ParameterError(f"unknown ensemble rule {rule!r}; rules: {', '.join(ENSEMBLE_RULES)}")
     # the phrase judge's verdicts (PhraseJudge with its default window)
-    phrase = np.array([phrase_reason(r) is not None for r in responses], dtype=bool)
+    phrase = np.array([phrase_reason(r, prompt=p) is not None for p, r in zip(prompts, responses)],
+                      dtype=bool)
     proba = np.asarray(learned_proba, dtype=np.float64)
     if proba.shape != phrase.shape:
         raise ParameterError(f"got {len(phrase)} responses but {len(proba)} learned probabilities")

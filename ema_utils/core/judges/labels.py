@@ -38,13 +38,20 @@ DRAW2_PATH = DATA_DIR / "judge_draw2.jsonl"
 chosen, labelled blind by two annotators). It was scored once, with the phrase judge of that
 day (kappa 0.78, short of the targets: the data card and chapter 1 give the figures); its misses
 were then read and the phrase judge's patterns fixed on them, so it is *development* data now
-(every item's ``split`` is ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
+(every item's ``split`` is ``dev``) and the fix was tested on :data:`DRAW3_PATH`."""
+
+DRAW3_PATH = DATA_DIR / "judge_draw3.jsonl"
+"""The second confirmation draw (245 texts, drawn after the fix on :data:`DRAW2_PATH`, labelled
+blind the same way). Scored once (phrase kappa 0.86, short of the targets on the second model);
+its misses were then read and the phrase judge fixed on them (a cut-off inability, a harmless
+substitute for requested writing, echoed request words), so it is *development* data now (every
+item ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
-"""The confirmation draw: a second, larger draw made *after* the default judge was chosen on
-:data:`DRAW_PATH`'s ``dev`` part, of texts no judge was fitted, chosen or scored on
-(:func:`ema_utils.core.judges.draw.labelled_texts` excluded), labelled blind by two annotators
-the same way. Every item is ``test``: it is scored once per candidate and chooses nothing."""
+"""The confirmation draw: the newest draw, made *after* the default judge was last changed, of
+texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.draw.labelled_texts`
+excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
+once per candidate and chooses nothing."""
 
 
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:

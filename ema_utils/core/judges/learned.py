@@ -26,7 +26,7 @@ from ..embeddings import EMBEDDING_DIM, ENCODER_NAME, embed
 from ..errors import DataError, ParameterError
 from ..paths import cache_dir, sha256_file
 from .base import Judge
-from .labels import DRAW_PATH, LABELS_PATH, load_draw, load_labels
+from .labels import DRAW2_PATH, DRAW3_PATH, DRAW_PATH, LABELS_PATH, load_draw, load_labels
 from .patterns import (
     _COMPILED,
     _OFFER,
@@ -339,10 +339,13 @@ class LearnedJudge(Judge):
         return judge
 
 
-LEARNED_TRAIN = ((LABELS_PATH, None), (DRAW_PATH, "dev"))
-"""What the default learned judge is fitted on: every item of the project's labelled set and
-the ``dev`` part of the protocol's draw (never its ``test`` part). A file that does not exist
-yet is skipped."""
+LEARNED_TRAIN = ((LABELS_PATH, None), (DRAW_PATH, "dev"), (DRAW2_PATH, "dev"), (DRAW3_PATH, "dev"))
+"""What the default learned judge is fitted on: every item of the project's labelled set, the
+``dev`` part of the protocol's draw (never its ``test`` part) and the two confirmation draws that
+became development data once read (every item ``dev``): 1,152 items against 543 before, the
+broader draw the issue asks a refitted learned judge to be compared on. The confirmation draw
+(:data:`~ema_utils.core.judges.labels.CONFIRM_PATH`) is never trained on. A file that does not
+exist yet is skipped."""
 
 
 def training_labels(train=LEARNED_TRAIN) -> tuple[pd.DataFrame, str]:

@@ -48,10 +48,16 @@ class PhraseJudge(Judge):
             raise ParameterError(f"window must be a positive number of characters, got {window}")
         self.window = window
 
-    def reasons(self, responses: Sequence[str]) -> list[str | None]:
-        """For each response, the note of the pattern that matched, or None for compliance."""
-        return [phrase_reason(r, self.window) for r in responses]
+    def reasons(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> list[str | None]:
+        """For each response, the note of the pattern that matched, or None for compliance.
+        With the requests (``prompts``, one per response) the request-aware checks run too:
+        echoed request words are not a lecture, a harmless substitute for writing is a refusal."""
+        if prompts is None:
+            prompts = [None] * len(responses)
+        elif len(prompts) != len(responses):
+            raise ParameterError(f"got {len(prompts)} prompts for {len(responses)} responses")
+        return [phrase_reason(r, self.window, prompt=p) for r, p in zip(responses, prompts)]
 
     def judge(self, prompts, responses=None) -> list[bool]:
         prompts, responses = self._check(prompts, responses)
-        return [r is not None for r in self.reasons(responses)]
+        return [r is not None for r in self.reasons(responses, prompts)]

@@ -166,12 +166,16 @@ def confirmation_agreement(path=None, candidates: Sequence[str] = DRAW_CANDIDATE
 
     Returns ``{"n", "test": part_agreement, "default": DEFAULT_JUDGE, "targets"}``, the shape
     :func:`draw_agreement` gives its test part (so :func:`group_table` and
-    :func:`targets_sentence` read either).
+    :func:`targets_sentence` read either). Its test part is also grouped ``by_certainty``:
+    ``clear`` items (neither annotator unsure) apart from ``unsure`` ones, to show where the
+    errors lie; the targets are checked on every item, never on the clear ones alone.
     """
     path = Path(path) if path else CONFIRM_PATH
     table = draw_predictions(path, "test", candidates, extra=extra, progress=progress)
+    unsure = table["unsure"].fillna(False).astype(bool) if "unsure" in table else False
+    table["certainty"] = np.where(unsure, "unsure", "clear")
     names = list(candidates) + list(extra or {})
-    test = part_agreement(table, names, "test")
+    test = part_agreement(table, names, "test", groups=("source", "prompt_kind", "certainty"))
     return {"n": test["n"], "test": test, "default": DEFAULT_JUDGE, "targets": _default_targets(test)}
 
 
