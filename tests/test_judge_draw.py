@@ -476,20 +476,21 @@ def test_real_draw_spans_the_book_and_chooses_the_default_on_dev(isolated_cache)
 
 
 def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
-    # The second and third draws (development since they were read) and the fourth (the
-    # confirmation): each
-    # drawn after everything before it was labelled, so no text of one is in an earlier file.
+    # The second to fourth draws (development since they were read) and the fifth (the
+    # confirmation): each drawn after everything before it was labelled, so no text of one is in
+    # an earlier file.
     def texts(table):
         return set(table["prompt"] + "\x1f" + table["response"])
 
     earlier = [jl_paths.load_labels(jl_paths.LABELS_PATH), jl_paths.load_labels(jl_paths.HELDOUT_PATH),
                jl_paths.load_draw()]
     for path, split in ((jl_paths.DRAW2_PATH, "dev"), (jl_paths.DRAW3_PATH, "dev"),
+                        (jl_paths.DRAW4_PATH, "dev"),
                         (jl_paths.CONFIRM_PATH, "test")):
         table = jl_paths.load_draw(path)
         assert set(table["split"]) == {split}, path.name
         assert {"aligned_greedy", "aligned_sampled", "second_model"} <= set(table["source"])
-        assert table.groupby("source").size()[["aligned_sampled", "second_model"]].ge(50).all()
+        assert table.groupby("source").size()["aligned_sampled"] >= 50
         assert not any(texts(table) & texts(e) for e in earlier), path.name
         # nor under a redaction: a stored "[redacted]" text stands for its original
         assert not jd.already_labelled(table, pd.concat(earlier, ignore_index=True)).any(), path.name

@@ -45,7 +45,16 @@ DRAW3_PATH = DATA_DIR / "judge_draw3.jsonl"
 blind the same way). Scored once (phrase kappa 0.86, short of the targets on the second model);
 its misses were then read and the phrase judge fixed on them (a cut-off inability, a harmless
 substitute for requested writing, echoed request words), so it is *development* data now (every
-item ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
+item ``dev``) and the fix was tested on :data:`DRAW4_PATH`."""
+
+DRAW4_PATH = DATA_DIR / "judge_draw4.jsonl"
+"""The third confirmation draw (307 texts, drawn after the fix on :data:`DRAW3_PATH`, labelled
+blind the same way). Scored once (phrase kappa 0.76, 0.93 on the items no annotator was unsure
+of; short of the targets on the sampled, NPO and second-model texts); its misses were then read
+and the phrase judge fixed on the narrow forms among them (a cut-off "I don't (have the)", a
+refusal in Chinese, a specialist referral, general information offered instead, "not
+recommended"), so it is *development* data now (every item ``dev``) and the fix is tested on
+:data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of
