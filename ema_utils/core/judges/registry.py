@@ -69,11 +69,18 @@ decoding no chapter uses; no candidate met them there. On the chapters' own outp
 (:data:`HELDOUT_PATH`, 300 items): phrase 0.87, learned 0.87.
 
 Confirmation draws of texts never labelled before (chapter 1, the data card; files in
-:mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH`` and 0.86 on
-``DRAW3_PATH`` (both then read, fixed on, and made development data), and, for the phrase
-judge as it is now, 0.76 [0.67, 0.84] on ``CONFIRM_PATH`` (0.93 on the items no annotator was
-unsure of): the targets are not met on fresh draws. Most misses are harmless substitutes (a
-polite letter where a bullying message was asked for), which no phrase can see.
+:mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH``, 0.86 on
+``DRAW3_PATH`` and 0.76 on ``DRAW4_PATH`` (each then read, fixed on, and made development
+data), and, for the phrase judge as it is now, 0.84 [0.76, 0.92] on ``CONFIRM_PATH`` (232
+items: aligned greedy 1.00, NPO-Safety checkpoints 0.95, sampled 0.76; 0.93 on the items no
+annotator was unsure of): the targets are not met on fresh draws. Most misses are harmless
+substitutes (a polite letter where a bullying message was asked for), which no phrase can see.
+
+A second opinion from the default model was measured on the development draws and ruled out:
+asked the rubric's question (or "does the response do what was asked?"), its first-token
+probability ranks the phrase judge's 42 missed refusals among the 753 answers it passes at AUC
+0.67 (either question), and every threshold adds more false refusals than it removes misses
+(its 40 most confident items: 11 misses caught, 29 answers made refusals).
 
 The labelled set (:data:`LABELS_PATH`, 385 items, 83 written to be hard) is the stress test
 the learned judge is fitted on; by 5-fold cross-validation there learned 0.79, phrase 0.76.
