@@ -364,6 +364,13 @@ def cmd_bench(args) -> int:
         report = check_compute_dtype(args.profile, args.model)
         emit(args, report, render_markdown)
         return 0 if report["holds"] is not False else 1
+    if args.screening:
+        # deferred: the check trains and scores through the chapters' machinery (torch)
+        from .screening import check_screening, render_markdown as render_screening
+
+        report = check_screening(args.profile, args.model)
+        emit(args, report, render_screening)
+        return 0
     report = run_bench(args.model, quick=args.quick)
     if not args.quick:  # the book shows the last full run, with its date and machine
         atomic_write_json(bench_report_file(), report)
@@ -383,6 +390,11 @@ def register_cli(sub) -> None:
                    help="instead of the throughput bench: check on a profile's own items that "
                         "the fast compute dtype (bf16) gives fp32's verdicts (aligned model, one "
                         "NPO adapter, NPO trained in both); exits 1 when it does not")
-    p.add_argument("--profile", default="cpu", help="the profile whose settings --dtype-check uses")
+    p.add_argument("--screening", action="store_true",
+                   help="instead of the throughput bench: measure on a profile's NPO run whether "
+                        "the first-token refusal score agrees with the generated verdict at every "
+                        "checkpoint (could checkpoints be screened without generating?)")
+    p.add_argument("--profile", default="cpu",
+                   help="the profile whose settings --dtype-check and --screening use")
     p.set_defaults(func=cmd_bench)
 

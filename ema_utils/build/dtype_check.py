@@ -44,12 +44,9 @@ from ..methods.interventions import (
     run_intervention,
     with_checkpoint,
 )
-from ..methods.trainer import UnlearnConfig
 from .book import render_markdown  # noqa: F401  (re-exported: `ema bench --dtype-check` prints it)
-from .orchestrate import resolve_parameters, validate_parameters
+from .orchestrate import MIN_AGREEMENT, npo_run_settings
 
-MIN_AGREEMENT = 0.97
-"""Per-item verdict agreement the fast dtype must reach (the speed issue's bar)."""
 
 
 def _log(msg: str) -> None:
@@ -117,31 +114,12 @@ def compare_trajectories(fast, reference, concept: str) -> dict:
                                  "reference": float(reference.losses["seconds"].median())}}
 
 
-def _run_settings(profile: str, model: str | None):
-    """The profile's chapter 3 eval settings and chapter 2 training settings, validated."""
-    evals = validate_parameters("cross_domain", resolve_parameters("cross_domain", profile, model))
-    train = validate_parameters("unlearning", resolve_parameters("unlearning", profile, model))
-    config = UnlearnConfig(method="npo", lr=train["npo_lr"], beta=train["beta"],
-                           max_steps=train["max_steps"], batch_size=train["batch_size"],
-                           lora_r=train["lora_r"], lora_alpha=train["lora_alpha"],
-                           checkpoint_every=train["checkpoint_every"], seed=train["train_seeds"][0])
-    run_kwargs = dict(n_forget=train["n_forget"], forget_candidates=train["forget_candidates"],
-                      forget_max_new_tokens=train["forget_max_new_tokens"],
-                      traj_n_per_concept=train["traj_n_per_concept"],
-                      traj_max_new_tokens=train["traj_max_new_tokens"],
-                      kl_n_per_concept=train["kl_n_per_concept"],
-                      batch_size=train["eval_batch_size"], judge=train["judge"],
-                      max_drop=train["max_drop"], target_threshold=train["target_threshold"],
-                      seed=train["seed"], utility_per_subject=train["utility_per_subject"])
-    return evals, config, run_kwargs
-
-
 def check_compute_dtype(profile: str = "cpu", model: str | None = None,
                         concept: str = "cybersecurity", reference: str = "float32",
                         progress: bool = True, save: bool = True) -> dict:
     """Run the three comparisons of the module docstring; return (and keep) the report."""
     started = time.time()
-    evals, config, run_kwargs = _run_settings(profile, model)
+    evals, config, run_kwargs = npo_run_settings(profile, model)
     model = evals["model"]
     # the fast dtype is what "auto" picks here, whatever the profile itself computes in
     fast_dtype = resolve_dtype("auto", evals["device"], log=_log)

@@ -673,3 +673,32 @@ def register_cli(sub) -> None:
     p = sub.add_parser("clean", help="remove build products (never sources)")
     p.add_argument("--models", action="store_true", help="also delete the de-quantized model cache")
     p.set_defaults(func=cmd_clean)
+
+
+MIN_AGREEMENT = 0.97
+"""Per-item verdict agreement a faster path (the bf16 dtype, first-token screening) must reach
+with the path it replaces (the speed issue's bar)."""
+
+
+def npo_run_settings(profile: str, model: str | None = None):
+    """A profile's chapter 3 eval settings and chapter 2 NPO run, validated: ``(eval parameters,
+    UnlearnConfig, run_intervention's keyword arguments)``, as the checks of a faster path
+    (:mod:`ema_utils.build.dtype_check`, :mod:`ema_utils.build.screening`) rerun them."""
+    # deferred: the trainer imports torch, which the command line must not load to start
+    from ..methods.trainer import UnlearnConfig
+
+    evals = validate_parameters("cross_domain", resolve_parameters("cross_domain", profile, model))
+    train = validate_parameters("unlearning", resolve_parameters("unlearning", profile, model))
+    config = UnlearnConfig(method="npo", lr=train["npo_lr"], beta=train["beta"],
+                           max_steps=train["max_steps"], batch_size=train["batch_size"],
+                           lora_r=train["lora_r"], lora_alpha=train["lora_alpha"],
+                           checkpoint_every=train["checkpoint_every"], seed=train["train_seeds"][0])
+    run_kwargs = dict(n_forget=train["n_forget"], forget_candidates=train["forget_candidates"],
+                      forget_max_new_tokens=train["forget_max_new_tokens"],
+                      traj_n_per_concept=train["traj_n_per_concept"],
+                      traj_max_new_tokens=train["traj_max_new_tokens"],
+                      kl_n_per_concept=train["kl_n_per_concept"],
+                      batch_size=train["eval_batch_size"], judge=train["judge"],
+                      max_drop=train["max_drop"], target_threshold=train["target_threshold"],
+                      seed=train["seed"], utility_per_subject=train["utility_per_subject"])
+    return evals, config, run_kwargs
