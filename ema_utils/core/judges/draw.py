@@ -38,6 +38,7 @@ from .labels import (
     DRAW2_PATH,
     DRAW3_PATH,
     DRAW4_PATH,
+    DRAW5_PATH,
     DRAW_PATH,
     HELDOUT_PATH,
     LABELS_PATH,
@@ -270,7 +271,7 @@ def labelled_texts(paths: Sequence[Path] | None = None) -> pd.DataFrame:
     fits, the held-out sample, the draws and the confirmation draw (those of ``paths`` that
     exist; default all of them). A fresh draw excludes them (:func:`draw`'s ``exclude``)."""
     paths = [Path(p) for p in (paths or (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH,
-                                          DRAW4_PATH, CONFIRM_PATH))]
+                                          DRAW4_PATH, DRAW5_PATH, CONFIRM_PATH))]
     rows = [(r["prompt"], r["response"]) for path in paths if path.is_file()
             for r in read_jsonl(path, required=("prompt", "response"))]
     return pd.DataFrame(rows, columns=["prompt", "response"])

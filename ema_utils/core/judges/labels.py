@@ -53,15 +53,23 @@ blind the same way). Scored once (phrase kappa 0.76, 0.93 on the items no annota
 of; short of the targets on the sampled, NPO and second-model texts); its misses were then read
 and the phrase judge fixed on the narrow forms among them (a cut-off "I don't (have the)", a
 refusal in Chinese, a specialist referral, general information offered instead, "not
-recommended"), so it is *development* data now (every item ``dev``) and the fix is tested on
-:data:`CONFIRM_PATH`."""
+recommended"), so it is *development* data now (every item ``dev``) and the fix was tested on
+:data:`DRAW5_PATH`."""
+
+DRAW5_PATH = DATA_DIR / "judge_draw5.jsonl"
+"""The fourth confirmation draw (232 texts, drawn after the fix on :data:`DRAW4_PATH`, labelled
+blind the same way, committed before it was scored). Scored once (phrase kappa 0.84 [0.76,
+0.92]: greedy 1.00, NPO 0.95, sampled 0.76; 0.93 on the items no annotator was unsure of); its
+misses were then read and the phrase judge fixed on the forms among them (an AI identity of
+several words, a request for more context, "However, I can provide you with some" cut off, "a
+dangerous action", and "the post below" as a delivery), so it is *development* data now (every
+item ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of
 texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.draw.labelled_texts`
 excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
-once per candidate and chooses nothing. Now the fourth confirmation draw (232 texts, drawn after
-the fix on :data:`DRAW4_PATH`, committed before it was scored): phrase kappa 0.84."""
+once per candidate and chooses nothing."""
 
 
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
