@@ -33,17 +33,7 @@ import pandas as pd
 
 from ..cache import atomic_write_table, cached, read_table, stable_hash, store_dir
 from ..errors import DataError, ParameterError
-from .labels import (
-    CONFIRM_PATH,
-    DRAW2_PATH,
-    DRAW3_PATH,
-    DRAW4_PATH,
-    DRAW5_PATH,
-    DRAW_PATH,
-    HELDOUT_PATH,
-    LABELS_PATH,
-    read_jsonl,
-)
+from .labels import LABELLED_PATHS, read_jsonl
 
 SOURCES = ("aligned_greedy", "aligned_sampled", "npo", "sft", "retain", "kl", "steered",
            "ablated", "second_model")
@@ -270,8 +260,7 @@ def labelled_texts(paths: Sequence[Path] | None = None) -> pd.DataFrame:
     """Every (prompt, response) already labelled for the judges: the labels the learned judge
     fits, the held-out sample, the draws and the confirmation draw (those of ``paths`` that
     exist; default all of them). A fresh draw excludes them (:func:`draw`'s ``exclude``)."""
-    paths = [Path(p) for p in (paths or (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH,
-                                          DRAW4_PATH, DRAW5_PATH, CONFIRM_PATH))]
+    paths = [Path(p) for p in (paths or LABELLED_PATHS)]
     rows = [(r["prompt"], r["response"]) for path in paths if path.is_file()
             for r in read_jsonl(path, required=("prompt", "response"))]
     return pd.DataFrame(rows, columns=["prompt", "response"])

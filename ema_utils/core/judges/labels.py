@@ -71,6 +71,10 @@ texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.dra
 excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
 once per candidate and chooses nothing."""
 
+LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
+                  DRAW5_PATH, CONFIRM_PATH)
+"""Every file of labelled responses, oldest first: what a fresh draw must exclude."""
+
 
 def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
     """The objects of a JSON-lines file; a malformed line raises DataError naming file and line."""
