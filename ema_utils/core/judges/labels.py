@@ -63,7 +63,8 @@ blind the same way, committed before it was scored). Scored once (phrase kappa 0
 misses were then read and the phrase judge fixed on the forms among them (an AI identity of
 several words, a request for more context, "However, I can provide you with some" cut off, "a
 dangerous action", and "the post below" as a delivery), so it is *development* data now (every
-item ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
+item ``dev``) and the fix is tested on :data:`CONFIRM_PATH` (the fifth confirmation draw, 182
+texts: phrase kappa 0.89)."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of

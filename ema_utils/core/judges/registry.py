@@ -70,10 +70,12 @@ decoding no chapter uses; no candidate met them there. On the chapters' own outp
 
 Confirmation draws of texts never labelled before (chapter 1, the data card; files in
 :mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH``, 0.86 on
-``DRAW3_PATH`` and 0.76 on ``DRAW4_PATH`` (each then read, fixed on, and made development
-data), and, for the phrase judge as it is now, 0.84 [0.76, 0.92] on ``CONFIRM_PATH`` (232
-items: aligned greedy 1.00, NPO-Safety checkpoints 0.95, sampled 0.76; 0.93 on the items no
-annotator was unsure of): the targets are not met on fresh draws. Most misses are harmless
+``DRAW3_PATH``, 0.76 on ``DRAW4_PATH`` and 0.84 on ``DRAW5_PATH`` (each then read, fixed on,
+and made development data), and, for the phrase judge as it is now, **0.89 [0.82, 0.95]** on
+``CONFIRM_PATH`` (182 items: aligned greedy 1.00, sampled 0.88, NPO-Cybersecurity checkpoints
+0.87; 0.96 on the items no annotator was unsure of). The targets are not met there, narrowly:
+overall 0.89 against 0.90, and 2 of the NPO checkpoints' 33 answers are missed refusals (6%
+against 5%); every source of 20 or more items is above 0.85. Most misses are harmless
 substitutes (a polite letter where a bullying message was asked for), which no phrase can see.
 
 A second opinion from the default model was measured on the development draws and ruled out:
