@@ -27,7 +27,10 @@ def test_screening_agreement_counts_items_and_rates_per_step():
         (0, 0.75, 0.5), (5, 0.25, 0.5)]
     # the ranking is imperfect (0.3 refusal below 0.6 answer), so the AUC is under 1
     assert 0.5 < out["auc"] < 1.0
-    assert out["best_agreement"] >= out["agreement"]
+    # 0.3 gets the low refusal right and one answer wrong, 0.7 the other way round: 7 of 8 each,
+    # the best any threshold does on these items
+    assert out["best_agreement"] == 7 / 8
+    assert min(abs(out["best_threshold"] - t) for t in (0.3, 0.7)) < 1e-9
 
 
 def test_screening_agreement_is_usable_when_the_score_separates_the_verdicts():
@@ -53,17 +56,18 @@ def test_check_screening_scores_every_checkpoint_of_the_profiles_run(monkeypatch
     # The real check trains and generates; here each model step is a stand-in, so what is
     # tested is the plan: the run's own steps and settings, generation reused, a first-token
     # score per refusal item, and the report.
-    calls = []
+    calls, scored_models = [], []
 
     def evaluate(model, tokenizer, model_id, **kw):
         calls.append((model_id, kw["split"], kw["n_per_concept"], kw["max_new_tokens"]))
+        assert model == f"adapted:{model_id}"  # generation on the checkpoint, not the base
         return SimpleNamespace(items=pd.DataFrame({
             "prompt": ["a", "b", "c"], "scorer": ["refusal", "refusal", "bbq"],
             "is_refusal": [True, False, None]}))
 
     class FirstToken:
         def __init__(self, model, tokenizer, batch_size, progress):
-            pass
+            scored_models.append(model)
 
         def scores(self, prompts):
             return np.array([0.9, 0.1][:len(prompts)])
@@ -78,10 +82,12 @@ def test_check_screening_scores_every_checkpoint_of_the_profiles_run(monkeypatch
     monkeypatch.setattr(screening, "evaluate", evaluate)
     monkeypatch.setattr(screening, "FirstTokenJudge", FirstToken)
     monkeypatch.setattr(screening, "with_checkpoint",
-                        lambda lm, path, merged: contextlib.nullcontext(lm))
+                        lambda lm, path, merged: contextlib.nullcontext(f"adapted:base+{path}"))
     monkeypatch.setattr(screening, "checkpoint_model_id", lambda mid, name, path: f"{mid}+{path}")
     report = screening.check_screening("cpu", progress=False)
     assert [c[0] for c in calls] == ["base+None", "base+ckpt-5", "base+ckpt-10"]
+    # the first-token score reads each checkpoint's model too
+    assert scored_models == ["adapted:base+None", "adapted:base+ckpt-5", "adapted:base+ckpt-10"]
     assert all(c[1:] == ("dev", 8, 16) for c in calls)  # the cpu profile's trajectory settings
     assert report["items"] == 6 and report["agreement"] == 1.0 and report["usable"]
     assert report["run"] == "npo_cybersecurity" and report["dtype"] == "fp32"

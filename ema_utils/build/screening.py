@@ -1,7 +1,7 @@
 """Could a checkpoint's refusal be read from its first token instead of its generated answer?
 
 Scoring a training run's checkpoints is most of chapter 2's cost: every checkpoint generates
-16-24 tokens per item and judges them. The first-token refusal score
+the profile's ``traj_max_new_tokens`` per item (16 on cpu) and judges them. The first-token refusal score
 (:class:`ema_utils.core.judges.FirstTokenJudge`: the probability of a refusal opening at the
 first response position) needs one forward pass and no generation. The speed issue allows
 screening checkpoints with it only *where it agrees with the generated verdict*. This check
@@ -60,7 +60,8 @@ def screening_agreement(items: pd.DataFrame, threshold: float = 0.5) -> dict:
     score = items["first_token"].astype(float).to_numpy()
     agree = float(((score >= threshold) == verdict).mean())
     both = 0 < verdict.sum() < len(verdict)
-    candidates = np.unique(np.concatenate([score, [threshold]]))
+    # every split of the scores, including "nothing is a refusal" (above the highest score)
+    candidates = np.unique(np.concatenate([score, [threshold, np.inf]]))
     best = max(candidates, key=lambda t: (((score >= t) == verdict).mean(), -abs(t - threshold)))
     by_step = (items.assign(screened=score >= threshold, generated=verdict)
                .groupby("step")[["generated", "screened"]].mean().reset_index())

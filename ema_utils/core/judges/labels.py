@@ -34,9 +34,9 @@ before anything was fitted. Judges are chosen (and the learned judge also fitted
 ``test`` is scored once per candidate."""
 
 DRAW2_PATH = DATA_DIR / "judge_draw2.jsonl"
-"""The first confirmation draw (365 texts never labelled before, drawn after the default was
+"""The first confirmation draw (365 texts never labelled before, 364 kept, drawn after the default was
 chosen, labelled blind by two annotators). It was scored once, with the phrase judge of that
-day (kappa 0.78, short of the targets: the data card and chapter 1 give the figures); its misses
+day (kappa 0.77, short of the targets: the data card and chapter 1 give the figures); its misses
 were then read and the phrase judge's patterns fixed on them, so it is *development* data now
 (every item's ``split`` is ``dev``) and the fix was tested on :data:`DRAW3_PATH`."""
 
@@ -48,7 +48,7 @@ substitute for requested writing, echoed request words), so it is *development* 
 item ``dev``) and the fix was tested on :data:`DRAW4_PATH`."""
 
 DRAW4_PATH = DATA_DIR / "judge_draw4.jsonl"
-"""The third confirmation draw (307 texts, drawn after the fix on :data:`DRAW3_PATH`, labelled
+"""The third confirmation draw, the fourth draw in chapter 1's count (307 texts, drawn after the fix on :data:`DRAW3_PATH`, labelled
 blind the same way). Scored once (phrase kappa 0.76, 0.93 on the items no annotator was unsure
 of; short of the targets on the sampled, NPO and second-model texts); its misses were then read
 and the phrase judge fixed on the narrow forms among them (a cut-off "I don't (have the)", a
@@ -57,14 +57,14 @@ recommended"), so it is *development* data now (every item ``dev``) and the fix 
 :data:`DRAW5_PATH`."""
 
 DRAW5_PATH = DATA_DIR / "judge_draw5.jsonl"
-"""The fourth confirmation draw (232 texts, drawn after the fix on :data:`DRAW4_PATH`, labelled
+"""The fourth confirmation draw, the fifth draw in chapter 1's count (232 texts, drawn after the fix on :data:`DRAW4_PATH`, labelled
 blind the same way, committed before it was scored). Scored once (phrase kappa 0.84 [0.76,
 0.92]: greedy 1.00, NPO 0.95, sampled 0.76; 0.93 on the items no annotator was unsure of); its
 misses were then read and the phrase judge fixed on the forms among them (an AI identity of
 several words, a request for more context, "However, I can provide you with some" cut off, "a
 dangerous action", and "the post below" as a delivery), so it is *development* data now (every
-item ``dev``) and the fix is tested on :data:`CONFIRM_PATH` (the fifth confirmation draw, 182
-texts: phrase kappa 0.89)."""
+item ``dev``) and the fix is tested on :data:`CONFIRM_PATH` (the fifth confirmation draw, the sixth
+in chapter 1's count, 182 texts: phrase kappa 0.89)."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of

@@ -80,7 +80,8 @@ substitutes (a polite letter where a bullying message was asked for), which no p
 
 A second opinion from the default model was measured on the development draws and ruled out:
 asked the rubric's question (or "does the response do what was asked?"), its first-token
-probability ranks the phrase judge's 42 missed refusals among the 753 answers it passes at AUC
+probability ranks the phrase judge's 42 missed refusals among the 795 texts it passes (753 real
+answers) at AUC
 0.67 (either question), and every threshold adds more false refusals than it removes misses
 (its 40 most confident items: 11 misses caught, 29 answers made refusals).
 
