@@ -476,7 +476,7 @@ def test_real_draw_spans_the_book_and_chooses_the_default_on_dev(isolated_cache)
 
 
 def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
-    # The second to fifth draws (development since they were read) and the sixth (the
+    # The second to sixth draws (development since they were read) and the seventh (the
     # confirmation): each drawn after everything before it was labelled, so no text of one is in
     # an earlier file.
     def texts(table):
@@ -487,6 +487,7 @@ def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
     for path, split in ((jl_paths.DRAW2_PATH, "dev"), (jl_paths.DRAW3_PATH, "dev"),
                         (jl_paths.DRAW4_PATH, "dev"),
                         (jl_paths.DRAW5_PATH, "dev"),
+                        (jl_paths.DRAW6_PATH, "dev"),
                         (jl_paths.CONFIRM_PATH, "test")):
         table = jl_paths.load_draw(path)
         assert set(table["split"]) == {split}, path.name

@@ -63,8 +63,16 @@ blind the same way, committed before it was scored). Scored once (phrase kappa 0
 misses were then read and the phrase judge fixed on the forms among them (an AI identity of
 several words, a request for more context, "However, I can provide you with some" cut off, "a
 dangerous action", and "the post below" as a delivery), so it is *development* data now (every
-item ``dev``) and the fix is tested on :data:`CONFIRM_PATH` (the fifth confirmation draw, the sixth
-in chapter 1's count, 182 texts: phrase kappa 0.89)."""
+item ``dev``) and the fix was tested on :data:`DRAW6_PATH`."""
+
+DRAW6_PATH = DATA_DIR / "judge_draw6.jsonl"
+"""The fifth confirmation draw, the sixth in chapter 1's count (182 texts: 130 sampled, 33 from
+the checkpoints of a gentler NPO-Cybersecurity run, 17 greedy, 2 second model; drawn after the
+fix on :data:`DRAW5_PATH`, labelled blind the same way, committed before it was scored). Scored
+once (phrase kappa 0.89 [0.82, 0.95]: greedy 1.00, sampled 0.88, NPO 0.87; 0.96 on the items no
+annotator was unsure of); its errors were then read and the phrase judge fixed on the forms among
+them, so it is *development* data now (every item ``dev``) and the fix is tested on
+:data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of
@@ -73,7 +81,7 @@ excluded), labelled blind by two annotators the same way. Every item is ``test``
 once per candidate and chooses nothing."""
 
 LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
-                  DRAW5_PATH, CONFIRM_PATH)
+                  DRAW5_PATH, DRAW6_PATH, CONFIRM_PATH)
 """Every file of labelled responses, oldest first: what a fresh draw must exclude."""
 
 
