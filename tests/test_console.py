@@ -44,3 +44,12 @@ def test_the_relay_copies_a_child_processs_lines_and_final_bar_and_restores_the_
     assert lines[-1] == "no newline at the end", "an unfinished last line is still shown"
     assert os.environ.get(console.PROGRESS_ENV) == before
     assert "[ema] first line" in (tmp_path / "progress.log").read_text(), "the log is kept"
+
+
+def test_a_tagged_log_tags_its_lines_but_not_lines_already_tagged(monkeypatch, capsys):
+    monkeypatch.delenv(console.PROGRESS_ENV, raising=False)
+    log = console.tagged_log("[ema screening]")
+    log("scoring step 3")
+    log("[ema] loading the model")
+    assert capsys.readouterr().err.splitlines() == ["[ema screening] scoring step 3",
+                                                   "[ema] loading the model"]

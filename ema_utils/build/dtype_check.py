@@ -27,12 +27,12 @@ reproducibility page shows the last result of its profile.
 from __future__ import annotations
 
 import gc
-import sys
 import time
 
 import pandas as pd
 
 from ..core.cache import atomic_write_json
+from ..core.console import tagged_log
 from ..core.errors import EmaError
 from ..core.evaluate import evaluate
 from ..core.metrics import rate_table
@@ -49,10 +49,7 @@ from .orchestrate import MIN_AGREEMENT, npo_run_settings
 
 
 
-def _log(msg: str) -> None:
-    # messages from load_model already carry their own "[ema]" prefix
-    prefix = "" if msg.startswith("[ema") else "[ema dtype-check] "
-    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+_log = tagged_log("[ema dtype-check]")
 
 
 def _inside(x: float, low: float, high: float) -> bool:

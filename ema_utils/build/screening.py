@@ -20,13 +20,13 @@ first-token passes are new. ``ema bench --screening --profile P`` runs it.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from ..core.console import tagged_log
 from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
 from ..core.judges import FirstTokenJudge
@@ -36,9 +36,7 @@ from .orchestrate import MIN_AGREEMENT, npo_run_settings, resolve_parameters
 
 
 
-def _log(msg: str) -> None:
-    prefix = "" if msg.startswith("[ema") else "[ema screening] "
-    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+_log = tagged_log("[ema screening]")
 
 
 def screening_agreement(items: pd.DataFrame, threshold: float = 0.5) -> dict:

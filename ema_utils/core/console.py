@@ -39,6 +39,14 @@ def log(msg: str) -> None:
     print(msg, file=progress_stream(), flush=True)
 
 
+def tagged_log(tag: str):
+    """A :func:`log` that starts each line with ``tag`` ("[ema screening]"), except lines that
+    already carry an "[ema" tag of their own (the model loader's)."""
+    def _log(msg: str) -> None:
+        log(msg if msg.startswith("[ema") else f"{tag} {msg}")
+    return _log
+
+
 def progress_bar(iterable=None, **kwargs):
     """A tqdm text bar on :func:`progress_stream` (tqdm.auto would draw a widget into a notebook
     page). Takes tqdm's arguments (total, desc, unit, disable, leave, ...)."""
