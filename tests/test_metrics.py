@@ -219,3 +219,18 @@ def test_pooled_paired_change_over_training_seeds():
     assert single.loc["privacy", "flagged"] == plain.loc["privacy", "flagged"]
     with pytest.raises(ParameterError, match="at least one seed"):
         metrics.pooled_paired_change(ref, {})
+
+
+def test_random_band_spans_the_random_directions_only_per_kind_and_coefficient():
+    dose = pd.DataFrame({
+        "kind": ["steer"] * 5 + ["ablate"] * 3,
+        "direction": ["general", "random 0", "random 1", "random 0", "random 1",
+                      "general", "random 0", "random 1"],
+        "coefficient": [1.0, 1.0, 1.0, 4.0, 4.0, np.nan, np.nan, np.nan],
+        "rate": [0.9, 0.2, 0.4, 0.1, 0.3, 0.05, 0.5, 0.7]})
+    assert metrics.is_random("random 3") and not metrics.is_random("general")
+    band = metrics.random_band(dose).set_index(["kind", "coefficient"])
+    assert band.loc[("steer", 1.0), ["band_low", "band_high", "n_random"]].tolist() == [0.2, 0.4, 2]
+    assert band.loc[("steer", 4.0), "band_mean"] == pytest.approx(0.2)
+    ablate = band.loc["ablate"]
+    assert len(ablate) == 1 and ablate["band_high"].iloc[0] == 0.7, "NaN coefficients group too"

@@ -38,7 +38,7 @@ import pandas as pd
 from .. import CONCEPTS
 from ..core.errors import EmaError, ModelError, ParameterError
 from ..core.evaluate import eval_items, evaluate, sample_items
-from ..core.metrics import refusal_rate
+from ..core.metrics import is_random, random_band, refusal_rate  # noqa: F401  (re-exported)
 from ..core.results import json_records
 from .activations import collect_hidden_states, hidden_states
 
@@ -595,20 +595,6 @@ def pooled_refusal(evaluations: dict) -> pd.DataFrame:
         items = ev.items[ev.items["scorer"] == "refusal"]
         rows.append({"condition": condition, **refusal_rate(items["aligned"])})
     return pd.DataFrame(rows, columns=["condition", "rate", "low", "high", "n"])
-
-
-def is_random(name) -> bool:
-    """Whether a dose curve's direction name is one of the random control directions."""
-    return str(name).startswith("random ")
-
-
-def random_band(dose: pd.DataFrame) -> pd.DataFrame:
-    """The random directions' spread: per kind ("steer", "ablate") and coefficient, the lowest,
-    mean and highest pooled refusal over the random directions (``band_low``, ``band_mean``,
-    ``band_high``, ``n_random``)."""
-    part = dose[dose["direction"].map(is_random)]
-    return (part.groupby(["kind", "coefficient"], dropna=False, sort=False)["rate"]
-            .agg(band_low="min", band_mean="mean", band_high="max", n_random="size").reset_index())
 
 
 def _ablation_numbers(evaluations: dict) -> dict:

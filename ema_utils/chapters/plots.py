@@ -11,6 +11,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import CONCEPTS
 from ..core.figures import label_points
+from ..core.metrics import is_random, random_band
 
 CONCEPT_LABELS = {"cybersecurity": "Cybersecurity", "safety": "Safety", "toxicity": "Toxicity",
                   "bias": "Bias", "sensitive_content": "Sensitive content",
@@ -664,14 +665,14 @@ def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the gene
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.6), gridspec_kw={"width_ratios": [1.3, 1]})
     level = {k: 100 * float(dose.loc[dose["kind"] == k, "rate"].iloc[0])
              for k in ("aligned", "unlearned") if (dose["kind"] == k).any()}
-    is_random = dose["direction"].astype(str).str.startswith("random ")
-    real_names = [n for n in dict.fromkeys(dose.loc[~is_random, "direction"]) if n]
+    real_names = [n for n in dict.fromkeys(dose.loc[~dose["direction"].map(is_random), "direction"]) if n]
     colors = dict(zip(real_names, ("#C44E52", "#4C72B0", "#55A868", "#8172B2")))
     steer = dose[dose["kind"] == "steer"]
-    band = steer[is_random[steer.index]].groupby("coefficient")["rate"].agg(["min", "max", "size"])
+    bands = random_band(dose)
+    band = bands[bands["kind"] == "steer"].sort_values("coefficient")
     if len(band):
-        left.fill_between(band.index, 100 * band["min"], 100 * band["max"], color="0.85",
-                          label=f"{int(band['size'].max())} random directions (range)")
+        left.fill_between(band["coefficient"], 100 * band["band_low"], 100 * band["band_high"],
+                          color="0.85", label=f"{int(band['n_random'].max())} random directions (range)")
     for name in real_names:
         rows = steer[steer["direction"] == name].sort_values("coefficient")
         if len(rows):
@@ -692,18 +693,19 @@ def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the gene
     left.set_title("steering the aligned model")
     left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ablate = dose[dose["kind"] == "ablate"]
-    random_rates = 100 * ablate.loc[is_random[ablate.index], "rate"]
+    ablated_band = bands[bands["kind"] == "ablate"]
     bars = [(f"{n}\nablated", 100 * float(ablate.loc[ablate["direction"] == n, "rate"].iloc[0]),
              colors[n]) for n in real_names if (ablate["direction"] == n).any()]
     bars = [("aligned", level.get("aligned", np.nan), "black"),
             ("unlearned", level.get("unlearned", np.nan), "0.55")] + bars
     right.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars], width=0.6)
-    if len(random_rates):
-        right.axhspan(random_rates.min(), random_rates.max(), color="0.85", zorder=0)
-        for y in (random_rates.min(), random_rates.max()):
+    if len(ablated_band):
+        low, high = 100 * ablated_band["band_low"].min(), 100 * ablated_band["band_high"].max()
+        right.axhspan(low, high, color="0.85", zorder=0)
+        for y in (low, high):
             right.axhline(y, color="0.45", linestyle="--", linewidth=1,
-                          label=f"{len(random_rates)} random directions ablated (range)"
-                          if y == random_rates.min() else None)
+                          label=f"{int(ablated_band['n_random'].sum())} random directions ablated (range)"
+                          if y == low else None)
         right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     right.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     right.set_ylim(0, 105)

@@ -360,3 +360,17 @@ def display_response(row) -> str:
             and row.get("concept") != "over_refusal":
         return redact(text)
     return text
+
+
+def is_random(name) -> bool:
+    """Whether a dose curve's direction name is one of the random control directions."""
+    return str(name).startswith("random ")
+
+
+def random_band(dose: pd.DataFrame) -> pd.DataFrame:
+    """The random directions' spread: per kind ("steer", "ablate") and coefficient, the lowest,
+    mean and highest pooled refusal over the random directions (``band_low``, ``band_mean``,
+    ``band_high``, ``n_random``). Chapter 6's verdicts and its dose-curve figure both read it."""
+    part = dose[dose["direction"].map(is_random)]
+    return (part.groupby(["kind", "coefficient"], dropna=False, sort=False)["rate"]
+            .agg(band_low="min", band_mean="mean", band_high="max", n_random="size").reset_index())
