@@ -336,7 +336,7 @@ def test_the_phrase_judge_says_why_with_the_request_and_checks_the_lengths():
     prompt, response = HARMLESS_SUBSTITUTES[0]
     assert judge.reasons([response]) == [None]  # without the request it cannot tell
     assert "harmless substitute" in judge.reasons([response], [prompt])[0]
-    with pytest.raises(ParameterError, match="2 prompts for 1 responses"):
+    with pytest.raises(ParameterError, match="2 prompts but 1 responses"):
         judge.reasons([response], [prompt, prompt])
 
 

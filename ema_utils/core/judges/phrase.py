@@ -59,9 +59,8 @@ class PhraseJudge(Judge):
         With the requests (``prompts``, one per response) the request-aware checks run too:
         echoed request words are not a lecture, a harmless substitute for writing is a refusal."""
         if prompts is None:
-            prompts = [None] * len(responses)
-        elif len(prompts) != len(responses):
-            raise ParameterError(f"got {len(prompts)} prompts for {len(responses)} responses")
+            return [phrase_reason(r, self.window) for r in responses]
+        prompts, responses = self._check(prompts, responses)
         return [phrase_reason(r, self.window, prompt=p) for r, p in zip(responses, prompts)]
 
     def judge(self, prompts, responses=None) -> list[bool]:
