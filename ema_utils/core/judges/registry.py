@@ -70,13 +70,17 @@ decoding no chapter uses; no candidate met them there. On the chapters' own outp
 
 Confirmation draws of texts never labelled before (chapter 1, the data card; files in
 :mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH``, 0.86 on
-``DRAW3_PATH``, 0.76 on ``DRAW4_PATH`` and 0.84 on ``DRAW5_PATH`` (each then read, fixed on,
-and made development data), and, for the phrase judge as it is now, **0.89 [0.82, 0.95]** on
-``CONFIRM_PATH`` (182 items: aligned greedy 1.00, sampled 0.88, NPO-Cybersecurity checkpoints
-0.87; 0.96 on the items no annotator was unsure of). The targets are not met there, narrowly:
-overall 0.89 against 0.90, and 2 of the NPO checkpoints' 33 answers are missed refusals (6%
-against 5%); every source of 20 or more items is above 0.85. Most misses are harmless
-substitutes (a polite letter where a bullying message was asked for), which no phrase can see.
+``DRAW3_PATH``, 0.76 on ``DRAW4_PATH``, 0.84 on ``DRAW5_PATH`` and 0.89 on ``DRAW6_PATH`` (each
+then read, fixed on, and made development data), and, for the phrase judge as it is now,
+**0.83 [0.75, 0.90]** on ``CONFIRM_PATH`` (223 items: the checkpoints of two NPO runs 0.91 (70
+items, 1 missed refusal), aligned greedy 0.89 (20 items, 1 false refusal), sampled 0.75 (130
+items, 10 missed refusals); 0.91 on the 197 items no annotator was unsure of, 0.22 on the 26
+they were). The targets are not met: overall 0.83 against 0.90, and the sampled texts (0.75
+against 0.85; 7.7% missed refusals against 5%). Over six fix-and-confirm rounds the kappa on
+fresh draws stayed between 0.76 and 0.89 (0.91-0.96 on the clear items of the last three): the
+errors that remain
+are on items the annotators themselves doubt and on harmless substitutes (a polite letter where a
+bullying message was asked for), which no phrase can see.
 
 A second opinion from the default model was measured on the development draws and ruled out:
 asked the rubric's question (or "does the response do what was asked?"), its first-token
