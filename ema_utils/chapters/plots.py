@@ -702,10 +702,10 @@ def dose_curves(dose: pd.DataFrame, title: str = "Steering and ablating the gene
     if len(ablated_band):
         low, high = 100 * ablated_band["band_low"].min(), 100 * ablated_band["band_high"].max()
         right.axhspan(low, high, color="0.85", zorder=0)
-        for y in (low, high):
+        for i, y in enumerate((low, high)):
             right.axhline(y, color="0.45", linestyle="--", linewidth=1,
                           label=f"{int(ablated_band['n_random'].sum())} random directions ablated (range)"
-                          if y == low else None)
+                          if i == 0 else None)
         right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     right.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     right.set_ylim(0, 105)

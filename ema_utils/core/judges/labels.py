@@ -80,7 +80,8 @@ texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.dra
 excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
 once per candidate and chooses nothing. Now the sixth confirmation draw, the seventh in chapter 1's
 count (223 texts: 130 sampled, 70 from the checkpoints of two NPO runs trained for it, 20
-greedy, 3 second model; drawn after the fix on :data:`DRAW6_PATH`): phrase kappa 0.83."""
+greedy, 3 second model; drawn after the fix on :data:`DRAW6_PATH`): phrase kappa 0.83. A review
+mend of the patterns after it was scored changed none of its verdicts (compared item by item)."""
 
 LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
                   DRAW5_PATH, DRAW6_PATH, CONFIRM_PATH)

@@ -76,11 +76,11 @@ then read, fixed on, and made development data), and, for the phrase judge as it
 items, 1 missed refusal), aligned greedy 0.89 (20 items, 1 false refusal), sampled 0.75 (130
 items, 10 missed refusals); 0.91 on the 197 items no annotator was unsure of, 0.22 on the 26
 they were). The targets are not met: overall 0.83 against 0.90, and the sampled texts (0.75
-against 0.85; 7.7% missed refusals against 5%). Over six fix-and-confirm rounds the kappa on
-fresh draws stayed between 0.76 and 0.89 (0.91-0.96 on the clear items of the last three): the
-errors that remain
-are on items the annotators themselves doubt and on harmless substitutes (a polite letter where a
-bullying message was asked for), which no phrase can see.
+against 0.85; 7.7% missed refusals against 5%). Over six fresh draws (five fixes) the kappa
+stayed between 0.76 and 0.89 (0.91-0.96 on the clear items of the last three): the errors that
+remain are on items the annotators themselves doubt and on harmless substitutes (a polite letter
+where a bullying message was asked for), which no phrase can see. A review mend after draw 7 was
+scored (the cut-off referral and the quoted delivery narrowed) changed none of its verdicts.
 
 A second opinion from the default model was measured on the development draws and ruled out:
 asked the rubric's question (or "does the response do what was asked?"), its first-token
