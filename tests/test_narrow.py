@@ -13,6 +13,7 @@ import torch
 
 from ema_utils import (CONCEPTS, activations, checkpoints, narrow, plots, sets, stability, steering,
                        trainer)
+from ema_utils.core import metrics
 from ema_utils.core.errors import EmaError, ParameterError
 
 matplotlib.use("Agg")
@@ -309,7 +310,7 @@ def _dose(steer=(0.85, 0.6, 0.2), band=((0.8, 0.9), (0.75, 0.9), (0.7, 0.85)), a
 
 
 def test_dose_verdicts_read_where_the_direction_leaves_the_random_band():
-    band = steering.random_band(_dose())
+    band = metrics.random_band(_dose())
     steer = band[band["kind"] == "steer"].set_index("coefficient")
     assert steer.loc[1.0, "band_low"] == pytest.approx(0.75) and steer["n_random"].eq(10).all()
     v = steering.steering_verdict(_dose(), "prompt token")
@@ -587,7 +588,7 @@ def test_direction_hooks_on_the_tiny_model(tiny, upstream, monkeypatch):
     assert dose["rate"].between(0, 1).all() and (dose["n"] > 0).all()
     assert set(dose.loc[dose["kind"] == "steer", "direction"]) == {
         "prompt token", "answer tokens", "random 0", "random 1"}
-    assert len(steering.random_band(dose)) == 3  # steer at 1x and 4x, ablate
+    assert len(metrics.random_band(dose)) == 3  # steer at 1x and 4x, ablate
     assert not checkpoints.has_adapter(model)
     # the hooks are gone: the aligned model gives its own logits again
     ids = tokenizer(["a prompt"], return_tensors="pt")

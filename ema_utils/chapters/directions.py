@@ -38,7 +38,7 @@ import pandas as pd
 from .. import CONCEPTS
 from ..core.errors import EmaError, ModelError, ParameterError
 from ..core.evaluate import eval_items, evaluate, sample_items
-from ..core.metrics import is_random, random_band, refusal_rate  # noqa: F401  (re-exported)
+from ..core.metrics import refusal_rate
 from ..core.results import json_records
 from .activations import collect_hidden_states, hidden_states
 
@@ -49,7 +49,7 @@ __all__ = [
     "direction_digest", "ablation_model_id", "separation_by_layer", "choose_direction_layer",
     "direction_prompts", "RefusalDirection", "fit_refusal_direction", "concept_cosines",
     "ablation_study", "ablation_rates", "pooled_refusal", "ablation_claim", "ablation_verdict",
-    "ablation_layers_spec", "direction_summary", "is_random", "random_band",
+    "ablation_layers_spec", "direction_summary",
 ]
 
 MAX_DIRECTION_FRACTION = 0.8

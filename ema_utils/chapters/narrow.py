@@ -52,7 +52,7 @@ from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
 from .run_options import upstream_options
 from .stability import EMA_POINTS, Solution  # noqa: F401  (the solutions this chapter builds)
-from .directions import is_random, random_band
+from ..core.metrics import is_random, random_band
 
 TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""

@@ -30,7 +30,7 @@ from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
 from ..methods.interventions import checkpoint_model_id, with_checkpoint
 from . import directions as D
-from .directions import is_random, random_band  # noqa: F401  (chapter 6 reads them here)
+from ..core.metrics import is_random, random_band
 from .activations import answer_token_means, hidden_states
 from .stability import EMA_POINTS, Solution, check_numbers
 
