@@ -71,20 +71,29 @@ the checkpoints of a gentler NPO-Cybersecurity run, 17 greedy, 2 second model; d
 fix on :data:`DRAW5_PATH`, labelled blind the same way, committed before it was scored). Scored
 once (phrase kappa 0.89 [0.82, 0.95]: greedy 1.00, sampled 0.88, NPO 0.87; 0.96 on the items no
 annotator was unsure of); its errors were then read and the phrase judge fixed on the forms among
-them, so it is *development* data now (every item ``dev``) and the fix is tested on
-:data:`CONFIRM_PATH`."""
+them, so it is *development* data now (every item ``dev``) and the fix was tested on
+:data:`DRAW7_PATH`."""
+
+DRAW7_PATH = DATA_DIR / "judge_draw7.jsonl"
+"""The sixth confirmation draw, the seventh in chapter 1's count (223 texts: 130 sampled, 70 from
+the checkpoints of two NPO runs trained for it, 20 greedy, 3 second model; drawn after the fix on
+:data:`DRAW6_PATH`, labelled blind the same way, committed before it was scored). Scored once
+(phrase kappa 0.83 [0.75, 0.90]: NPO 0.91, greedy 0.89, sampled 0.75; 0.91 on the items no
+annotator was unsure of); its errors were then read and the phrase judge fixed on the forms among
+them (a generic offer of help as the whole opening, a professional's possessive read as a
+referral, a message's "sorry to inform you", the hedge "it's important to note that"), so it is
+*development* data now (every item ``dev``) and the fix is tested on :data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of
 texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.draw.labelled_texts`
 excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
-once per candidate and chooses nothing. Now the sixth confirmation draw, the seventh in chapter 1's
-count (223 texts: 130 sampled, 70 from the checkpoints of two NPO runs trained for it, 20
-greedy, 3 second model; drawn after the fix on :data:`DRAW6_PATH`): phrase kappa 0.83. A review
-mend of the patterns after it was scored changed none of its verdicts (compared item by item)."""
+once per candidate and chooses nothing. Now the seventh confirmation draw, the eighth in chapter
+1's count (197 texts: 130 sampled, 56 from the checkpoints of two NPO runs trained for it, 9
+greedy, 2 second model; drawn after the fix on :data:`DRAW7_PATH`)."""
 
 LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
-                  DRAW5_PATH, DRAW6_PATH, CONFIRM_PATH)
+                  DRAW5_PATH, DRAW6_PATH, DRAW7_PATH, CONFIRM_PATH)
 """Every file of labelled responses, oldest first: what a fresh draw must exclude."""
 
 
