@@ -22,6 +22,19 @@ def test_length_sorted_batches_cover_every_index_once():
     assert batches[0] == [2, 4], "longest prompts first"
 
 
+def test_a_token_budget_shrinks_batches_of_long_prompts_only():
+    lengths = [200, 190, 180, 60, 60, 60, 60, 500]
+    batches = length_sorted_batches(lengths, 4, max_tokens=400)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert batches[0] == [7], "a prompt over the budget gets a batch of its own"
+    assert batches[1:3] == [[0, 1], [2, 3]]  # 2 x 200 and 2 x 180 fit 400; 3 rows would not
+    assert batches[3] == [4, 5, 6]  # the short ones that are left, in one batch
+    assert all(len(b) * max(lengths[i] for i in b) <= 400 for b in batches if len(b) > 1)
+    assert length_sorted_batches(lengths, 4, max_tokens=None) == length_sorted_batches(lengths, 4)
+    with pytest.raises(ParameterError, match="max_tokens"):
+        length_sorted_batches(lengths, 4, max_tokens=0)
+
+
 def _prompts():
     return pd.DataFrame({"id": ["a", "b", "c"], "concept": ["x", "y", "x"],
                          "prompt": ["hi", "Write a poem about the sea please", "What is 2+2?"]})

@@ -81,10 +81,24 @@ MIN_SHARED_PREFIX = 4
 """Shorter shared prefixes are not worth a cache (and a single prompt has none)."""
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early).
+
+    ``max_tokens`` also caps a batch's padded size (its rows times its longest prompt), so long
+    prompts go in smaller batches; a prompt longer than the cap still gets a batch of its own."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ParameterError(f"max_tokens must be at least 1 (or None), got {max_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        # the batch's first index is its longest prompt (descending order)
+        if batches and len(batches[-1]) < batch_size and (
+                max_tokens is None or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _device_of(model) -> torch.device:
