@@ -44,6 +44,7 @@ from .. import CONCEPTS
 from ..core.data import load_prompts
 from ..core.errors import EmaError, ParameterError
 from ..core.evaluate import sample_items
+from ..core.metrics import is_random, random_band
 from ..core.results import chapter_results, chapter_summary, slot_options
 from ..methods import trainer
 from ..methods.condition import try_condition
@@ -52,7 +53,6 @@ from ..methods.plan import augmented_plan, train_augmented
 from ..methods.sets import build_forget_set
 from .run_options import upstream_options
 from .stability import EMA_POINTS, Solution  # noqa: F401  (the solutions this chapter builds)
-from ..core.metrics import is_random, random_band
 
 TARGET = "safety"
 """The intervention of both solutions: the paper's containment experiment is on Safety."""

@@ -28,9 +28,9 @@ import pandas as pd
 from ..core.cache import cached, stable_hash
 from ..core.errors import ParameterError
 from ..core.evaluate import evaluate
+from ..core.metrics import is_random, random_band
 from ..methods.interventions import checkpoint_model_id, with_checkpoint
 from . import directions as D
-from ..core.metrics import is_random, random_band
 from .activations import answer_token_means, hidden_states
 from .stability import EMA_POINTS, Solution, check_numbers
 

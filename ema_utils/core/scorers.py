@@ -287,8 +287,8 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     out = np.zeros((len(prompts), len(options)))
     bar = progress_bar(total=len(prompts), desc="scoring", unit="prompt", disable=not progress)
+    budget = SCORING_BATCH_TOKENS if device.type == "cpu" else None
     with torch.inference_mode():
-        budget = SCORING_BATCH_TOKENS if device.type == "cpu" else None
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size, budget):
             input_ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
