@@ -157,10 +157,13 @@ def test_generate_sources_greedy_and_sampled_on_the_tiny_model(isolated_cache, m
     out = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
                               temperature=1.0, seed=0, progress=False)
     assert out.groupby("source").size().to_dict() == {"aligned_greedy": 3, "aligned_sampled": 3,
-                                                      "second_model": 3}
+                                                      "second_model": 6}
     greedy = out[out["source"] == "aligned_greedy"]["response"].tolist()
     sampled = out[out["source"] == "aligned_sampled"]["response"].tolist()
     assert greedy != sampled  # a random tiny model samples other tokens than its argmax
+    second = out[out["source"] == "second_model"]
+    assert second["decoding"].tolist() == ["greedy"] * 3 + ["sampled (temperature 1.0)"] * 3
+    assert second["response"].tolist()[:3] == greedy  # the same model here: greedy is greedy
     again = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
                                 temperature=1.0, seed=0, progress=False)
     pd.testing.assert_frame_equal(out, again)

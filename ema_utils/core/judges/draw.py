@@ -7,7 +7,8 @@ responses nobody tuned it on, of every kind the book judges. The protocol:
    ``generations-*`` tables and the model each came from) and names its *source*
    (:func:`source_of`: aligned, NPO, SFT, retain-augmented, KL, steered, ablated);
    :func:`generate_sources` adds what no chapter writes: the aligned model *sampled*, the
-   aligned model greedy on benign instructions, and the registry's second model, on one fixed
+   aligned model greedy on benign instructions, and the registry's second model (greedy and
+   sampled: its greedy answers to the prompt pool were all labelled by the eighth draw), on one fixed
    mix of harmful, benign and over-refusal prompts (:func:`prompt_mix`).
 2. :func:`draw` samples the same number of distinct responses from every source (seeded) and
    fixes each item's ``split`` (:data:`SPLITS`: ``dev`` or ``test`` by a hash of its text, so
@@ -151,15 +152,18 @@ def generate_sources(prompts: pd.DataFrame, base_model: str, second_model: str,
                      max_new_tokens: int = 24, temperature: float = 0.8, seed: int = 0,
                      batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
     """The sources no chapter writes, on ``prompts``: ``aligned_greedy`` and ``aligned_sampled``
-    (``base_model`` at ``temperature``) and ``second_model`` greedy. Cached in the results store
-    like the chapters' generations. Columns as :func:`collect_store`'s."""
+    (``base_model`` at ``temperature``) and ``second_model``, greedy and at ``temperature`` (one
+    group; ``decoding`` tells them apart). Cached in the results store like the chapters'
+    generations. Columns as :func:`collect_store`'s."""
     # deferred: generation and models import torch
     from ..generation import generate_responses
     from ..models import load_model, model_identity
 
     out = []
     plan = ((base_model, (("aligned_greedy", 0.0), ("aligned_sampled", temperature))),
-            (second_model, (("second_model", 0.0),)))
+            # sampled too: a greedy model answers a prompt one way, and a fresh draw excludes
+            # every labelled text, so the second model's greedy answers run out
+            (second_model, (("second_model", 0.0), ("second_model", temperature))))
     for name, runs in plan:
         model, tokenizer = load_model(name, log=lambda m: None)
         model_id = model_identity(name, model)
