@@ -136,6 +136,7 @@ def test_counting_wrapper_leaves_generation_unchanged(tiny):
     after = generate_responses(model, tokenizer, prompts, max_new_tokens=6, progress=False)
     assert before.equals(after)
     assert 0 < result["generated_tokens"] <= 3 * 6 and result["prompt_tokens"] > 0
+    assert (result["batch_size"], result["prompts_per_batch"]) == (2, 64)  # greedy on a CPU
 
 
 def test_processed_tokens_stop_at_the_first_stop_token():

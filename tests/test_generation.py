@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ema_utils.core.errors import ParameterError
+from ema_utils.core import generation
 from ema_utils.core.generation import (
-    chat_text, generate_responses, left_pad, length_sorted_batches)
+    chat_text, generate_responses, generation_batch_size, left_pad, length_sorted_batches)
 
 
 def test_left_pad_puts_padding_on_the_left():
@@ -49,13 +50,32 @@ def test_generation_keeps_order_and_columns(tiny):
     assert all(isinstance(r, str) for r in out["response"])
 
 
-def test_batching_does_not_change_greedy_output(tiny):
+def test_batching_does_not_change_greedy_output(tiny, monkeypatch):
     model, tokenizer = tiny
+    monkeypatch.setattr(generation, "CPU_GREEDY_BATCH", 1)  # so batch_size=1 is one per batch
     one = generate_responses(model, tokenizer, _prompts(), max_new_tokens=6, batch_size=1,
                              progress=False)
     many = generate_responses(model, tokenizer, _prompts(), max_new_tokens=6, batch_size=3,
                               progress=False)
     assert one["response"].tolist() == many["response"].tolist()
+
+
+def test_greedy_generation_on_a_cpu_takes_at_least_the_cpu_batch(tiny, monkeypatch):
+    assert generation_batch_size(16, "cpu") == generation.CPU_GREEDY_BATCH == 64
+    assert generation_batch_size(128, "cpu") == 128  # a larger request stands
+    assert generation_batch_size(16, "cpu", temperature=0.8) == 16  # sampling: seeded per batch
+    assert generation_batch_size(16, "cuda") == 16  # a GPU takes batch_size as it is
+    model, tokenizer = tiny
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(len(kw["input_ids"]))
+                        or real_generate(**kw))
+    generate_responses(model, tokenizer, _prompts(), max_new_tokens=3, batch_size=1, progress=False)
+    assert calls == [3], "greedy on a CPU: the three prompts in one batch"
+    calls.clear()
+    generate_responses(model, tokenizer, _prompts(), max_new_tokens=3, batch_size=1,
+                       temperature=0.9, progress=False)
+    assert calls == [1, 1, 1], "sampling keeps batch_size"
 
 
 def test_generation_matches_unbatched_generate(tiny):

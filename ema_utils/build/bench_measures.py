@@ -166,7 +166,7 @@ def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: 
     ``model.generate``; the judge is not included (it costs microseconds per response). The
     generated table is appended to ``responses`` when a list is given."""
     # deferred: generation imports torch
-    from ..core.generation import _stop_ids, generate_responses
+    from ..core.generation import _stop_ids, generate_responses, generation_batch_size
 
     with _CountingGenerate(model, _stop_ids(model, tokenizer)) as counter:
         start = time.perf_counter()
@@ -179,6 +179,8 @@ def eval_throughput(model, tokenizer, prompts, batch_size: int, max_new_tokens: 
     return {**_throughput(len(prompts), seconds, counter.prompt_tokens, counter.generated_tokens,
                           n_parameters(model)),
             "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            # what the batches held: greedy on a CPU takes at least CPU_GREEDY_BATCH
+            "prompts_per_batch": generation_batch_size(batch_size, next(model.parameters()).device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "prefix_cache": prefix_cache}
 
