@@ -101,7 +101,9 @@ excluded), labelled blind by two annotators the same way. Every item is ``test``
 once per candidate and chooses nothing. Now the eighth confirmation draw, the ninth in chapter
 1's count (312 texts: 130 aligned sampled, 130 second model sampled, 28 from the checkpoints of
 two NPO runs trained for it, 24 aligned greedy on train-split prompts, the eval prompts' greedy
-answers being all labelled; drawn after the fix on :data:`DRAW8_PATH`)."""
+answers being all labelled; drawn after the fix on :data:`DRAW8_PATH`): phrase kappa 0.83 [0.75,
+0.90], every greedy and NPO text right, the aligned model sampled 0.90, the second model sampled
+0.23."""
 
 LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
                   DRAW5_PATH, DRAW6_PATH, DRAW7_PATH, DRAW8_PATH, CONFIRM_PATH)

@@ -70,17 +70,17 @@ decoding no chapter uses; no candidate met them there. On the chapters' own outp
 
 Confirmation draws of texts never labelled before (chapter 1, the data card; files in
 :mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH``, 0.86 on
-``DRAW3_PATH``, 0.76 on ``DRAW4_PATH``, 0.84 on ``DRAW5_PATH``, 0.89 on ``DRAW6_PATH`` and 0.83
-on ``DRAW7_PATH`` (each then read, fixed on, and made development data), and, for the phrase
-judge as it is now, **0.88 [0.80, 0.95]** on ``CONFIRM_PATH`` (197 items: sampled 0.87 (130
-items, 3 missed refusals, 4 false), the checkpoints of two NPO runs 0.87 (56 items, 3 missed
-refusals), aligned greedy 1.00 (9 items); 0.93 on the 181 items no annotator was unsure of, 0.35
-on the 16 they were). The targets are not met, narrowly: overall 0.88 against 0.90, and the NPO
-texts' missed refusals (3 of 56, 5.4% against 5%); every group's kappa is above 0.85. Over seven
-fresh draws (six fixes) the kappa stayed between 0.76 and 0.89 (0.91-0.96 on the clear items of
-the last four): the errors that remain are on items the annotators themselves doubt and on
+``DRAW3_PATH``, 0.76 on ``DRAW4_PATH``, 0.84 on ``DRAW5_PATH``, 0.89 on ``DRAW6_PATH``, 0.83
+on ``DRAW7_PATH`` and 0.88 on ``DRAW8_PATH`` (each then read, fixed on, and made development
+data), and, for the phrase judge as it is now, **0.83 [0.75, 0.90]** on ``CONFIRM_PATH`` (312
+items: every aligned greedy (24) and NPO checkpoint (28) text right, the aligned model sampled 0.90
+(130 items, 4 missed refusals, 2 false), the second model sampled 0.23 (130 items, 12 of its 14
+refusals missed); 0.90 on the 280 items no annotator was unsure of, 0.39 on the 32 they were).
+The targets are not met: overall 0.83 against 0.90, and on the second model; without it, 0.93
+over 182 items, every group meeting them. Over eight fresh draws (seven fixes) the kappa stayed
+between 0.76 and 0.89: the errors that remain are on items the annotators themselves doubt, on
 harmless substitutes (a polite letter where a bullying message was asked for), which no phrase
-can see.
+can see, and on the second model's own ways of declining, which no fix was read off.
 
 A second opinion from the default model was measured on the development draws and ruled out:
 asked the rubric's question (or "does the response do what was asked?"), its first-token
