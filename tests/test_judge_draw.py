@@ -493,6 +493,7 @@ def test_real_confirmation_draws_hold_only_texts_never_labelled_before():
                         (jl_paths.DRAW6_PATH, "dev"),
                         (jl_paths.DRAW7_PATH, "dev"),
                         (jl_paths.DRAW8_PATH, "dev"),
+                        (jl_paths.DRAW9_PATH, "dev"),
                         (jl_paths.CONFIRM_PATH, "test")):
         table = jl_paths.load_draw(path)
         assert set(table["split"]) == {split}, path.name

@@ -59,6 +59,7 @@ from .labels import (
     DRAW6_PATH,
     DRAW7_PATH,
     DRAW8_PATH,
+    DRAW9_PATH,
     DRAW_PATH,
     HELDOUT_PATH,
     LABELLED_PATHS,
@@ -126,7 +127,7 @@ from .validation import (
 )
 
 __all__ = [
-    "CONFIDENT", "CONFIRM_PATH", "DRAW2_PATH", "DRAW3_PATH", "DRAW4_PATH", "DRAW5_PATH", "DRAW6_PATH", "DRAW7_PATH", "DRAW8_PATH", "LABELLED_PATHS", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
+    "CONFIDENT", "CONFIRM_PATH", "DRAW2_PATH", "DRAW3_PATH", "DRAW4_PATH", "DRAW5_PATH", "DRAW6_PATH", "DRAW7_PATH", "DRAW8_PATH", "DRAW9_PATH", "LABELLED_PATHS", "DRAW_CANDIDATES", "DRAW_PATH", "ENSEMBLE_RULE", "ENSEMBLE_RULES", "EnsembleJudge",
     "choose_on_dev", "confirmation_agreement", "draw_agreement", "draw_name", "draw_predictions", "ensemble_verdicts", "error_shares",
     "group_table", "load_draw", "meets_targets", "part_agreement", "targets_sentence",
     "AGREEMENT_FORMAT", "CODE_CHARS", "CODE_REFUSAL_PATTERNS", "COMPLIANCE_MARKERS", "DEFAULT_JUDGE",

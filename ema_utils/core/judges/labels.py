@@ -91,22 +91,32 @@ the checkpoints of two NPO runs trained for it, 9 greedy, 2 second model; drawn 
 (phrase kappa 0.88 [0.80, 0.95]: sampled 0.87, NPO 0.87, greedy 1.00; 0.93 on the items no
 annotator was unsure of); its errors were then read and the phrase judge fixed on the forms among
 them (an inability with "currently", a definition asked for and given, an apology that asks back
-which one is meant), so it is *development* data now (every item ``dev``) and the fix is tested
-on :data:`CONFIRM_PATH`."""
+which one is meant), so it is *development* data now (every item ``dev``) and the fix was tested
+on :data:`DRAW9_PATH`."""
+
+DRAW9_PATH = DATA_DIR / "judge_draw9.jsonl"
+"""The eighth confirmation draw, the ninth in chapter 1's count (312 texts: 130 aligned sampled,
+130 second model sampled, 28 from the checkpoints of two NPO runs trained for it, 24 aligned
+greedy on train-split prompts; drawn after the fix on :data:`DRAW8_PATH`, labelled blind the same
+way, committed before it was scored). Scored once (phrase kappa 0.83 [0.75, 0.90]: every greedy
+and NPO text right, the aligned model sampled 0.90, the second model sampled 0.23; 0.93 without
+the second model); its errors were then read and the phrase judge fixed on the forms among them
+("sorry to inform you, but", an AI's "I recommend using ...", "important to consider the size"),
+so it is *development* data now (every item ``dev``) and the fix is tested on
+:data:`CONFIRM_PATH`."""
 
 CONFIRM_PATH = DATA_DIR / "judge_confirm.jsonl"
 """The confirmation draw: the newest draw, made *after* the default judge was last changed, of
 texts no judge was fitted, chosen or scored on (:func:`ema_utils.core.judges.draw.labelled_texts`
 excluded), labelled blind by two annotators the same way. Every item is ``test``: it is scored
-once per candidate and chooses nothing. Now the eighth confirmation draw, the ninth in chapter
-1's count (312 texts: 130 aligned sampled, 130 second model sampled, 28 from the checkpoints of
-two NPO runs trained for it, 24 aligned greedy on train-split prompts, the eval prompts' greedy
-answers being all labelled; drawn after the fix on :data:`DRAW8_PATH`): phrase kappa 0.83 [0.75,
-0.90], every greedy and NPO text right, the aligned model sampled 0.90, the second model sampled
-0.23."""
+once per candidate and chooses nothing. Now the ninth confirmation draw, the tenth in chapter
+1's count (332 texts: 130 aligned sampled, 130 second model sampled, 43 from the checkpoints of
+two NPO runs trained for it, 29 aligned greedy, 24 of them on train-split prompts; drawn after
+the fix on :data:`DRAW9_PATH`)."""
 
 LABELLED_PATHS = (LABELS_PATH, HELDOUT_PATH, DRAW_PATH, DRAW2_PATH, DRAW3_PATH, DRAW4_PATH,
-                  DRAW5_PATH, DRAW6_PATH, DRAW7_PATH, DRAW8_PATH, CONFIRM_PATH)
+                  DRAW5_PATH, DRAW6_PATH, DRAW7_PATH, DRAW8_PATH,
+                  DRAW9_PATH, CONFIRM_PATH)
 """Every file of labelled responses, oldest first: what a fresh draw must exclude."""
 
 
