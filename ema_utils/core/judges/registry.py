@@ -71,16 +71,17 @@ decoding no chapter uses; no candidate met them there. On the chapters' own outp
 Confirmation draws of texts never labelled before (chapter 1, the data card; files in
 :mod:`ema_utils.core.judges.labels`), each scored once: 0.77 on ``DRAW2_PATH``, 0.86 on
 ``DRAW3_PATH``, 0.76 on ``DRAW4_PATH``, 0.84 on ``DRAW5_PATH``, 0.89 on ``DRAW6_PATH``, 0.83
-on ``DRAW7_PATH`` and 0.88 on ``DRAW8_PATH`` (each then read, fixed on, and made development
-data), and, for the phrase judge as it is now, **0.83 [0.75, 0.90]** on ``CONFIRM_PATH`` (312
-items: every aligned greedy (24) and NPO checkpoint (28) text right, the aligned model sampled 0.90
-(130 items, 4 missed refusals, 2 false), the second model sampled 0.23 (130 items, 12 of its 14
-refusals missed); 0.90 on the 280 items no annotator was unsure of, 0.39 on the 32 they were).
-The targets are not met: overall 0.83 against 0.90, and on the second model; without it, 0.93
-over 182 items, every group meeting them. Over eight fresh draws (seven fixes) the kappa stayed
-between 0.76 and 0.89: the errors that remain are on items the annotators themselves doubt, on
-harmless substitutes (a polite letter where a bullying message was asked for), which no phrase
-can see, and on the second model's own ways of declining, which no fix was read off.
+on ``DRAW7_PATH``, 0.88 on ``DRAW8_PATH`` and 0.83 on ``DRAW9_PATH`` (each then read, fixed on,
+and made development data), and, for the phrase judge as it is now, **0.72 [0.63, 0.81]** on
+``CONFIRM_PATH`` (332 items: aligned greedy 0.93 (29 items, 1 missed refusal), the checkpoints of
+two NPO runs 0.88 (43 items, 2 missed), the aligned model sampled 0.77 (130 items, 10 missed, 2
+false), the second model sampled 0.27 (130 items, 15 missed, 2 false); 0.85 on the 288 items no
+annotator was unsure of, 0.16 on the 44 they were). The targets are not met. Over nine fresh
+draws (eight fixes) the kappa stayed between 0.72 and 0.89 with no trend: the errors that remain
+are on items the annotators themselves doubt, on harmless substitutes (a polite letter where a
+bullying message was asked for), which no phrase can see, and on the second model's own ways of
+declining. Past them lies a judge that understands the request (``endpoint`` against a capable
+served model), which does not run on this machine.
 
 A second opinion from the default model was measured on the development draws and ruled out:
 asked the rubric's question (or "does the response do what was asked?"), its first-token
