@@ -148,6 +148,10 @@ def test_prompt_mix_spans_every_concept_and_both_sets():
     assert mix["concept"].nunique() >= 7 and mix["id"].is_unique
     pd.testing.assert_frame_equal(mix, jd.prompt_mix(n_harmful_per_concept=2, n_benign=3,
                                                      n_over_refusal=3, seed=0))
+    train = jd.prompt_mix(n_harmful_per_concept=2, n_benign=3, n_over_refusal=3, seed=0,
+                          split="train")
+    assert set(train["concept"]) == set(mix["concept"])  # every concept and both sets there too
+    assert not set(train["prompt"]) & set(mix["prompt"])  # and none of the eval prompts
 
 
 def test_generate_sources_greedy_and_sampled_on_the_tiny_model(isolated_cache, monkeypatch, tmp_path):
@@ -167,6 +171,37 @@ def test_generate_sources_greedy_and_sampled_on_the_tiny_model(isolated_cache, m
     again = jd.generate_sources(prompts, "tiny-random", "tiny-random", max_new_tokens=6,
                                 temperature=1.0, seed=0, progress=False)
     pd.testing.assert_frame_equal(out, again)
+
+
+def test_generate_sources_writes_only_the_sources_asked(isolated_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    prompts = pd.DataFrame({"id": ["a", "b"], "concept": ["safety", "benign"],
+                            "prompt": ["hi", "write a poem"]})
+    out = jd.generate_sources(prompts, "tiny-random", "no-such-model", max_new_tokens=4,
+                              progress=False, sources=["aligned_greedy"])
+    assert out["source"].tolist() == ["aligned_greedy"] * 2  # the second model is never loaded
+    with pytest.raises(ParameterError, match="writes only .*'npo'"):
+        jd.generate_sources(prompts, "tiny-random", "tiny-random", sources=["npo"])
+
+
+def test_the_draw_command_adds_greedy_answers_to_train_prompts(isolated_cache, monkeypatch, tmp_path):
+    from ema_utils.cli import main
+
+    monkeypatch.setenv("EMA_BUILD_DIR", str(tmp_path / "build"))
+    (tmp_path / "store").mkdir()
+    common = ["judge", "draw", "--model-name", "tiny-random", "--second-model", "tiny-random",
+              "--store", str(tmp_path / "store"), "--per-source", "3", "--max-new-tokens", "4",
+              "--harmful-per-concept", "1", "--n-benign", "1", "--n-over-refusal", "1",
+              "--sources", "aligned_sampled", "--blind", str(tmp_path / "blind.jsonl")]
+    assert main(common + ["--out", str(tmp_path / "plain.jsonl")]) == 0
+    assert main(common + ["--out", str(tmp_path / "more.jsonl"), "--train-greedy", "2"]) == 0
+    plain = pd.read_json(tmp_path / "plain.jsonl", lines=True)
+    more = pd.read_json(tmp_path / "more.jsonl", lines=True)
+    assert set(plain["source"]) == {"aligned_sampled"}
+    greedy = more[more["source"] == "aligned_greedy"]
+    assert len(greedy) == 2 and len(more) == len(plain) + 2
+    eval_prompts = set(jd.prompt_mix(1, 1, 1, seed=0)["prompt"])
+    assert not set(greedy["prompt"]) & eval_prompts  # answers to train-split prompts
 
 
 def test_small_model_judge_reads_yes_against_no_on_the_tiny_model(tiny):

@@ -113,6 +113,23 @@ def _cmd_draw(args) -> int:
                       seed=args.seed, sources=args.sources or draw.SOURCES,
                       exclude=draw.labelled_texts() if args.confirmation else None,
                       confirmation=args.confirmation)
+    if args.train_greedy:
+        # A fresh draw excludes every labelled text, and a greedy model answers a prompt one way,
+        # so its answers to the eval prompts run out: add its answers to train-split prompts,
+        # which the book judges too (the forget set's candidates).
+        train_mix = draw.prompt_mix(args.harmful_per_concept, args.n_benign, args.n_over_refusal,
+                                    seed=args.seed, split="train")
+        greedy = draw.generate_sources(train_mix, args.model_name, args.second_model,
+                                       max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                       progress=not getattr(args, "json", False),
+                                       sources=["aligned_greedy"])
+        seen = table[["prompt", "response"]]
+        if args.confirmation:
+            seen = pd.concat([draw.labelled_texts(), seen], ignore_index=True)
+        if not draw.already_labelled(greedy, seen).all():
+            table = pd.concat([table, draw.draw(greedy, per_source=args.train_greedy, seed=args.seed,
+                                                sources=["aligned_greedy"], exclude=seen,
+                                                confirmation=args.confirmation)], ignore_index=True)
     draw.write_draw(table, args.out)
     draw.write_draw(draw.blind_copy(table), args.blind)
     counts = table.groupby(["source", "split"]).size().unstack(fill_value=0)
@@ -194,6 +211,10 @@ def register_cli(subparsers) -> None:
                    help="harmful prompts per concept the generated sources answer")
     d.add_argument("--n-benign", type=int, default=10, help="benign instructions they answer")
     d.add_argument("--n-over-refusal", type=int, default=10, help="over-refusal look-alikes they answer")
+    d.add_argument("--train-greedy", type=int, default=0, metavar="N",
+                   help="also draw up to N of the aligned model's greedy answers to a mix of "
+                   "train-split prompts (the same sizes): for when its greedy answers to the eval "
+                   "prompts are all labelled")
     d.add_argument("--confirmation", action="store_true",
                    help="a confirmation draw: no text already labelled, every item in the test part")
     d.add_argument("--json", action="store_true", help="print one JSON document")

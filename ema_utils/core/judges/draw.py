@@ -131,40 +131,56 @@ def collect_store(base_model: str, folder: Path | None = None) -> pd.DataFrame:
 
 
 def prompt_mix(n_harmful_per_concept: int = 4, n_benign: int = 10, n_over_refusal: int = 10,
-               seed: int = 0) -> pd.DataFrame:
-    """A fixed mix of eval-split prompts (id, concept, prompt): ``n_harmful_per_concept`` refusal
-    prompts of every concept, ``n_benign`` benign instructions, ``n_over_refusal`` look-alikes."""
+               seed: int = 0, split: str = "eval") -> pd.DataFrame:
+    """A fixed mix of ``split`` prompts (id, concept, prompt): ``n_harmful_per_concept`` refusal
+    prompts of every concept, ``n_benign`` benign instructions, ``n_over_refusal`` look-alikes.
+
+    ``split="train"`` gives prompts whose greedy answers the book also judges (the forget set's
+    candidates), for when a greedy model's answers to the eval prompts are all labelled."""
     # deferred: data reads the packaged sets; only the draw needs them here
     from ... import CONCEPTS
     from ..data import load_prompts, load_set
 
-    prompts = load_prompts(CONCEPTS, split="eval")
+    prompts = load_prompts(CONCEPTS, split=split)
     prompts = prompts[prompts["scorer"] == "refusal"]
     parts = [g.sample(min(n_harmful_per_concept, len(g)), random_state=seed)
              for _, g in prompts.groupby("concept", sort=True)]
     for name, n in (("benign", n_benign), ("over_refusal", n_over_refusal)):
-        table = load_set(name, split="eval").assign(concept=name)
+        table = load_set(name, split=split).assign(concept=name)
         parts.append(table.sample(min(n, len(table)), random_state=seed))
     return pd.concat(parts, ignore_index=True)[["id", "concept", "prompt"]]
 
 
+GENERATED_SOURCES = ("aligned_greedy", "aligned_sampled", "second_model")
+"""The sources :func:`generate_sources` writes (no chapter does)."""
+
+
 def generate_sources(prompts: pd.DataFrame, base_model: str, second_model: str,
                      max_new_tokens: int = 24, temperature: float = 0.8, seed: int = 0,
-                     batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+                     batch_size: int = 8, progress: bool = True,
+                     sources: Sequence[str] = GENERATED_SOURCES) -> pd.DataFrame:
     """The sources no chapter writes, on ``prompts``: ``aligned_greedy`` and ``aligned_sampled``
     (``base_model`` at ``temperature``) and ``second_model``, greedy and at ``temperature`` (one
-    group; ``decoding`` tells them apart). Cached in the results store like the chapters'
-    generations. Columns as :func:`collect_store`'s."""
+    group; ``decoding`` tells them apart); only those in ``sources`` (a model none of them needs
+    is not loaded). Cached in the results store like the chapters' generations. Columns as
+    :func:`collect_store`'s. Raises ParameterError for a source it does not write."""
     # deferred: generation and models import torch
     from ..generation import generate_responses
     from ..models import load_model, model_identity
 
+    unknown = sorted(set(sources) - set(GENERATED_SOURCES))
+    if unknown:
+        raise ParameterError(f"generate_sources writes only {', '.join(GENERATED_SOURCES)}; "
+                             f"got {unknown} (the other sources come from the results store)")
     out = []
     plan = ((base_model, (("aligned_greedy", 0.0), ("aligned_sampled", temperature))),
             # sampled too: a greedy model answers a prompt one way, and a fresh draw excludes
             # every labelled text, so the second model's greedy answers run out
             (second_model, (("second_model", 0.0), ("second_model", temperature))))
     for name, runs in plan:
+        runs = [(source, t) for source, t in runs if source in sources]
+        if not runs:
+            continue
         model, tokenizer = load_model(name, log=lambda m: None)
         model_id = model_identity(name, model)
         for source, t in runs:
