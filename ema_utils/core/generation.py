@@ -146,8 +146,9 @@ def generate_responses(
     ``prompts`` is a table with columns ``id`` and ``prompt`` (``concept`` is carried over when
     present) or a plain list of strings (ids are then their positions). Output rows keep the
     input order, whatever order the batches ran in. ``batch_size`` prompts go in a batch (greedy
-    on a CPU takes at least :data:`CPU_GREEDY_BATCH`: :func:`generation_batch_size`). ``prefix_cache`` computes the prompts'
-    shared leading tokens once (see the module docstring); False runs the plain path.
+    on a CPU takes at least :data:`CPU_GREEDY_BATCH`: :func:`generation_batch_size`).
+    ``prefix_cache`` computes the prompts' shared leading tokens once (see the module docstring);
+    False runs the plain path.
     """
     if max_new_tokens < 1:
         raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
