@@ -187,6 +187,27 @@ def test_first_token_distribution_shapes_and_batching(tiny):
     np.testing.assert_allclose(np.exp(logp), probs, atol=1e-5)
 
 
+def test_first_token_logits_compute_only_the_last_position(tiny):
+    import torch
+
+    from ema_utils.core.generation import encode_chats
+    from ema_utils.core.judges.first_token import first_token_logits
+
+    model, tok = tiny
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("logits_to_keep")),
+                                           with_kwargs=True)
+    try:
+        logits = first_token_logits(model, tok, PROMPTS[1:2], progress=False)
+    finally:
+        hook.remove()
+    assert seen == [1]  # the output layer runs on the last position only
+    ids = torch.tensor([encode_chats(tok, PROMPTS[1:2], None)[0]])
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[0, -1, :].float()  # every position, as before
+    torch.testing.assert_close(logits[0], full, atol=1e-5, rtol=1e-5)
+
+
 def test_first_token_kl(tiny):
     model, tok = tiny
     p = judges.first_token_distribution(model, tok, PROMPTS, progress=False)
