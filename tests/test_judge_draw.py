@@ -202,6 +202,10 @@ def test_the_draw_command_adds_greedy_answers_to_train_prompts(isolated_cache, m
     assert len(greedy) == 2 and len(more) == len(plain) + 2
     eval_prompts = set(jd.prompt_mix(1, 1, 1, seed=0)["prompt"])
     assert not set(greedy["prompt"]) & eval_prompts  # answers to train-split prompts
+    # the library call the command makes gives the same items
+    direct = jd.add_train_greedy(plain, 2, "tiny-random", "tiny-random", 1, 1, 1,
+                                 max_new_tokens=4, seed=0, progress=False)
+    assert direct["id"].tolist() == more["id"].tolist()
 
 
 def test_small_model_judge_reads_yes_against_no_on_the_tiny_model(tiny):

@@ -114,22 +114,11 @@ def _cmd_draw(args) -> int:
                       exclude=draw.labelled_texts() if args.confirmation else None,
                       confirmation=args.confirmation)
     if args.train_greedy:
-        # A fresh draw excludes every labelled text, and a greedy model answers a prompt one way,
-        # so its answers to the eval prompts run out: add its answers to train-split prompts,
-        # which the book judges too (the forget set's candidates).
-        train_mix = draw.prompt_mix(args.harmful_per_concept, args.n_benign, args.n_over_refusal,
-                                    seed=args.seed, split="train")
-        greedy = draw.generate_sources(train_mix, args.model_name, args.second_model,
-                                       max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                       progress=not getattr(args, "json", False),
-                                       sources=["aligned_greedy"])
-        seen = table[["prompt", "response"]]
-        if args.confirmation:
-            seen = pd.concat([draw.labelled_texts(), seen], ignore_index=True)
-        if not draw.already_labelled(greedy, seen).all():
-            table = pd.concat([table, draw.draw(greedy, per_source=args.train_greedy, seed=args.seed,
-                                                sources=["aligned_greedy"], exclude=seen,
-                                                confirmation=args.confirmation)], ignore_index=True)
+        table = draw.add_train_greedy(table, args.train_greedy, args.model_name, args.second_model,
+                                      args.harmful_per_concept, args.n_benign, args.n_over_refusal,
+                                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                      confirmation=args.confirmation,
+                                      progress=not getattr(args, "json", False))
     draw.write_draw(table, args.out)
     draw.write_draw(draw.blind_copy(table), args.blind)
     counts = table.groupby(["source", "split"]).size().unstack(fill_value=0)

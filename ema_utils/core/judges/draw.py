@@ -249,6 +249,30 @@ def draw(pool: pd.DataFrame, per_source: int = 48, seed: int = 0,
     return pd.concat(picked, ignore_index=True)[columns]
 
 
+def add_train_greedy(table: pd.DataFrame, n: int, base_model: str, second_model: str,
+                     n_harmful_per_concept: int, n_benign: int, n_over_refusal: int,
+                     max_new_tokens: int = 24, seed: int = 0, confirmation: bool = False,
+                     progress: bool = True) -> pd.DataFrame:
+    """``table`` (a draw) with up to ``n`` more ``aligned_greedy`` items: the aligned model's
+    greedy answers to a :func:`prompt_mix` of *train*-split prompts, drawn like the rest and
+    excluding the draw's own texts (and, for a confirmation draw, every labelled one).
+
+    A fresh draw excludes every labelled text, and a greedy model answers a prompt one way, so
+    its answers to the eval prompts run out; the train prompts' answers are judged by the book
+    too (the forget set's candidates)."""
+    mix = prompt_mix(n_harmful_per_concept, n_benign, n_over_refusal, seed=seed, split="train")
+    greedy = generate_sources(mix, base_model, second_model, max_new_tokens=max_new_tokens,
+                              seed=seed, progress=progress, sources=["aligned_greedy"])
+    seen = table[["prompt", "response"]]
+    if confirmation:
+        seen = pd.concat([labelled_texts(), seen], ignore_index=True)
+    if already_labelled(greedy, seen).all():
+        return table
+    more = draw(greedy, per_source=n, seed=seed, sources=["aligned_greedy"], exclude=seen,
+                confirmation=confirmation)
+    return pd.concat([table, more], ignore_index=True)
+
+
 def text_split(prompt: str, response: str) -> str:
     """An item's part, fixed by a hash of its text: ``dev`` or ``test``, about half each.
 
