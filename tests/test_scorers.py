@@ -153,6 +153,25 @@ def test_option_logprobs_match_a_plain_forward_pass(tiny):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_option_logprobs_compute_the_last_position_only_through_an_adapter(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from ema_utils.core.models import tiny_random
+
+    base, tokenizer = tiny_random()
+    expected = scorers.option_logprobs(base, tokenizer, ["Which letter?"], ["A", "B"])
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: same model
+    seen = []
+    hook = base.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    try:
+        got = scorers.option_logprobs(model, tokenizer, ["Which letter?"], ["A", "B"])
+    finally:
+        hook.remove()
+    assert seen == [1]  # the wrapper's forward(**kwargs) hides it; the base model takes it
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_score_bbq_on_tiny_model(tiny):
     model, tokenizer = tiny
     scores = scorers.score_bbq(model, tokenizer, BBQ_ITEMS, batch_size=2)

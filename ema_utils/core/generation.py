@@ -210,13 +210,15 @@ def _plain_cache(model) -> bool:
 def _prefix_kv(model, prefix: Sequence[int], device):
     """The KV cache of the shared prefix, computed once with the model as it is now (adapter,
     hooks and all); only the last position's logits are computed (none are needed)."""
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     out = model(input_ids=torch.tensor([list(prefix)], dtype=torch.long, device=device),
                 use_cache=True, **kwargs)
     return out.past_key_values
 
 
-def _forward_parameters(model) -> set[str]:
+def forward_parameters(model) -> set[str]:
+    """The keyword arguments the model's own forward takes, read through a PEFT wrapper (whose
+    forward takes ``**kwargs`` and so hides, e.g., ``logits_to_keep``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 

@@ -17,7 +17,6 @@ model functions (``option_logprobs``, ``mc_choices``, ``score_bbq``, ``score_tox
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Mapping, Sequence
 
@@ -273,7 +272,7 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     import torch
 
     # deferred: generation imports torch and transformers
-    from .generation import left_pad, length_sorted_batches
+    from .generation import forward_parameters, left_pad, length_sorted_batches
 
     if batch_size < 1:
         raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
@@ -284,7 +283,7 @@ def option_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[
     encoded = _prompt_ids(tokenizer, prompts, system, chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_last = "logits_to_keep" in forward_parameters(model)
     out = np.zeros((len(prompts), len(options)))
     bar = progress_bar(total=len(prompts), desc="scoring", unit="prompt", disable=not progress)
     budget = SCORING_BATCH_TOKENS if device.type == "cpu" else None
