@@ -188,8 +188,45 @@ def test_model_identity_separates_dtypes(tiny):
     model, _ = tiny
     plain = models.model_identity("tiny-random", model)
     assert plain == f"tiny-random:{models.model_digest('tiny-random')}"
-    assert models.model_identity("tiny-random", dtype=torch.bfloat16) == plain + ":bf16"
-    assert models.model_identity("tiny-random", dtype=torch.float16) == plain + ":fp16"
+    assert models.model_identity("tiny-random", dtype=torch.bfloat16) == plain + ":bf16-head32"
+    assert models.model_identity("tiny-random", dtype=torch.float16) == plain + ":fp16-head32"
+    half, _ = models.load_model("tiny-random", dtype=torch.bfloat16, log=lambda *_: None)
+    assert models.model_identity("tiny-random", half) == plain + ":bf16-head32"
+    # a bf16 model whose head is bf16 too (not loaded by load_model) computes otherwise
+    assert models.model_identity("tiny-random", half.to(torch.bfloat16)) == plain + ":bf16"
+
+
+def test_half_precision_model_computes_its_logits_in_float32(tiny):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    reference, tokenizer = tiny
+    model, _ = models.load_model("tiny-random", dtype=torch.bfloat16, log=lambda *_: None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight.dtype == torch.float32 and embed.weight.dtype == torch.bfloat16
+    assert head.weight.data_ptr() != embed.weight.data_ptr()  # untied: its own float32 copy
+    assert torch.equal(head.weight, embed.weight.float())
+    model.tie_weights()  # nothing ties it back to the bf16 embedding
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    enc = tokenizer(["the sky is", "one two three four"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**enc, output_hidden_states=True)
+    assert out.logits.dtype == torch.float32
+    # the logits are the float32 product of the last (bf16) hidden states, not a bf16 rounding
+    last = out.hidden_states[-1]
+    assert last.dtype == torch.bfloat16
+    assert torch.allclose(out.logits, last.float() @ head.weight.T, atol=1e-5)
+    assert not torch.equal(out.logits, out.logits.to(torch.bfloat16).float())
+    # through a LoRA wrapper, logits stay float32 and gradients reach the adapter
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    logits = lora(**enc).logits
+    assert logits.dtype == torch.float32
+    logits.log_softmax(-1).mean().backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]  # A's: 0 while B is 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # a float32 model is left as it is, tied
+    models.float32_output_head(reference)
+    assert reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
 
 
 def test_load_model_auto_loads_in_the_resolved_dtype(monkeypatch):

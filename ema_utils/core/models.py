@@ -308,14 +308,22 @@ def dtype_tag(dtype) -> str:
 
 
 def model_identity(name: str, model=None, dtype=None) -> str:
-    """The cache identity of a loaded model: ``name:digest``, plus ``:bf16`` (or ``:fp16``)
-    when it computes in a half-precision dtype, so results of two dtypes never share a cache
-    entry (float32 keeps the plain identity). Give the loaded ``model`` or its ``dtype``."""
-    if dtype is None:
-        dtype = next(model.parameters()).dtype if model is not None else None
+    """The cache identity of a loaded model: ``name:digest``, plus ``:bf16-head32`` (or
+    ``:fp16-head32``) when it computes in a half-precision dtype with the float32 output layer
+    :func:`load_model` gives it, so results of two dtypes never share a cache entry (float32
+    keeps the plain identity). A half-precision model whose output layer is half-precision too
+    (loaded some other way) is ``:bf16``. Give the loaded ``model`` or its ``dtype``."""
+    head_dtype = None
+    if dtype is None and model is not None:
+        dtype = next(model.parameters()).dtype
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_dtype = head.weight.dtype if head is not None else dtype
     base = f"{name}:{model_digest(name)}"
     tag = dtype_tag(dtype) if dtype is not None else "fp32"
-    return base if tag == "fp32" else f"{base}:{tag}"
+    if tag == "fp32":
+        return base
+    head_tag = "fp32" if head_dtype is None else dtype_tag(head_dtype)
+    return f"{base}:{tag}-head32" if head_tag == "fp32" else f"{base}:{tag}"
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None, log=console_log):
@@ -361,16 +369,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype=None,
     tokenizer.padding_side = "left"  # generation appends on the right
     model.to(device=device, dtype=dtype)
     model.eval()
+    float32_output_head(model)
     contiguous_output_head(model)
     return model, tokenizer
 
 
 def _contiguous_first_arg(module, args):
-    return (args[0].contiguous(),) + tuple(args[1:])
+    # In the head's own dtype too: float32 where float32_output_head raised it.
+    return (args[0].contiguous().to(module.weight.dtype),) + tuple(args[1:])
 
 
 def contiguous_output_head(model) -> None:
-    """Hand the output projection (lm_head) contiguous hidden states.
+    """Hand the output projection (lm_head) contiguous hidden states, in its own dtype.
 
     Why: generate slices the last position, ``hidden[:, -1:, :]``, a non-contiguous 3-D view.
     Once the weights stop requiring gradients (peft freezes the base model for LoRA, and the
@@ -383,6 +393,33 @@ def contiguous_output_head(model) -> None:
         return
     head.register_forward_pre_hook(_contiguous_first_arg)
     head._ema_contiguous_hook = True
+
+
+def float32_output_head(model) -> None:
+    """Compute the output layer (lm_head) in float32 when the rest of the model is bfloat16 or
+    float16: the hidden states go in cast up (:func:`contiguous_output_head`'s hook) and the
+    logits come out float32.
+
+    Why: a logit near 20 in bfloat16 is rounded to a step of 0.125, so the top two tokens tie or
+    swap far more often than the model means them to, and greedy texts part from float32's. On
+    the cpu profile's 175 refusal-judged items (2026-12-08, one process, batch 64, 24 new
+    tokens) the default model in bfloat16 gave float32's verdict on 168 (96.0%) and its text on
+    150; with the head in float32, on 173 (98.9%) and 162, at 2.1x float32's speed instead of
+    2.6x. A tied head gets its own float32 copy of the embedding matrix (vocabulary x hidden x 4
+    bytes: 0.5 GB for the default model), and the config says it is no longer tied, so nothing
+    ties it back. Idempotent; a float32 model is left as it is."""
+    # deferred: torch is a heavy import, needed only once a model exists
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or head.weight.dtype == torch.float32:
+        return
+    weight = head.weight
+    head.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone(),
+                                     requires_grad=weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 class _offline:
