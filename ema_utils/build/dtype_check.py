@@ -1,6 +1,6 @@
 """Does the fast compute dtype change the science? bf16 against fp32 on a profile's own items.
 
-``dtype: auto`` computes in bfloat16 where the hardware multiplies it natively (2.3x faster
+``dtype: auto`` computes in bfloat16 where the hardware multiplies it natively (about 2x faster
 evaluation here, :func:`ema_utils.core.models.resolve_dtype`). This check decides whether a profile
 may use it, on the verdicts the book prints, with the profile's own settings (chapter 3's
 eval items, chapter 2's NPO run):
