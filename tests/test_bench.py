@@ -238,3 +238,14 @@ def test_verdict_agreement_counts_same_verdicts_per_prompt():
     assert (out["items"], out["agreed"], out["identical_text"]) == (4, 3, 2)
     assert out["refusals_reference"] == 2 and out["refusals_other"] == 1
     assert [d["id"] for d in out["disagreements"]] == [3]
+
+
+def test_n_parameters_counts_a_half_models_float32_head_once():
+    from ema_utils.core.models import load_model
+
+    plain, _ = load_model("tiny-random", log=lambda *_: None)
+    half, _ = load_model("tiny-random", dtype=torch.bfloat16, log=lambda *_: None)
+    assert half.get_output_embeddings().weight is not half.get_input_embeddings().weight
+    assert bench_measures.n_parameters(half) == bench_measures.n_parameters(plain)
+    assert bench_measures.n_parameters(plain) == sum(
+        p.numel() for n, p in plain.named_parameters())  # named_parameters lists a tied one once

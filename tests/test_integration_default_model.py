@@ -80,6 +80,7 @@ def test_bf16_gives_the_fp32_verdicts_on_fixed_items(default_model):
                                 progress=False)
     assert cached["response"].tolist() == plain["response"].tolist()
     fast = copy.deepcopy(model).to(torch.bfloat16)
+    models.float32_output_head(fast)  # as load_model gives a bf16 model
     bf16 = generate_responses(fast, tokenizer, prompts, max_new_tokens=20, batch_size=12,
                               progress=False)
     judge = get_judge("phrase")

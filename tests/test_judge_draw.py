@@ -25,6 +25,9 @@ def _store(folder, model, rows, max_new_tokens=24):
 @pytest.mark.parametrize("model_id, source", [
     (BASE, "aligned_greedy"),
     (BASE + ":bf16", "aligned_greedy"),
+    (BASE + ":bf16-head32", "aligned_greedy"),
+    (BASE + ":fp16-head32+npo_safety-1a2b", "npo"),
+    (BASE + ":bf16-head32+npo_kl_1to1_lambda10_safety-9f", "kl"),
     (BASE + "+npo_safety-1a2b", "npo"),
     (BASE + ":bf16+sft_cybersecurity-1a2b", "sft"),
     (BASE + "+npo_retain_1to3_safety-9f", "retain"),
@@ -41,6 +44,8 @@ def test_source_of_takes_a_bare_registry_name_for_any_digest():
     name = "qwen2.5-coder-0.5b-instruct"
     assert jd.source_of(f"{name}:1d9614638d18024d:bf16", name) == "aligned_greedy"
     assert jd.source_of(f"{name}:1d9614638d18024d:bf16+npo_cybersecurity:284b46fbed0b3c0e", name) == "npo"
+    assert jd.source_of(f"{name}:1d9614638d18024d:bf16-head32+sft_safety:dc57fe5d7557a4ed",
+                        name) == "sft"
     assert jd.source_of(f"{name}:1d9614638d18024d+sft_safety:dc57fe5d7557a4ed", name) == "sft"
     assert jd.source_of(f"{name}-extra:1d9614638d18024d", name) is None  # another model
     assert jd.source_of(name, name) is None  # no digest: not a model identity

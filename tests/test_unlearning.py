@@ -10,7 +10,12 @@ import torch
 from ema_utils import checkpoints, sets, trainer
 from ema_utils.core.errors import ParameterError
 from ema_utils.methods.losses import IGNORE_INDEX, npo_loss_at_reference
-from ema_utils.core.models import tiny_random
+from ema_utils.core.models import load_model, tiny_random
+
+
+def _bf16_tiny():
+    """The tiny model as load_model gives it in bfloat16 (its output layer in float32)."""
+    return load_model("tiny-random", dtype=torch.bfloat16, log=lambda *_: None)
 
 
 
@@ -452,14 +457,14 @@ def test_retain_set_redistributes_a_short_concept(tiny, monkeypatch):
 
 @pytest.mark.parametrize("method", ["npo", "sft", "npo_retain", "npo_kl"])
 def test_bf16_base_model_trains_with_fp32_adapter_and_loss_goes_down(method):
-    model, tok = tiny_random()
-    model.to(torch.bfloat16)
+    model, tok = _bf16_tiny()
     result, _ = _run(method, model=(model, tok), max_steps=6, checkpoint_every=6)
     lora = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 for p in lora.values()), \
         "LoRA weights (and so AdamW's state) stay float32"
-    base = [p for n, p in result.model.named_parameters() if "lora_" not in n]
+    base = [p for n, p in result.model.named_parameters() if "lora_" not in n and "lm_head" not in n]
     assert all(p.dtype == torch.bfloat16 for p in base), "the frozen base computes in bf16"
+    assert result.model.get_output_embeddings().weight.dtype == torch.float32, "logits in fp32"
     losses = result.losses["total"].to_numpy()
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
@@ -467,8 +472,7 @@ def test_bf16_base_model_trains_with_fp32_adapter_and_loss_goes_down(method):
 def test_bf16_and_fp32_training_start_from_the_same_loss_and_move_the_same_way():
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, tok = tiny_random()
-        model.to(dtype)
+        model, tok = load_model("tiny-random", dtype=dtype, log=lambda *_: None)
         result, _ = _run("npo", model=(model, tok), max_steps=4, checkpoint_every=4)
         runs[dtype] = result.losses["total"].to_numpy()
     fp32, bf16 = runs[torch.float32], runs[torch.bfloat16]
@@ -477,11 +481,27 @@ def test_bf16_and_fp32_training_start_from_the_same_loss_and_move_the_same_way()
 
 
 def test_full_rank_copy_of_a_bf16_model_trains_in_fp32():
-    model, tok = tiny_random()
-    model.to(torch.bfloat16)
+    model, tok = _bf16_tiny()
     copy = trainer._trainable_copy(model)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in copy.parameters())
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters()), "the reference is untouched"
+    # tied again, as in a float32 model: one shared matrix trains, not an embedding and a head
+    assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p is not head), \
+        "the reference is untouched"
+    assert head.dtype == torch.float32 and head is not model.get_input_embeddings().weight
+
+
+def test_full_rank_checkpoint_of_a_bf16_model_loads_with_its_float32_head(tmp_path):
+    model, tok = _bf16_tiny()
+    result, _ = _run("npo", model=(model, tok), lora=False, lr=1e-3, max_steps=2,
+                     checkpoint_every=2, save_checkpoints=True, output_dir=tmp_path / "full")
+    last = checkpoints.load_checkpoint(model, result.checkpoints["path"].iloc[-1])
+    assert next(last.parameters()).dtype == torch.bfloat16
+    assert last.get_output_embeddings().weight.dtype == torch.float32
+    ids = trainer.collate(trainer.encode_examples(tok, FORGET), tok.pad_token_id)["input_ids"]
+    with torch.no_grad():
+        assert last(input_ids=ids).logits.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -57,7 +57,7 @@ from pathlib import Path
 
 from ..core.cache import atomic_write_json
 from ..core.console import emit
-from ..core.models import DEFAULT_MODEL, resolve_dtype
+from ..core.models import DEFAULT_MODEL, float32_output_head, resolve_dtype
 from ..core.paths import bench_report_file
 from .bench_measures import (
     bench_log,
@@ -256,6 +256,7 @@ def run_bench(model_name: str | None = None, quick: bool = False) -> dict:
                                                   prompts.head(settings["naive_prompts"]),
                                                   settings["eval_max_new_tokens"])
     model.to(compute)
+    float32_output_head(model)  # as models.load_model computes in a half dtype
     bench_log(f"evaluation: generate_responses on {settings['eval_prompts']} prompts "
               f"({compute_name}, no prefix cache)")
     details["eval_no_prefix"] = eval_throughput(model, tokenizer, eval_prompts,

@@ -88,8 +88,11 @@ def bench_prompts(n: int, seed: int = 0):
 
 
 def n_parameters(model) -> int:
-    """Parameters of the model, each counted once (tied embeddings once)."""
+    """Parameters of the model, each counted once (tied embeddings once, and so the float32
+    copy of the head a half model computes with, models.float32_output_head)."""
     seen, total = set(), 0
+    if getattr(model, "_ema_untied_head", False):
+        seen.add(id(model.get_output_embeddings().weight))
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -407,7 +407,8 @@ def float32_output_head(model) -> None:
     150; with the head in float32, on 173 (98.9%) and 162, at 2.1x float32's speed instead of
     2.6x. A tied head gets its own float32 copy of the embedding matrix (vocabulary x hidden x 4
     bytes: 0.5 GB for the default model), and the config says it is no longer tied, so nothing
-    ties it back. Idempotent; a float32 model is left as it is."""
+    ties it back (:func:`retie_output_head` undoes it, for a float32 copy that trains the two
+    tied as the float32 model does). Idempotent; a float32 model is left as it is."""
     # deferred: torch is a heavy import, needed only once a model exists
     import torch
 
@@ -417,9 +418,28 @@ def float32_output_head(model) -> None:
     weight = head.weight
     head.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone(),
                                      requires_grad=weight.requires_grad)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    tied = False
+    for config in _configs(model):
         if getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
+            tied = True
+    model._ema_untied_head = tied  # the head is a float32 copy of the input embedding
+
+
+def retie_output_head(model) -> None:
+    """Tie back the output layer :func:`float32_output_head` untied (a no-op for any other
+    model): the head shares the input embedding's weight again, in that weight's dtype."""
+    if not getattr(model, "_ema_untied_head", False):
+        return
+    for config in _configs(model):
+        config.tie_word_embeddings = True
+    model.tie_weights()
+    model._ema_untied_head = False
+
+
+def _configs(model) -> list:
+    """The model's config and its text config (the same object for a text-only model)."""
+    return list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
 
 
 class _offline:

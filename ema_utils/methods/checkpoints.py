@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..core.cache import atomic_write_dir
 from ..core.errors import ParameterError
-from ..core.models import save_plain
+from ..core.models import contiguous_output_head, float32_output_head, save_plain
 from ..core.paths import sha256_file
 
 # --- models: LoRA adapters and checkpoint folders ----------------------------------------------
@@ -161,6 +161,8 @@ def load_checkpoint(base_model, path, is_trainable: bool = False):
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     if base_model is not None:
         model.to(next(base_model.parameters()).device)
+    float32_output_head(model)  # in a half dtype, computes as models.load_model's base does
+    contiguous_output_head(model)
     return model.eval()
 
 

@@ -38,6 +38,7 @@ from ..core.cache import atomic_write_json, atomic_write_table
 from ..core.errors import ParameterError
 from ..core.generation import encode_chats, length_sorted_batches
 from ..core.judges.first_token import first_token_distribution, first_token_kl
+from ..core.models import retie_output_head
 from . import losses as L
 from .checkpoints import _quiet_peft, has_adapter, save_checkpoint
 from .registry import METHODS, Step, get_method
@@ -476,6 +477,9 @@ def _trainable_copy(model):
     # half dtype: bf16 weights cannot take updates of lr-sized steps (8 bits of mantissa).
     if next(trained.parameters()).dtype in (torch.bfloat16, torch.float16):
         trained.float()
+    # A half model's head is an untied float32 copy (models.float32_output_head): tied again,
+    # the copy trains the one shared matrix a float32 model trains.
+    retie_output_head(trained)
     trained.requires_grad_(True)
     return trained
 

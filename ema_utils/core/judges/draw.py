@@ -76,8 +76,8 @@ def source_of(model_id: str, base_model: str) -> str | None:
         if digest is None:
             return None
         rest = rest[digest.end():]
-    for tag in (":bf16", ":fp16"):  # the compute dtype's tag (models.model_identity)
-        rest = rest[len(tag):] if rest.startswith(tag) else rest
+    dtype = re.match(r":(bf16|fp16)(-head32)?(?=$|[:+])", rest)  # models.model_identity's tag
+    rest = rest[dtype.end():] if dtype else rest
     if rest == "":
         return "aligned_greedy"
     if "+ablate-" in rest:
