@@ -64,7 +64,7 @@ def source_of(model_id: str, base_model: str) -> str | None:
     ``base_model`` is the aligned model's identity (``name:digest``, as
     :func:`ema_utils.core.models.model_identity` gives it, without a dtype tag) or its registry
     name alone (any digest: ``ema judge draw --model-name`` passes the name); a checkpoint is
-    ``<base>[:bf16]+<run name>:<adapter digest>`` (``npo_kl_...``, ``npo_retain_...``,
+    ``<base>[:bf16[-head32]]+<run name>:<adapter digest>`` (``npo_kl_...``, ``npo_retain_...``,
     ``sft_...``), an ablated model adds ``+ablate-``, a steered one ``+add-``.
     """
     if not model_id.startswith(base_model):
