@@ -424,6 +424,7 @@ def float32_output_head(model) -> None:
             config.tie_word_embeddings = False
             tied = True
     model._ema_untied_head = tied  # the head is a float32 copy of the input embedding
+    contiguous_output_head(model)  # its pre-hook casts the hidden states up (idempotent)
 
 
 def retie_output_head(model) -> None:
